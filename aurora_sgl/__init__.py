@@ -1,0 +1,10 @@
+"""aurora_sgl: online speculative decoding with a self-training EAGLE-3 draft head."""
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def reference_model_path() -> str:
+    """Directory of the built-in reference target model (loadable offline with transformers)."""
+    return str(Path(__file__).resolve().parent / "reference_model")
