@@ -1,0 +1,196 @@
+"""Embedded engine on a small random Llama: lossless greedy decoding against transformers
+`generate`, exact sampling, stop conditions, streaming, records and continuous batching."""
+
+import pytest
+import torch
+
+from aurora_sgl.engine import OUTCOME_ACCEPTED, OUTCOME_NOT_REACHED, Engine, PromptTooLong
+from aurora_sgl.offline_train import train_head_offline
+from aurora_sgl.sampling import SamplingParams, probs_from_logits
+
+PROMPTS = [f"{kind} number {i}: " + "x " * (i % 7) for i, kind in
+           enumerate(["def f(x):", "Question: apples", "ROMEO:", "The module", "import os", "Tom has"] * 3)]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def model(ref_tokenizer):
+    from conftest import make_tiny_llama
+    t = ref_tokenizer
+    return make_tiny_llama(len(t), bos=t.bos_token_id, eos=t.eos_token_id, pad=t.pad_token_id, init_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(model, ref_tokenizer):
+    outs = []
+    for p in PROMPTS:
+        ids = ref_tokenizer(p, return_tensors="pt").input_ids
+        gen = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=ref_tokenizer.pad_token_id)
+        seq = gen[0, ids.shape[1]:].tolist()
+        if ref_tokenizer.eos_token_id in seq:
+            seq = seq[:seq.index(ref_tokenizer.eos_token_id)]
+        outs.append(seq)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def trained_head_dir(model, ref_tokenizer, tmp_path_factory):
+    """A head that has learned these prompts' continuations, so drafts are often accepted and
+    the multi-token accept paths are exercised (not only rejections)."""
+    eng = Engine(model=model, tokenizer=ref_tokenizer, num_speculative_steps=0)
+    head, _ = train_head_offline(eng, PROMPTS, max_new_tokens=MAX_NEW, steps=150, batch_size=8, lr=3e-3,
+                                 unroll=4, draft_vocab_size=1024, log=lambda *_: None)
+    path = tmp_path_factory.mktemp("head") / "tiny"
+    head.save(path)
+    return str(path)
+
+
+def _engine(model, tok, k, **kw):
+    kw.setdefault("prefill_chunk_size", 5)
+    return Engine(model=model, tokenizer=tok, num_speculative_steps=k, **kw)
+
+
+@pytest.mark.parametrize("head", ["random", "trained"])
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_greedy_is_lossless_for_every_k(model, ref_tokenizer, hf_greedy, trained_head_dir, head, concurrency):
+    taus = []
+    for k in range(0, 7):
+        eng = _engine(model, ref_tokenizer, k, max_running_requests=concurrency,
+                      draft_model_path=trained_head_dir if head == "trained" else None)
+        outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
+        for prompt, out, ref in zip(PROMPTS, outs, hf_greedy):
+            assert out["output_ids"] == ref, (k, prompt)
+        if k:
+            taus.append(sum(o["meta_info"]["spec_accept_length"] for o in outs) / len(outs))
+    if head == "trained":
+        assert max(taus) > 1.3, taus  # drafts really were accepted, so accept paths ran
+    else:
+        assert min(taus) < 1.2
+
+
+def test_requests_joining_mid_flight_stay_exact(model, ref_tokenizer, hf_greedy, trained_head_dir):
+    eng = _engine(model, ref_tokenizer, 4, max_running_requests=4, draft_model_path=trained_head_dir)
+    reqs = []
+    for i, p in enumerate(PROMPTS):
+        reqs.append(eng.add_request(p, SamplingParams(max_new_tokens=MAX_NEW)))
+        if i % 3 == 2:
+            eng.step()
+    eng.run_until_done(reqs)
+    for r, ref in zip(reqs, hf_greedy):
+        assert r.output_ids == ref
+    assert not eng.running and not eng.waiting
+
+
+def test_abort_frees_slot_and_others_stay_exact(model, ref_tokenizer, hf_greedy):
+    eng = _engine(model, ref_tokenizer, 3, max_running_requests=3)
+    reqs = [eng.add_request(p, SamplingParams(max_new_tokens=MAX_NEW)) for p in PROMPTS[:6]]
+    eng.step()
+    eng.step()
+    eng.abort(reqs[1])
+    eng.abort(reqs[4])  # still waiting
+    eng.run_until_done(reqs)
+    assert reqs[1].finish_reason == "abort" and reqs[4].finish_reason == "abort"
+    for i in (0, 2, 3, 5):
+        assert reqs[i].output_ids == hf_greedy[i]
+    assert not eng.running
+
+
+def _exact_two_token_dist(model, tok, prompt, params):
+    ids = tok(prompt, return_tensors="pt").input_ids
+    t = torch.tensor([params.temperature])
+    tp, tk = torch.tensor([params.top_p]), torch.tensor([params.top_k])
+    with torch.no_grad():
+        p1 = probs_from_logits(model(ids).logits[:, -1], t, tp, tk)[0]
+        dist = {}
+        for a in p1.nonzero().flatten().tolist():
+            p2 = probs_from_logits(model(torch.cat([ids, torch.tensor([[a]])], 1)).logits[:, -1], t, tp, tk)[0]
+            for b in p2.nonzero().flatten().tolist():
+                dist[(a, b)] = float(p1[a] * p2[b])
+    return dist
+
+
+@pytest.mark.parametrize("head", ["random", "trained"])
+def test_sampling_matches_target_distribution(model, ref_tokenizer, trained_head_dir, head):
+    params = dict(max_new_tokens=2, temperature=0.9, top_k=3, ignore_eos=True)
+    prompt = PROMPTS[0]
+    exact = _exact_two_token_dist(model, ref_tokenizer, prompt, SamplingParams(**params))
+    eng = _engine(model, ref_tokenizer, 3, max_running_requests=16,
+                  draft_model_path=trained_head_dir if head == "trained" else None)
+    n = 900
+    outs = eng.generate([prompt] * n, [SamplingParams(seed=s, **params) for s in range(n)])
+    counts = {}
+    for o in outs:
+        key = tuple(o["output_ids"])
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(exact)
+    cells = [c for c in exact if exact[c] * n >= 5]  # chi-square over well-populated cells
+    chi2 = sum((counts.get(c, 0) - exact[c] * n) ** 2 / (exact[c] * n) for c in cells)
+    assert chi2 < 27.9, (chi2, len(cells))  # df <= 8 at p = 0.001
+
+
+def test_seeded_sampling_is_reproducible(model, ref_tokenizer, trained_head_dir):
+    eng = _engine(model, ref_tokenizer, 4, draft_model_path=trained_head_dir)
+    sp = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=123)
+    a = eng.generate(PROMPTS[:3], sp)
+    b = eng.generate(PROMPTS[:3], sp)
+    assert [x["output_ids"] for x in a] == [x["output_ids"] for x in b]
+
+
+def test_stop_conditions(model, ref_tokenizer, hf_greedy):
+    eng = _engine(model, ref_tokenizer, 4)
+    ref = hf_greedy[0]
+    out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=5))[0]
+    assert out["output_ids"] == ref[:5] and out["meta_info"]["finish_reason"] == "length"
+    # stop token id: the 4th greedy token
+    out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW, stop_token_ids=(ref[3],)))[0]
+    assert out["output_ids"] == ref[:ref.index(ref[3])] and out["meta_info"]["finish_reason"] == "stop"
+    # stop string: text of tokens 5..7 of the greedy output
+    full = ref_tokenizer.decode(ref, skip_special_tokens=True)
+    stop = ref_tokenizer.decode(ref[5:7], skip_special_tokens=True)
+    if stop.strip():
+        out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW, stop=[stop]))[0]
+        assert out["text"] == full[:full.index(stop)]
+        assert out["meta_info"]["matched_stop"] == stop
+    # max_new_tokens = 0 returns nothing
+    out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=0))[0]
+    assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == "length"
+
+
+def test_context_length_caps_generation_and_rejects_long_prompts(model, ref_tokenizer):
+    eng = _engine(model, ref_tokenizer, 4, context_length=40)
+    ids = ref_tokenizer(PROMPTS[0])["input_ids"]
+    out = eng.generate(ids, SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+    assert len(ids) + len(out["output_ids"]) == 40 and out["meta_info"]["finish_reason"] == "length"
+    with pytest.raises(PromptTooLong, match="context length is 40"):
+        eng.add_request(list(range(5, 45)))
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([])
+    with pytest.raises(ValueError, match="input_ids"):
+        eng.add_request([1, -3])
+
+
+def test_stream_yields_increments_of_the_full_output(model, ref_tokenizer, hf_greedy, trained_head_dir):
+    eng = _engine(model, ref_tokenizer, 4, draft_model_path=trained_head_dir)
+    chunks = list(eng.stream(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW)))
+    assert chunks[-1]["finished"]
+    assert [t for c in chunks for t in c["token_ids"]] == hf_greedy[2]
+    assert len(chunks) > 1
+
+
+def test_step_records_describe_each_verify(model, ref_tokenizer, trained_head_dir):
+    eng = _engine(model, ref_tokenizer, 4, draft_model_path=trained_head_dir)
+    records = []
+    eng.record_sink = records.extend
+    eng.generate(PROMPTS[:4], SamplingParams(max_new_tokens=MAX_NEW))
+    assert records
+    h = model.config.hidden_size
+    for r in records:
+        acc = r.num_accepted
+        assert int((r.outcome == OUTCOME_ACCEPTED).sum()) == acc
+        assert r.aux_hidden.shape == (acc + 1, 3 * h) and r.final_hidden.shape == (acc + 1, h)
+        assert torch.equal(r.input_tokens[1:], r.draft_tokens[:acc])
+        if acc < 4:
+            assert r.outcome[acc] == 0 and bool((r.outcome[acc + 1:] == OUTCOME_NOT_REACHED).all())
+            assert r.target_tokens[acc] != r.draft_tokens[acc]
+        assert r.committed == r.next_tokens.tolist()[:len(r.committed)]
+    assert any(r.num_accepted > 0 for r in records)
