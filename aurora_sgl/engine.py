@@ -178,7 +178,9 @@ class Engine:
     # ---- request intake ---------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
+            # Chat-templated text already starts with the BOS token; don't add a second one.
+            bos = self.tokenizer.bos_token
+            return self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
         ids = list(prompt)
         vocab = self.target.vocab_size
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
