@@ -1,15 +1,17 @@
 """`python -m aurora_sgl.launch_server`: serve a model with a self-training EAGLE-3 draft head.
 
-Flags keep SGLang's names where they mean the same thing. The HTTP server (OpenAI + SGLang-native
-API) is its own piece of work; until it lands this command loads the engine, runs one speculative
-generation on the reference model to show the loop works, and says so.
+Flags keep SGLang's names where they mean the same thing. With no arguments: the built-in reference
+model on the embedded backend, on 127.0.0.1:30000.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+
+log = logging.getLogger("aurora_sgl")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,21 +62,72 @@ def main(argv=None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     from .engine import Engine
-    from .sampling import SamplingParams
 
+    # Leave a core for the trainer sidecar on CPU machines.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    engine = Engine(args.model_path, draft_model_path=args.speculative_draft_model_path,
-                    num_speculative_steps=args.speculative_num_steps, max_running_requests=args.max_running_requests,
-                    context_length=args.context_length, device=args.device)
-    prompt = "def fibonacci(n):\n"
-    out = engine.generate(prompt, SamplingParams(max_new_tokens=48))[0]
-    print(f"aurora_sgl engine ready on {engine.model_path}")
-    print(f"prompt: {prompt!r}\ncompletion: {out['text']!r}\nmeta_info: {out['meta_info']}")
-    print("The HTTP server (OpenAI and SGLang-native API) is not in this build yet; this run showed the "
-          "speculative engine end to end.")
+    try:
+        engine = Engine(args.model_path, draft_model_path=args.speculative_draft_model_path,
+                        num_speculative_steps=args.speculative_num_steps,
+                        max_running_requests=args.max_running_requests,
+                        context_length=args.context_length, device=args.device)
+    except (OSError, ValueError) as e:
+        print(f"error: could not load the model: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.online:
+        log.warning("online training is not in this build yet (the flywheel is its own issue); "
+                    "serving with a fixed draft head")
+    return serve(engine, args)
+
+
+def serve(engine, args) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from .async_engine import AsyncEngine
+    from .http_server import create_app
+    from .metrics import Metrics
+
+    metrics = Metrics(engine.k)
+    aengine = AsyncEngine(
+        engine,
+        on_finish=lambda s, now: metrics.request_finished(s.request, s.submitted_at, s.first_token_at, now),
+        on_step=lambda records, dt: metrics.step_seconds.observe(dt),
+    )
+    model_path = engine.model_path
+    name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
+    app = create_app(aengine, metrics, served_model_name=name, model_path=model_path, api_key=args.api_key,
+                     server_args={k: v for k, v in vars(args).items() if k != "api_key"})
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=30, access_log=args.log_level == "debug")
+    server = uvicorn.Server(config)
+
+    async def announce():
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        url = f"http://{args.host}:{args.port}"
+        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        print(f"aurora_sgl serving '{name}' at {url}  (OpenAI API under {url}/v1, metrics at {url}/metrics)", flush=True)
+        print(f"try: curl -s {url}/v1/completions{auth} -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{name}\", \"prompt\": \"def add(a, b):\", \"max_tokens\": 32, \"temperature\": 0}}'",
+              flush=True)
+
+    async def main_async():
+        aengine.start()
+        task = asyncio.create_task(announce())
+        try:
+            await server.serve()
+        finally:
+            task.cancel()
+            aengine.shutdown()
+
+    asyncio.run(main_async())
     return 0
 
 
