@@ -1,0 +1,260 @@
+"""Signal ring: exact roundtrip, a lapped reader's drops, torn and overwritten slots, a concurrent
+reader in another process, segment permissions and cleanup on SIGTERM."""
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aurora_sgl.engine import StepRecord
+from aurora_sgl.signal_ring import SHM_DIR, SignalRing, request_hash
+
+K, T, A, H = 3, 4, 12, 4
+
+
+def _record(seq: int, accepted: int | None = None, fill: bool = False, aux_dim: int = A) -> StepRecord:
+    """A record whose contents derive from `seq`: random (exactness) or constant `seq` (the
+    cross-process check can then tell a mixed record from a whole one)."""
+    a = seq % (K + 1) if accepted is None else accepted
+    g = torch.Generator().manual_seed(seq)
+    aux = torch.full((a + 1, aux_dim), float(seq)) if fill else torch.randn(a + 1, aux_dim, generator=g)
+    final = torch.full((a + 1, H), float(seq)) if fill else torch.randn(a + 1, H, generator=g)
+    outcome = torch.tensor([1 if j < a else 0 if j == a else -1 for j in range(K)], dtype=torch.int8)
+    return StepRecord(request_id=f"request-{seq}-" + "x" * (seq % 40), position=10 * seq,
+                      draft_tokens=torch.arange(K) + seq,
+                      target_tokens=torch.where(outcome >= 0, torch.arange(K) + seq, -1),
+                      outcome=outcome, num_accepted=a, committed=[], input_tokens=torch.arange(a + 1) + seq,
+                      next_tokens=torch.arange(a + 1) + seq + 1, aux_hidden=aux, final_hidden=final,
+                      draft_version=seq // 5)
+
+
+def _assert_same(got, rec: StepRecord, seq: int, max_tokens: int = T):
+    n = min(rec.num_accepted + 1, max_tokens)
+    assert got.seq == seq
+    assert got.request_id.encode() == rec.request_id.encode()[:32]
+    assert got.request_hash == request_hash(rec.request_id)
+    assert (got.position, got.num_accepted, got.draft_version) == (rec.position, rec.num_accepted, rec.draft_version)
+    for name in ("draft_tokens", "target_tokens", "outcome"):
+        assert torch.equal(getattr(got, name), getattr(rec, name)), name
+    for name in ("input_tokens", "next_tokens", "aux_hidden", "final_hidden"):
+        assert torch.equal(getattr(got, name), getattr(rec, name)[:n]), name
+
+
+@pytest.fixture
+def ring():
+    writer = SignalRing.create("test_ring", 8, T, A, H, K)
+    reader = SignalRing.attach(writer.spec())
+    yield writer, reader
+    reader.close()
+    writer.close()
+
+
+def test_roundtrip_in_order_is_exact(ring):
+    writer, reader = ring
+    records = [_record(s) for s in range(6)]
+    writer.write(records[0])
+    writer.write_many(records[1:])
+    got = reader.read(4) + reader.read(100)
+    assert len(got) == 6
+    for s, (g, r) in enumerate(zip(got, records)):
+        _assert_same(g, r, s)
+    assert reader.read(10) == []
+    assert writer.stats() == {"written": 6, "drops": 0, "truncated": 0}
+
+
+def test_long_records_are_truncated_and_counted():
+    writer = SignalRing.create("test_ring", 4, 2, A, H, K)
+    reader = SignalRing.attach(writer.spec())
+    try:
+        recs = [_record(s, accepted=a) for s, a in enumerate([0, 1, 2, 3])]
+        writer.write_many(recs)
+        for s, (g, r) in enumerate(zip(reader.read(10), recs)):
+            _assert_same(g, r, s, max_tokens=2)
+        assert writer.stats()["truncated"] == 2
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_stalled_reader_gets_the_newest_capacity_and_counts_drops(ring):
+    writer, reader = ring
+    cap = writer.capacity
+    records = [_record(s) for s in range(10 * cap)]
+    start = time.perf_counter()
+    for r in records:
+        writer.write(r)
+    assert time.perf_counter() - start < 5.0  # never waits for the reader
+    got = reader.read(1000)
+    assert [g.seq for g in got] == list(range(9 * cap, 10 * cap))
+    for g in got:
+        _assert_same(g, records[g.seq], g.seq)
+    assert writer.stats() == {"written": 10 * cap, "drops": 9 * cap, "truncated": 0}
+    # A batch larger than the ring keeps only its newest `capacity` records.
+    writer.write_many([_record(s) for s in range(10 * cap, 12 * cap)])
+    assert [g.seq for g in reader.read(1000)] == list(range(11 * cap, 12 * cap))
+    assert writer.stats()["drops"] == 10 * cap
+
+
+def test_torn_slot_is_skipped(ring):
+    writer, reader = ring
+    writer.write_many([_record(s) for s in range(4)])
+    # A writer that died after starting to overwrite slot 1: seq_begin set, seq_end never written.
+    writer._write_payload(1 + writer.capacity, _record(99))
+    assert [g.seq for g in reader.read(10)] == [0, 2, 3]
+    assert writer.stats()["drops"] == 1
+
+
+def test_slot_overwritten_during_the_copy_is_dropped(ring):
+    writer, reader = ring
+    writer.write_many([_record(s) for s in range(writer.capacity)])
+
+    class OverwriteOnFirstCopy:  # stands in for a field view; the writer laps the reader mid-copy
+        def __init__(self, view):
+            self.view, self.fired = view, False
+
+        def __getitem__(self, index):
+            if not self.fired:
+                self.fired = True
+                writer.write(_record(writer.capacity))  # lands in slot 0, which is being copied
+            return self.view[index]
+
+    reader._f["final_hidden"] = OverwriteOnFirstCopy(reader._f["final_hidden"])
+    assert [g.seq for g in reader.read(100)] == list(range(1, writer.capacity))
+    assert writer.stats()["drops"] == 1
+    [g] = reader.read(100)
+    _assert_same(g, _record(writer.capacity), writer.capacity)
+
+
+def test_writer_steady_state_reuses_its_views(ring):
+    writer, _ = ring
+    ptrs = {name: v.data_ptr() for name, v in writer._f.items()}
+    meta = writer._meta.ctypes.data
+    for s in range(5 * writer.capacity):
+        writer.write(_record(s))
+    assert {name: v.data_ptr() for name, v in writer._f.items()} == ptrs
+    assert writer._meta.ctypes.data == meta
+
+
+def test_segment_is_private_and_closing_unlinks(ring):
+    writer, reader = ring
+    path = os.path.join(SHM_DIR, writer.name)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert writer.name.startswith(f"test_ring_{os.getpid()}_")
+    reader.close()
+    assert os.path.exists(path)  # the reader never unlinks
+    writer.close()
+    assert not os.path.exists(path)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="capacity_records"):
+        SignalRing.create("test_ring", 0, T, A, H, K)
+    with pytest.raises(ValueError, match="name_prefix"):
+        SignalRing.create("bad/name", 4, T, A, H, K)
+    writer = SignalRing.create("test_ring", 4, T, A, H, K + 1)
+    try:
+        with pytest.raises(ValueError, match="k=4"):
+            writer.write(_record(0))
+        with pytest.raises(RuntimeError):
+            writer.read(1)
+        assert writer.stats()["written"] == 0
+    finally:
+        writer.close()
+
+
+def _concurrent_reader(spec, ready, done, results):
+    torch.set_num_threads(1)
+    reader = SignalRing.attach(spec)
+    ready.set()
+    seqs, bad = [], 0
+    while True:
+        finished = done.is_set()  # read before draining, so nothing written before it is missed
+        for g in reader.read(64):
+            seqs.append(g.seq)
+            try:
+                _assert_same(g, _record(g.seq % PERIOD, fill=True, aux_dim=spec["aux_dim"]), g.seq)
+            except AssertionError:
+                bad += 1
+        if finished and reader._next_seq == reader.stats()["written"]:
+            break
+    results.put((seqs, bad, reader.stats()))
+    reader.close()
+
+
+PERIOD = 251  # record contents repeat with this period; a ring of 16 never holds two alike
+
+
+def test_concurrent_reader_in_another_process_sees_only_whole_records():
+    aux_dim = 1024  # wide rows: copies take long enough for the writer to lap them
+    writer = SignalRing.create("test_ring", 16, T, aux_dim, H, K)
+    ctx = mp.get_context("spawn")
+    ready, done, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_concurrent_reader, args=(writer.spec(), ready, done, results))
+    proc.start()
+    try:
+        records = [_record(s, fill=True, aux_dim=aux_dim) for s in range(PERIOD)]
+        assert ready.wait(60)
+        n, stop = 0, time.perf_counter() + 1.5
+        while time.perf_counter() < stop:
+            writer.write_many([records[(n + j) % PERIOD] for j in range(3)])
+            n += 3
+        done.set()
+        seqs, bad, stats = results.get(timeout=60)
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        writer.close()
+    assert bad == 0
+    assert seqs == sorted(set(seqs)) and seqs[-1] == n - 1
+    assert len(seqs) + stats["drops"] == n == stats["written"]
+
+
+def test_sigterm_unlinks_the_segment():
+    code = ("import time; from aurora_sgl.signal_ring import SignalRing, cleanup_on_signals\n"
+            "ring = SignalRing.create('test_ring', 4, 2, 8, 4, 2); cleanup_on_signals(ring)\n"
+            "print(ring.name, flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            name = proc.stdout.readline().strip()
+            path = os.path.join(SHM_DIR, name)
+            assert name and os.path.exists(path)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == -signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not os.path.exists(path)
+
+
+def _cuda_reader(spec, results):
+    reader = SignalRing.attach(spec)
+    results.put([(g.seq, g.aux_hidden.cpu(), g.input_tokens.cpu()) for g in reader.read(100)])
+    reader.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ring_roundtrip_across_processes():
+    writer = SignalRing.create("test_ring", 8, T, A, H, K, device="cuda")
+    records = [_record(s) for s in range(5)]
+    writer.write_many([StepRecord(**{**r.__dict__, **{k: v.cuda() for k, v in r.__dict__.items()
+                                                         if isinstance(v, torch.Tensor)}}) for r in records])
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_cuda_reader, args=(writer.spec(), results))
+    proc.start()
+    try:
+        got = results.get(timeout=120)
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        writer.close()
+    assert [s for s, _, _ in got] == list(range(5))
+    for (s, aux, toks), r in zip(got, records):
+        assert torch.equal(aux, r.aux_hidden) and torch.equal(toks, r.input_tokens)
