@@ -111,7 +111,7 @@ class AsyncEngine:
                 for r in list(eng.running) + list(eng.waiting):
                     eng.abort(r)
                     r.finish_reason = "error"
-                eng._retire()
+                eng.retire_finished()
             self._publish()
         for s in list(self._streams.values()):  # loop stopped: release anyone still waiting
             s.request.finish_reason = s.request.finish_reason or "abort"

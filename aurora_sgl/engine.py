@@ -66,7 +66,7 @@ class Request:
     prefilled: int = 0
     finish_reason: str | None = None
     matched_stop: str | int | None = None
-    text: str = ""
+    text: str | None = ""  # None: decode lazily from output_ids
     verify_ct: int = 0
     drafts_proposed: int = 0
     drafts_accepted: int = 0
@@ -227,7 +227,7 @@ class Engine:
         decoding = [r for r in self.running if r.state == "decode"]
         if decoding:
             records = self._decode(decoding) if self.k else self._decode_plain(decoding)
-        self._retire()
+        self.retire_finished()
         if records and self.record_sink is not None:
             self.record_sink(records)
         return records
@@ -241,7 +241,8 @@ class Engine:
                 req.slot, req.state = len(self.running), "prefill"
                 self.running.append(req)
 
-    def _retire(self) -> None:
+    def retire_finished(self) -> None:
+        """Drop finished requests and compact the survivors into slots 0..n-1."""
         keep = [r for r in self.running if not r.finished]
         for new_slot, req in enumerate(keep):
             if req.slot != new_slot:

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import ASSISTANT, BOS, EOS, PAD, SPECIAL_TOKENS, USER, load_corpus  # noqa: E402
+from corpus import BOS, EOS, PAD, SPECIAL_TOKENS, load_corpus  # noqa: E402
+from model_card import write_model_card  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = Path(os.environ.get("AURORA_DATASETS", REPO.parent / "shared" / "datasets"))
@@ -192,13 +193,21 @@ def main(argv=None) -> int:
         "lr": args.lr, "threads": args.threads, "train_minutes": round(train_minutes, 1),
         "total_minutes": round((time.time() - t0) / 60, 1),
         "train_tokens_seen": args.steps * args.batch_size * args.seq_len,
-        "heldout_loss_nats": losses, "greedy_samples": samples, "prompts": PROMPTS,
+        "heldout_loss_nats": losses, "heldout_loss_bounds": loss_bounds(losses), "eval_windows": args.eval_windows,
+        "greedy_samples": samples, "prompts": PROMPTS,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (args.out / "training_stats.json").write_text(json.dumps(stats, indent=2))
     write_heldout_sample(args.out, corpus)
+    write_model_card(args.out)
     print(json.dumps(stats, indent=2))
     return 0
+
+
+def loss_bounds(losses: dict[str, float]) -> dict[str, float]:
+    """The bounds the tests assert on the shipped held-out sample: measured loss + 0.4 nats, which
+    leaves room for the smaller sample and float differences, and still fails an untrained model."""
+    return {d: round(v + 0.4, 1) for d, v in losses.items()}
 
 
 def write_heldout_sample(out: Path, corpus, chars: int = 6000):
