@@ -35,7 +35,7 @@ benchmarks rely on. It is not a useful assistant.
 | parameters | {stats['parameters']:,} ({size_mb:.1f} MB in bf16 safetensors) |
 | tokenizer | byte-level BPE, {cfg['vocab_size']} tokens, trained with `tokenizers`; specials `<|bos|>`, `<|eos|>`, `<|pad|>`, `<|system|>`, `<|user|>`, `<|assistant|>`; chat template in `tokenizer_config.json` / `chat_template.jinja` |
 | training | {stats['steps']} steps x {stats['batch_size']} x {stats['seq_len']} tokens = {stats['train_tokens_seen']:,} tokens, AdamW lr {stats['lr']} cosine, seed {stats['seed']}, {stats['threads']} CPU threads: {stats['train_minutes']} min of training, {stats['total_minutes']} min in all on a 2-core machine |
-| command | `python benchmarks/reference/train_target.py` (then `python benchmarks/reference/model_card.py`) |
+| command | `python benchmarks/reference/train_target.py` (it also writes this card, via `benchmarks/reference/model_card.py`) |
 
 ## Data (all local, permissively licensed)
 
