@@ -243,8 +243,9 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
             try:
                 async for text, done in text_updates(req, queue):
                     await merged.put((i, text, done, req))
-            except asyncio.CancelledError:
-                raise
+            except Exception:  # never leave the response waiting for a choice that cannot finish
+                req.finish_reason = "error"
+                await merged.put((i, "", True, req))
         tasks = [asyncio.create_task(pump(i, r, q)) for i, (r, q) in enumerate(jobs)]
         try:
             if kind == "chat":
