@@ -110,10 +110,13 @@ def native_sampling_params(raw: dict | None) -> SamplingParams:
     unknown = [k for k in raw if k not in _NATIVE_KEYS and k not in _NEUTRAL]
     if unknown:
         raise APIError(400, f"unsupported sampling_params: {', '.join(sorted(unknown))}")
-    odd = [k for k, neutral in _NEUTRAL.items() if k in raw and raw[k] is not None and raw[k] != neutral]
+    odd = [k for k, neutral in _NEUTRAL.items()
+           if k in raw and raw[k] not in (None, "", [], {}) and raw[k] != neutral]
     if odd:
         raise APIError(400, f"sampling_params not supported by this server (must keep their default): {', '.join(sorted(odd))}")
     kwargs = {k: raw[k] for k in _NATIVE_KEYS if k in raw and raw[k] is not None}
+    if kwargs.get("stop") == []:  # frontend-language programs send an empty stop list
+        del kwargs["stop"]
     kwargs.setdefault("max_new_tokens", 128)
     if "seed" in raw and raw["seed"] is None:
         kwargs.pop("seed", None)

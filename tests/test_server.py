@@ -268,6 +268,7 @@ def test_api_key_and_sigterm_drain():
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["meta_info"]["completion_tokens"] == 64 and first
-        assert s.proc.wait(timeout=60) == 0
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit is "killed by SIGTERM"
+        assert s.proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         s.stop()
