@@ -352,6 +352,11 @@ class Engine:
                 q = probs_from_logits(logits, temp, top_p, top_k)
                 u = torch.stack([torch.rand((), generator=r.generator) for r in reqs]).to(dev)
                 choice = torch.where(greedy, choice, sample_with_uniform(q, u))
+                # Garbage weights (NaN) give a garbage q. Any proposal is exact as long as the
+                # verifier knows its distribution, so call such a draft what it was: deterministic.
+                broken = ~torch.isfinite(q).all(-1)
+                if bool(broken.any()):
+                    q[broken] = torch.nn.functional.one_hot(choice[broken], q.shape[-1]).to(q.dtype)
                 draft_probs.append(torch.zeros(b, vocab, device=dev).index_copy_(1, hot, q))
             drafts.append(hot[choice])
         d = torch.stack(drafts, dim=1)  # [B, K]

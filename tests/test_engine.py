@@ -5,19 +5,14 @@ import pytest
 import torch
 
 from aurora_sgl.engine import OUTCOME_ACCEPTED, OUTCOME_NOT_REACHED, Engine, PromptTooLong
-from aurora_sgl.offline_train import train_head_offline
 from aurora_sgl.sampling import SamplingParams, probs_from_logits
 
-PROMPTS = [f"{kind} number {i}: " + "x " * (i % 7) for i, kind in
-           enumerate(["def f(x):", "Question: apples", "ROMEO:", "The module", "import os", "Tom has"] * 3)]
-MAX_NEW = 24
+from conftest import MAX_NEW, PROMPTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model(ref_tokenizer):
-    from conftest import make_tiny_llama
-    t = ref_tokenizer
-    return make_tiny_llama(len(t), bos=t.bos_token_id, eos=t.eos_token_id, pad=t.pad_token_id, init_range=0.1)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +29,8 @@ def hf_greedy(model, ref_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def trained_head_dir(model, ref_tokenizer, tmp_path_factory):
-    """A head that has learned these prompts' continuations, so drafts are often accepted and
-    the multi-token accept paths are exercised (not only rejections)."""
-    eng = Engine(model=model, tokenizer=ref_tokenizer, num_speculative_steps=0)
-    head, _ = train_head_offline(eng, PROMPTS, max_new_tokens=MAX_NEW, steps=150, batch_size=8, lr=3e-3,
-                                 unroll=4, draft_vocab_size=1024, log=lambda *_: None)
-    path = tmp_path_factory.mktemp("head") / "tiny"
-    head.save(path)
-    return str(path)
+def trained_head_dir(tiny_head_dir):
+    return tiny_head_dir
 
 
 def _engine(model, tok, k, **kw):
