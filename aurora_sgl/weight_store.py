@@ -233,15 +233,17 @@ class WeightStore:
 
         return self._while_stable(version, copy) is not None
 
-    def verify(self, version: int) -> bool:
-        """Recompute the checksum of the active buffer and compare it with the published one."""
+    def verify(self, version: int) -> bool | None:
+        """Recompute the checksum of the buffer holding `version` and compare it with the published
+        one: True / False, or None when the answer is unknowable because `version` is no longer
+        active or its buffer was rewritten meanwhile (a concurrent publish is not corruption)."""
         def checksum(b: int) -> int:
             if self._pub_event is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._pub_event)
             return int(self._words[b].sum())
 
         got = self._while_stable(version, checksum)
-        return got is not None and got[0] == got[1]
+        return None if got is None else got[0] == got[1]
 
     def _while_stable(self, version: int, fn) -> tuple[Any, int] | None:
         """Run fn(b) on the buffer b holding the active `version`; (result, published checksum), or
