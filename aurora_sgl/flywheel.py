@@ -138,4 +138,4 @@ class Flywheel:
                 "swaps": self.swaps, "rollbacks": self.rollbacks, "refused": self.refused,
                 "failed_copies": self.failed_copies, "last_swap_pause_s": self.last_swap_pause_s,
                 "ring_written": ring.get("written", 0), "ring_drops": ring.get("drops", 0),
-                "live_accept_length": {v: round(sum(t) / len(t), 4) for v, t in self._taus.items() if t}}
+                "live_accept_length": {str(v): round(sum(t) / len(t), 4) for v, t in self._taus.items() if t}}

@@ -17,7 +17,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from fastapi.responses import ORJSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
@@ -37,8 +37,13 @@ class ClientGone(Exception):
     pass
 
 
+class OrjsonResponse(JSONResponse):
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
 def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
-    return ORJSONResponse(error_body(status, message, type_, code), status_code=status)
+    return OrjsonResponse(error_body(status, message, type_, code), status_code=status)
 
 
 def _sse(obj) -> bytes:
@@ -59,10 +64,12 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
 
 def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str, model_path: str,
                api_key: str | None = None, max_body_bytes: int = 8 << 20, server_args: dict | None = None,
-               trainer_state=None) -> FastAPI:
+               flywheel=None, trainer_state=None) -> FastAPI:
+    """`flywheel` (engine side of online training) and `trainer_state` (a callable returning the
+    trainer's status snapshot) are optional: without them the server runs a fixed draft head."""
     engine = aengine.engine
     tokenizer = engine.tokenizer
-    app = FastAPI(title="aurora_sgl", version=__version__, default_response_class=ORJSONResponse)
+    app = FastAPI(title="aurora_sgl", version=__version__, default_response_class=OrjsonResponse)
     created = int(time.time())
     server_args = server_args or {}
 
@@ -400,12 +407,23 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
         metrics.running.set(aengine.num_running)
         metrics.waiting.set(aengine.num_waiting)
         metrics.draft_version.set(engine.draft_version)
+        if flywheel is not None:
+            fw = flywheel.stats()
+            metrics.swaps.set(fw["swaps"])
+            metrics.rollbacks.set(fw["rollbacks"])
+            metrics.swap_pause.set(fw["last_swap_pause_s"])
+            metrics.ring_drops.set(fw["ring_drops"])
+        if trainer_state is not None:
+            ts = trainer_state()
+            metrics.train_steps.set(ts.get("train_steps") or 0)
+            metrics.train_loss.set(ts.get("loss") or 0.0)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/aurora/stats")
     async def aurora_stats():
         return {"draft_version": engine.draft_version, "speculative_num_steps": engine.k,
                 "accept_length": metrics.stats(),
-                "trainer": trainer_state() if trainer_state else {"online": False}}
+                "flywheel": flywheel.stats() if flywheel is not None else None,
+                "trainer": dict(trainer_state(), online=True) if trainer_state else {"online": False}}
 
     return app

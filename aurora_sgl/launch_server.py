@@ -51,6 +51,10 @@ def validate(args) -> str | None:
         return f"--model-path {args.model_path} is not a directory"
     if args.speculative_draft_model_path and not os.path.isdir(args.speculative_draft_model_path):
         return f"--speculative-draft-model-path {args.speculative_draft_model_path} is not a directory"
+    if args.online and args.speculative_num_steps == 0:
+        return "--online needs speculation: set --speculative-num-steps >= 1 or pass --no-online"
+    if args.checkpoint_dir and not args.online:
+        return "--checkpoint-dir is only used with --online"
     if args.backend == "sglang":
         return "--backend sglang is not available yet in this build (the SGLang plugin is pending); use --backend embedded"
     return None
@@ -69,17 +73,22 @@ def main(argv=None) -> int:
 
     # Leave a core for the trainer sidecar on CPU machines.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    draft_path = args.speculative_draft_model_path
+    if args.online and args.checkpoint_dir:
+        from .trainer import newest_checkpoint
+        resume = newest_checkpoint(args.checkpoint_dir)
+        if resume:
+            log.info("resuming the draft head from checkpoint %s", resume)
+            draft_path = resume
+    args.resolved_draft_path = draft_path
     try:
-        engine = Engine(args.model_path, draft_model_path=args.speculative_draft_model_path,
+        engine = Engine(args.model_path, draft_model_path=draft_path,
                         num_speculative_steps=args.speculative_num_steps,
                         max_running_requests=args.max_running_requests,
                         context_length=args.context_length, device=args.device)
     except (OSError, ValueError) as e:
         print(f"error: could not load the model: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    if args.online:
-        log.warning("online training is not in this build yet (the flywheel is its own issue); "
-                    "serving with a fixed draft head")
     return serve(engine, args)
 
 
@@ -99,9 +108,18 @@ def serve(engine, args) -> int:
         on_step=lambda records, dt: metrics.step_seconds.observe(dt),
     )
     model_path = engine.model_path
+    online = None
+    if args.online:
+        from .online import OnlineTraining
+        online = OnlineTraining(engine, model_path=model_path, objective=args.train_objective,
+                                trainer_device=args.trainer_device, checkpoint_dir=args.checkpoint_dir,
+                                init_head=args.resolved_draft_path)
+        online.start()
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
     app = create_app(aengine, metrics, served_model_name=name, model_path=model_path, api_key=args.api_key,
-                     server_args={k: v for k, v in vars(args).items() if k != "api_key"})
+                     server_args={k: v for k, v in vars(args).items() if k != "api_key"},
+                     flywheel=online.flywheel if online else None,
+                     trainer_state=online.trainer_state if online else None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=30, access_log=args.log_level == "debug")
     server = uvicorn.Server(config)
@@ -126,6 +144,8 @@ def serve(engine, args) -> int:
         finally:
             task.cancel()
             aengine.shutdown()
+            if online is not None:
+                online.close()
 
     asyncio.run(main_async())
     return 0

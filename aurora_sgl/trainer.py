@@ -12,7 +12,7 @@ The launcher writes the spec (JSON) and owns every shared-memory segment; the tr
   optional: parent_pid (exit when reparented), pretrained (override the lr default), device
 
 Loop: read records -> stitch them per request into `offline_train.Sequence`s -> once
-`tokens_per_step` generated tokens are pending, one `offline_train.train_step` -> every
+`tokens_per_step` generated tokens are in finished sequences, one `offline_train.train_step` -> every
 `publish_every` steps a guardrail (simulated accept length on held-out recent sequences, candidate
 vs. the served weights) decides whether `store.publish` gets the candidate. A rollback signalled
 by the engine (`store.last_rollback()`) reloads the version before the rolled-back one and resets
@@ -80,6 +80,7 @@ class TrainerConfig:
     vocab_count_decay: float = 0.5  # token counts are multiplied by this at each refresh (recency)
     read_batch: int = 256  # ring records per read
     idle_sleep_s: float = 0.005  # sleep when the ring is empty
+    segment_idle_s: float = 1.0  # ring empty this long: close every open segment (requests done)
     heartbeat_s: float = 0.25  # status heartbeat while idle
     seed: int = 0
     inject: list[str] = field(default_factory=list)  # faults for tests: ["nan@2", "random@4"]
@@ -90,7 +91,7 @@ class TrainerConfig:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < 1):
             raise ValueError(f"lr must be a number in (0, 1) or null, got {self.lr!r}")
-        for name in ("clip", "idle_sleep_s", "heartbeat_s"):
+        for name in ("clip", "idle_sleep_s", "segment_idle_s", "heartbeat_s"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("weight_decay", "rejected_weight", "margin"):
@@ -237,7 +238,7 @@ class TrainerStatus:
 
 # ---- stitching ring records into sequences ----------------------------------------------------
 class _Segment:
-    __slots__ = ("start", "next_position", "inputs", "aux", "final", "last_next", "rejected", "length")
+    __slots__ = ("start", "next_position", "inputs", "aux", "final", "last_next", "rejected", "length", "last_seq")
 
     def __init__(self, rec: RingRecord):
         self.start = rec.position
@@ -245,6 +246,7 @@ class _Segment:
         self.length = 0
         self.next_position: int | None = None
         self.last_next = 0
+        self.last_seq = rec.seq
 
     def add(self, rec: RingRecord) -> None:
         rows = rec.input_tokens.numel()
@@ -253,6 +255,7 @@ class _Segment:
         self.final.append(rec.final_hidden.cpu())
         self.last_next = int(rec.next_tokens[rows - 1])
         self.length += rows
+        self.last_seq = rec.seq
         rejected = (rec.outcome == 0).nonzero().flatten()
         if rejected.numel():  # draft j (0-based) proposed the token at position + j + 1
             idx = rec.position + int(rejected[0]) + 1 - self.start
@@ -278,35 +281,55 @@ class _Segment:
 
 
 class Stitcher:
-    """Joins consecutive records of one request: a record covers position..position+num_accepted
-    and the next one of that request starts at position+num_accepted+1; a gap (lost or truncated
-    record) or `max_tokens` rows start a new segment."""
+    """Joins consecutive records of one request into sequences.
+
+    A record covers position..position+num_accepted and the next one of that request starts at
+    position+num_accepted+1. A segment is closed (becomes a training sequence) when
+      * the next record of its request leaves a gap (a lost or truncated record),
+      * the next record would make it longer than `max_tokens`,
+      * its request went quiet: every decoding request writes one record per engine step, so a
+        request absent for more than 2 x (open segments) records has missed at least two steps
+        (finished or aborted) -- this needs no knowledge of the engine's batch size,
+      * or `close_all()` (the trainer calls it when the ring has been idle for a while).
+    """
 
     def __init__(self, max_tokens: int = 512, rejected_weight: float = 2.0):
         self.max_tokens = max_tokens
         self.rejected_weight = rejected_weight
         self._open: dict[int, _Segment] = {}
-        self._done: list[tuple[Sequence, torch.Tensor]] = []
+        self._done: deque[tuple[Sequence, torch.Tensor]] = deque()
         self._done_tokens = 0
+        self._newest_seq = -1
+
+    @property
+    def closed_tokens(self) -> int:
+        """Recorded positions in closed segments, ready for training."""
+        return self._done_tokens
+
+    @property
+    def open_tokens(self) -> int:
+        return sum(s.length for s in self._open.values())
 
     @property
     def pending_tokens(self) -> int:
-        """Recorded positions not yet handed out (open and closed segments)."""
-        return self._done_tokens + sum(s.length for s in self._open.values())
+        return self._done_tokens + self.open_tokens
 
     def add(self, records: Iterable[RingRecord]) -> None:
         for rec in records:
-            if rec.input_tokens.numel() == 0:
+            self._newest_seq = max(self._newest_seq, rec.seq)
+            rows = rec.input_tokens.numel()
+            if rows == 0:
                 continue
             seg = self._open.get(rec.request_hash)
-            if seg is not None and seg.next_position != rec.position:
+            if seg is not None and (seg.next_position != rec.position or seg.length + rows > self.max_tokens - 1):
                 self._close(rec.request_hash)
                 seg = None
             if seg is None:
                 seg = self._open[rec.request_hash] = _Segment(rec)
             seg.add(rec)
-            if seg.length >= self.max_tokens - 1:
-                self._close(rec.request_hash)
+        limit = 2 * len(self._open)
+        for key in [k for k, s in self._open.items() if self._newest_seq - s.last_seq > limit]:
+            self._close(key)
 
     def _close(self, key: int) -> None:
         seg = self._open.pop(key)
@@ -315,13 +338,22 @@ class Stitcher:
             self._done.append(built)
             self._done_tokens += seg.length
 
-    def take(self, flush: bool = True) -> list[tuple[Sequence, torch.Tensor]]:
-        """Closed segments (and with `flush` the open ones too) as (Sequence, weights); weights[j]
-        weighs the prediction of token j, as HeadBatch.from_sequences expects."""
-        if flush:
-            for key in list(self._open):
-                self._close(key)
-        out, self._done, self._done_tokens = self._done, [], 0
+    def close_all(self) -> None:
+        for key in list(self._open):
+            self._close(key)
+
+    def take(self, max_tokens: int | None = None) -> list[tuple[Sequence, torch.Tensor]]:
+        """Closed segments, oldest first, as (Sequence, weights) -- weights[j] weighs the prediction
+        of token j, as HeadBatch.from_sequences expects. With `max_tokens`, stop once that many
+        recorded positions are taken (the rest stays for the next call)."""
+        out = []
+        taken = 0
+        while self._done and (max_tokens is None or taken < max_tokens):
+            seq, w = self._done.popleft()
+            n = len(seq.tokens) - 1
+            taken += n
+            self._done_tokens -= n
+            out.append((seq, w))
         return out
 
 
@@ -587,18 +619,27 @@ class Trainer:
         self.setup()
         if self.should_stop():
             return self.snapshot()
+        last_record = time.monotonic()
         while not self.should_stop():
-            records = self.ring.read(self.cfg.read_batch)
-            if records:
-                self.ingest(records)
             self.check_rollback()
-            if self.stitcher.pending_tokens >= self.cfg.tokens_per_step:
+            if self.stitcher.closed_tokens >= self.cfg.tokens_per_step:
                 self.train_once()
                 self.beat()
-            elif not records:
-                if time.monotonic() - self._last_beat >= self.cfg.heartbeat_s:
-                    self.beat()
-                time.sleep(self.cfg.idle_sleep_s)
+                continue
+            # Read only when a step needs more data: a trainer slower than the traffic lets the
+            # ring drop the oldest records (counted) instead of growing a backlog here.
+            records = self.ring.read(self.cfg.read_batch)
+            now = time.monotonic()
+            if records:
+                self.ingest(records)
+                last_record = now
+                continue
+            if self.stitcher.open_tokens and now - last_record >= self.cfg.segment_idle_s:
+                self.stitcher.close_all()  # the engine is idle: its requests are done
+                continue
+            if now - self._last_beat >= self.cfg.heartbeat_s:
+                self.beat()
+            time.sleep(self.cfg.idle_sleep_s)
         self.beat()
         return self.snapshot()
 
@@ -613,7 +654,7 @@ class Trainer:
 
     def train_once(self) -> None:
         train = []
-        for seq, w in self.stitcher.take(flush=True):
+        for seq, w in self.stitcher.take(self.cfg.tokens_per_step):
             if self.cfg.holdout_fraction and self.rng.random() < self.cfg.holdout_fraction:
                 self.holdout.append((seq, self._target_argmax(seq)))
             else:
@@ -670,8 +711,8 @@ class Trainer:
             if not _finite(state):
                 self.counters["refused"] += 1
                 log.warning("refused to publish non-finite weights (attempt %d)", self.attempts)
-                if fault is None:  # the training head itself diverged: back to the served weights
-                    self._load_into_head(self.served_state)
+                if fault is None:  # the training head itself diverged: back to the last sane weights
+                    self._load_into_head(self.served_state if _finite(self.served_state) else self.kept[-1][1])
                 return False
             self.tau_candidate = self._sim_tau(state)
             self.tau_served = self._sim_tau(self.served_state)
@@ -685,7 +726,8 @@ class Trainer:
         self.counters["publishes"] += 1
         self.counters["last_published_version"] = version
         self.served_state = state
-        self.kept.append((version, state))
+        if _finite(state):  # a rollback never goes back to non-finite weights (bypassed injections)
+            self.kept.append((version, state))
         log.info("published version %d (step %d, sim tau %s vs %s)", version, self.counters["train_steps"],
                  self.tau_candidate, self.tau_served)
         n = self.counters["publishes"]

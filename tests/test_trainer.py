@@ -1,0 +1,599 @@
+"""Trainer sidecar: stitching, simulated accept length, status segment, checkpoints, and the live
+loop against a real engine -> signal ring -> trainer -> weight store path (tiny random Llama)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aurora_sgl.draft_head import Eagle3Config, Eagle3Head
+from aurora_sgl.engine import Engine
+from aurora_sgl.losses import ttt_logits
+from aurora_sgl.offline_train import HeadBatch, Sequence, train_head_offline
+from aurora_sgl.sampling import SamplingParams
+from aurora_sgl.signal_ring import SHM_DIR, RingRecord, SignalRing
+from aurora_sgl.trainer import (Stitcher, Trainer, TrainerConfig, TrainerStatus, newest_checkpoint,
+                                save_checkpoint, simulated_accept_length, simulated_tau_per_start)
+from aurora_sgl.weight_store import WeightStore, layout_of
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"{kind} number {i}: " for i, kind in
+           enumerate(["def f(x):", "Question: apples", "ROMEO:", "The module", "import os", "Tom has"])]
+K, DVS, MAX_NEW = 3, 512, 24
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(ref_tokenizer):
+    from conftest import make_tiny_llama
+    t = ref_tokenizer
+    return make_tiny_llama(len(t), bos=t.bos_token_id, eos=t.eos_token_id, pad=t.pad_token_id, init_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("target") / "tiny"
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(model, ref_tokenizer, tmp_path_factory):
+    """A head that already drafts these prompts well (tau ~2 at K=3), so a random head is worse."""
+    eng = Engine(model=model, tokenizer=ref_tokenizer, num_speculative_steps=0)
+    head, _ = train_head_offline(eng, PROMPTS, max_new_tokens=MAX_NEW, steps=150, batch_size=6, lr=3e-3,
+                                 unroll=3, draft_vocab_size=DVS, log=lambda *_: None)
+    path = tmp_path_factory.mktemp("head") / "pre"
+    head.save(path)
+    return str(path)
+
+
+class Rig:
+    """Engine (record_sink -> real ring), store with version 1 = the engine's head, status segment."""
+
+    def __init__(self, model, tok, model_dir, head_dir=None):
+        self.engine = Engine(model=model, tokenizer=tok, num_speculative_steps=K, draft_vocab_size=DVS,
+                             draft_model_path=head_dir)
+        self.head_dir = head_dir
+        hc = self.engine.head.config
+        self.ring = SignalRing.create("test_tr_ring", 1024, K + 1, len(hc.aux_layer_ids) * hc.target_hidden_size,
+                                      hc.hidden_size, K)
+        self.store = WeightStore.create("test_tr_ws", layout_of(self.engine.head.serving_state()))
+        assert self.store.publish(self.engine.head.serving_state()) == 1
+        self.status = TrainerStatus.create("test_tr_st")
+        self.engine.record_sink = self.ring.write_many
+        self.model_dir = model_dir
+        self.thread = self.trainer = self.stop = None
+        self.error = []
+
+    def spec(self, checkpoint_dir=None, **config):
+        return {"ring": self.ring.spec(), "store": self.store.spec(), "status": self.status.spec(),
+                "model_path": self.model_dir, "init_head": self.head_dir,
+                "aux_layer_ids": list(self.engine.target.aux_layer_ids), "draft_vocab_size": DVS,
+                "config": config, "checkpoint_dir": checkpoint_dir, "threads": 1}
+
+    def start(self, spec):
+        self.stop = threading.Event()
+        self.trainer = Trainer(spec, self.stop)
+
+        def target():
+            try:
+                self.trainer.run()
+            except BaseException as e:  # surfaced by drive()/finish()
+                self.error.append(e)
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        return self.trainer
+
+    def snap(self):
+        return self.status.snapshot()
+
+    def caught_up(self):
+        s = self.snap()
+        return s["records_read"] + s["ring_drops_seen"] >= self.ring.stats()["written"]
+
+    def drive(self, until, timeout=25.0, traffic=True):
+        """Serve rounds of PROMPTS, letting the trainer catch up after each, until `until()`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check()
+            if until():
+                return True
+            if traffic:
+                self.engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
+            while time.monotonic() < deadline and not self.caught_up():
+                self._check()
+                time.sleep(0.01)
+            if not traffic:
+                time.sleep(0.02)
+        self._check()
+        return until()
+
+    def wait_idle(self, timeout=10.0):
+        """No traffic: wait until everything written was read and the step count is stable."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            self._check()
+            s = self.snap()
+            if self.caught_up() and last is not None and s["train_steps"] == last:
+                return s
+            last = s["train_steps"]
+            time.sleep(0.3)
+        raise AssertionError("the trainer did not go idle")
+
+    def _check(self):
+        if self.error:
+            raise self.error[0]
+        if self.thread is not None and not self.thread.is_alive() and not self.stop.is_set():
+            raise AssertionError("the trainer thread died")
+
+    def finish(self):
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join(30)
+            assert not self.thread.is_alive(), "the trainer did not stop"
+            self.trainer.close()
+            self.thread = None
+        self._check()
+
+    def close(self):
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join(30)
+            self.trainer.close()
+        for seg in (self.ring, self.store, self.status):
+            seg.close()
+
+
+@pytest.fixture
+def make_rig(model, ref_tokenizer, model_dir):
+    rigs = []
+
+    def make(head_dir=None):
+        rig = Rig(model, ref_tokenizer, model_dir, head_dir)
+        rigs.append(rig)
+        return rig
+    yield make
+    for r in rigs:
+        r.close()
+
+
+@pytest.fixture
+def published(monkeypatch):
+    """Spy: every (version, state) any WeightStore in this process publishes."""
+    seen = []
+    original = WeightStore.publish
+
+    def spy(self, state):
+        version = original(self, state)
+        seen.append((version, {k: v.detach().clone() for k, v in state.items()}))
+        return version
+    monkeypatch.setattr(WeightStore, "publish", spy)
+    return seen
+
+
+def _finite(state):
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def _store_state(store):
+    version, views = store.poll(0)
+    return version, {n: v.clone() for n, v in zip(store.names, views)}
+
+
+# ---- (6) stitching ---------------------------------------------------------------------------
+A_DIM, H_DIM = 6, 2
+
+
+def _tok(p):
+    return 100 + p
+
+
+def _rec(seq, rid, h, position, accepted, outcome, rows=None):
+    rows = accepted + 1 if rows is None else rows
+    pos = torch.arange(position, position + rows)
+    return RingRecord(seq=seq, request_id=rid, request_hash=h, position=position, num_accepted=accepted,
+                      draft_version=1, draft_tokens=torch.zeros(K, dtype=torch.long),
+                      target_tokens=torch.zeros(K, dtype=torch.long), outcome=torch.tensor(outcome, dtype=torch.int8),
+                      input_tokens=_tok(pos), next_tokens=_tok(pos + 1),
+                      aux_hidden=pos.float().unsqueeze(1).expand(rows, A_DIM).clone(),
+                      final_hidden=-pos.float().unsqueeze(1).expand(rows, H_DIM).clone())
+
+
+def test_stitching_joins_records_of_a_request_and_splits_at_gaps():
+    st = Stitcher(max_tokens=64, rejected_weight=2.0)
+    st.add([
+        _rec(0, "a", 11, 10, 2, [1, 1, 0]),  # covers 10..12, the draft for 13 was rejected
+        _rec(1, "b", 22, 5, 0, [0, -1, -1]),  # covers 5, rejected at 6
+        _rec(2, "a", 11, 13, 0, [0, -1, -1]),  # continues a: covers 13, rejected at 14
+        _rec(3, "c", 33, 0, 0, [0, -1, -1]),  # a 2-token sequence: skipped
+        _rec(4, "a", 11, 20, 1, [1, 0, -1]),  # gap (expected 14): new segment 20..21 (+22)
+        _rec(5, "b", 22, 6, 3, [1, 1, 1]),  # continues b: covers 6..9, all accepted
+        _rec(6, "d", 44, 30, 3, [1, 1, 1], rows=2),  # truncated by the ring: covers 30..31 only
+        _rec(7, "d", 44, 34, 1, [1, 0, -1]),  # so this one starts a new segment
+    ])
+    assert st.pending_tokens == 4 + 5 + 1 + 2 + 2 + 2
+    st.close_all()
+    got = {(int(s.tokens[0]) - 100): (s, w) for s, w in st.take()}
+    assert st.pending_tokens == 0 and st.take() == []
+    assert sorted(got) == [5, 10, 20, 30, 34]  # c (2 tokens) skipped
+    for start, n, rejected in ((10, 5, [3, 4]), (5, 6, [1]), (20, 3, [2]), (30, 3, []), (34, 3, [2])):
+        s, w = got[start]
+        assert s.tokens.tolist() == [_tok(p) for p in range(start, start + n)], start
+        assert s.first_generated == 0
+        assert s.aux.shape == (n, A_DIM) and s.final.shape == (n, H_DIM)
+        rows = torch.arange(start, start + n - 1).float()
+        assert torch.equal(s.aux[:-1, 0], rows) and torch.equal(s.final[:-1, 0], -rows)
+        assert not s.aux[-1].any() and not s.final[-1].any()  # the final next token has no state yet
+        want = torch.ones(n)
+        want[rejected] = 3.0
+        assert torch.equal(w, want), (start, w)
+    # HeadBatch: weights[i][j] weighs the prediction of token j, i.e. position t = j - 2.
+    order = [10, 5, 20]
+    batch = HeadBatch.from_sequences([got[k][0] for k in order], [got[k][1] for k in order])
+    assert batch.mask[0].tolist() == [True, True, True, False, False]  # padded to b's length
+    assert batch.position_weight[0, :3].tolist() == [1.0, 3.0, 3.0]  # tokens 2, 3, 4
+    assert batch.position_weight[1, :4].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert batch.next_tokens[0].tolist() == [_tok(p) for p in range(11, 15)]
+
+
+def test_stitching_cuts_long_segments():
+    st = Stitcher(max_tokens=8)
+    st.add([_rec(i, "a", 1, 3 * i, 2, [1, 1, 0]) for i in range(4)])  # 12 contiguous rows
+    seqs = [s for s, _ in st.take()]
+    assert st.closed_tokens == 6 and st.open_tokens == 6
+    st.close_all()
+    seqs += [s for s, _ in st.take()]
+    assert [len(s.tokens) for s in seqs] == [7, 7]  # cut before a record would pass 8 tokens
+    assert [int(s.tokens[0]) - 100 for s in seqs] == [0, 6]
+    assert sum(len(s.tokens) - 1 for s in seqs) == 12
+
+
+def test_quiet_requests_are_closed_and_take_respects_the_token_budget():
+    st = Stitcher(max_tokens=64)
+    # Two requests decode together (one record each per engine step); then "a" finishes.
+    recs, seq = [], 0
+    for step in range(3):
+        for rid, h in (("a", 1), ("b", 2)):
+            recs.append(_rec(seq, rid, h, 10 + 2 * step, 1, [1, 0, -1]))
+            seq += 1
+    st.add(recs)
+    assert st.closed_tokens == 0 and st.open_tokens == 12
+    st.add([_rec(seq + i, "b", 2, 16 + 2 * i, 1, [1, 0, -1]) for i in range(4)])  # only b goes on
+    assert st.closed_tokens == 6 and st.open_tokens == 14  # a missed more than two steps: closed
+    st.add([_rec(100 + i, "c", 3 + i, 0, 3, [1, 1, 1]) for i in range(3)])  # b goes quiet too
+    st.close_all()
+    assert [len(s.tokens) - 1 for s, _ in st.take(max_tokens=10)] == [6, 14]  # oldest first, stop past 10
+    assert st.closed_tokens == 12 and len(st.take()) == 3 and st.closed_tokens == 0
+
+
+# ---- (7) simulated accept length ---------------------------------------------------------------
+def _naive_tau(step_logits, hot, tgt, mask):
+    b, t = mask.shape
+    total, count = 0.0, 0
+    for i in range(b):
+        for s in range(t):
+            if not mask[i, s]:
+                continue
+            tau = 1
+            for k in range(len(step_logits)):
+                ok = True
+                for j in range(k + 1):
+                    pos = s + j
+                    if pos >= t or not mask[i, pos] or int(hot[step_logits[j][i, pos].argmax()]) != int(tgt[i, pos]):
+                        ok = False
+                        break
+                if not ok:
+                    break
+                tau += 1
+            total += tau
+            count += 1
+    return total / count
+
+
+def test_simulated_tau_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        b, t, vd, steps = 3, 9, 3, 1 + trial % 4
+        hot = torch.tensor([2, 5, 7])
+        logits = [torch.randn(b, t, vd, generator=g) for _ in range(steps)]
+        tgt = hot[torch.randint(0, vd, (b, t), generator=g)]
+        tgt[torch.rand(b, t, generator=g) < 0.15] = 4  # sometimes outside the draft vocabulary
+        mask = torch.rand(b, t, generator=g) < 0.8
+        mask[:, -1] = False
+        tau = simulated_tau_per_start(logits, hot, tgt, mask)
+        assert float(tau[mask].mean()) == pytest.approx(_naive_tau(logits, hot, tgt, mask), abs=1e-12)
+    # Perfect agreement: every start gets 1 + the steps that fit before the end.
+    logits = [torch.nn.functional.one_hot(torch.zeros(1, 6, dtype=torch.long), 3).float()] * 3
+    tau = simulated_tau_per_start(logits, hot, torch.full((1, 6), 2), torch.ones(1, 6, dtype=torch.bool))
+    assert tau[0].tolist() == [4, 4, 4, 4, 3, 2]
+
+
+def test_simulated_accept_length_of_a_head_matches_the_naive_loop():
+    torch.manual_seed(0)
+    cfg = Eagle3Config(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                       vocab_size=12, draft_vocab_size=4, aux_layer_ids=[0, 1, 2])
+    head = Eagle3Head(cfg, torch.nn.Embedding(12, 16))
+    head.set_draft_vocab(torch.tensor([1, 3, 4, 9]))
+    lm_w = torch.randn(12, 16)
+    seqs = [Sequence(torch.randint(0, 12, (n,)), torch.randn(n, 48), torch.randn(n, 16), 0) for n in (7, 4, 9)]
+    held = [(s, (s.final[1:] @ lm_w.T).argmax(-1)) for s in seqs]
+    # Make agreement likely: the target prefers the head's own step-0 choice at most positions.
+    batch = HeadBatch.from_sequences(seqs)
+    with torch.no_grad():
+        logits = ttt_logits(head, batch.aux, batch.next_tokens, 3)
+    tgt = torch.full_like(batch.next_tokens, -1)
+    for i, (_, am) in enumerate(held):
+        tgt[i, :am.numel()] = am
+    tgt = torch.where(torch.rand(tgt.shape) < 0.7, head.hot_ids[logits[0].argmax(-1)], tgt)
+    held = [(s, tgt[i, :len(s.tokens) - 1]) for i, s in enumerate(seqs)]
+    got, starts = simulated_accept_length(head, held, 3, group=2)
+    assert starts == int(batch.mask.sum())
+    assert got == pytest.approx(_naive_tau(logits, head.hot_ids, tgt, batch.mask), abs=1e-9)
+    assert got > 1.0
+    assert simulated_accept_length(head, [], 3) is None
+
+
+# ---- config and status -----------------------------------------------------------------------
+def test_config_validation():
+    cfg = TrainerConfig()
+    assert (cfg.objective, cfg.clip, cfg.unroll, cfg.tokens_per_step, cfg.publish_every) == ("kl", 2.5, 5, 1024, 4)
+    assert cfg.resolved_lr(pretrained=False) == 1e-4 and cfg.resolved_lr(pretrained=True) == 1e-5
+    assert TrainerConfig(lr=3e-3).resolved_lr(True) == 3e-3
+    assert TrainerConfig(inject=["nan@2", "random@4"]).inject_at() == {2: "nan", 4: "random"}
+    for bad, match in (({"objective": "tv"}, "objective"), ({"lr": 0}, "lr"), ({"unroll": 0}, "unroll"),
+                       ({"tokens_per_step": 1.5}, "tokens_per_step"), ({"holdout_fraction": 1.0}, "holdout_fraction"),
+                       ({"margin": -1}, "margin"), ({"segment_idle_s": 0}, "segment_idle_s"), ({"inject": ["boom@1"]}, "inject"), ({"inject": ["nan@0"]}, "inject"),
+                       ({"keep_checkpoints": 0}, "keep_checkpoints"), ({"nope": 1}, "unknown trainer config keys")):
+        with pytest.raises(ValueError, match=match):
+            TrainerConfig.from_dict(bad)
+
+
+def test_status_segment_roundtrip_and_permissions():
+    owner = TrainerStatus.create("test_tr_st")
+    try:
+        assert oct(os.stat(os.path.join(SHM_DIR, owner.name)).st_mode & 0o777) == "0o600"
+        reader = TrainerStatus.attach(json.loads(json.dumps(owner.spec())))
+        snap = reader.snapshot()
+        assert set(snap) == set(TrainerStatus.FIELDS) and snap["heartbeat"] == 0 and snap["loss"] is None
+        reader.write(heartbeat=12.5, train_steps=7, loss=0.25, refused=2, last_published_version=3)
+        snap = owner.snapshot()
+        assert (snap["heartbeat"], snap["train_steps"], snap["loss"], snap["refused"]) == (12.5, 7, 0.25, 2)
+        assert isinstance(snap["train_steps"], int) and snap["last_published_version"] == 3
+        with pytest.raises(ValueError, match="unknown status fields"):
+            reader.write(bogus=1)
+        reader.close()
+        assert os.path.exists(os.path.join(SHM_DIR, owner.name))  # a reader never unlinks
+    finally:
+        owner.close()
+    assert not os.path.exists(os.path.join(SHM_DIR, owner.name))
+
+
+# ---- (3) checkpoints, unit level ---------------------------------------------------------------
+def _small_head(seed):
+    cfg = Eagle3Config(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                       vocab_size=40, draft_vocab_size=8, aux_layer_ids=[0, 1, 2])
+    head = Eagle3Head(cfg, torch.zeros(40, 16))
+    head.reset_parameters(seed)
+    return head
+
+
+def test_checkpoints_are_atomic_private_pruned_and_corruption_is_skipped(tmp_path):
+    root = tmp_path / "ckpt"
+    assert newest_checkpoint(root) is None and newest_checkpoint(None) is None
+    (root / ".tmp-step_00000099-crashed").mkdir(parents=True)  # a crash mid-write leaves this behind
+    heads = {}
+    for steps in (4, 8, 12):
+        heads[steps] = _small_head(steps)
+        path = save_checkpoint(heads[steps], root, steps, {"steps": steps, "publishes": steps // 4}, keep=2)
+        assert path == root / f"step_{steps:08d}"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000012"]  # pruned, no temp dirs
+    for p in root.iterdir():
+        assert oct(p.stat().st_mode & 0o777) == "0o700"
+        assert sorted(f.name for f in p.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+        for f in p.iterdir():
+            assert oct(f.stat().st_mode & 0o777) == "0o600", f
+    assert json.loads((root / "step_00000012" / "trainer_state.json").read_text())["steps"] == 12
+    newest = newest_checkpoint(root)
+    assert newest == str(root / "step_00000012")
+    loaded = Eagle3Head.load(newest, torch.zeros(40, 16))
+    assert torch.equal(loaded.fc.weight, heads[12].fc.weight)
+    # Truncate the newest: it is skipped. A step dir without weights is skipped too.
+    f = root / "step_00000012" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    (root / "step_00000016").mkdir()
+    (root / "step_00000016" / "config.json").write_text("{}")
+    assert newest_checkpoint(root) == str(root / "step_00000008")
+    # Saving into something that is not a directory raises (the trainer counts it).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        save_checkpoint(heads[4], blocker, 20, {}, keep=2)
+
+
+# ---- draft vocabulary refresh --------------------------------------------------------------------
+def test_vocab_refresh_remaps_lm_head_rows_and_optimizer_state():
+    tr = Trainer({"config": {"lr": 1e-3}})  # not set up: only the pieces refresh_vocab uses
+    head = _small_head(0)  # vocab 40, draft vocab 8, hot ids 0..7
+    tr.head, tr.vocab_size, tr.device, tr.lr = head, 40, torch.device("cpu"), 1e-3
+    tr.opt = tr._new_optimizer()
+    (head.lm_head.weight ** 2).sum().backward()
+    tr.opt.step()
+    w0 = head.lm_head.weight.detach().clone()
+    m0 = tr.opt.state[head.lm_head.weight]["exp_avg"].clone()
+    tr.counts = torch.zeros(40, dtype=torch.float64)
+    tr.counts[[0, 1, 2, 3, 4, 5, 20, 21]] = 10.0  # 6 and 7 fall out, 20 and 21 come in: 25% changed
+    assert tr.refresh_vocab()
+    assert head.hot_ids.tolist() == [0, 1, 2, 3, 4, 5, 20, 21]
+    w = head.lm_head.weight.detach()
+    assert torch.equal(w[:6], w0[:6]) and not w[6:].any()
+    m = tr.opt.state[head.lm_head.weight]["exp_avg"]
+    assert torch.equal(m[:6], m0[:6]) and not m[6:].any()
+    state = head.serving_state()  # d2t / t2d travel with the published weights
+    assert torch.equal(state["d2t"] + torch.arange(8), torch.tensor([0, 1, 2, 3, 4, 5, 20, 21]))
+    assert state["t2d"].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 20, 21]
+    assert tr.counts[0] == 5.0  # decayed, so the vocabulary follows recent traffic
+    # The same set again: nothing to remap.
+    assert not tr.refresh_vocab()
+    assert head.hot_ids.tolist() == [0, 1, 2, 3, 4, 5, 20, 21]
+
+
+# ---- live loop: (1) learning and publishing, checkpoints on the way ----------------------------
+def test_trainer_learns_from_served_traffic_and_publishes(make_rig, tmp_path):
+    rig = make_rig()
+    _, v1 = _store_state(rig.store)
+    ckpt = tmp_path / "ckpt"
+    rig.start(rig.spec(checkpoint_dir=str(ckpt), lr=3e-3, tokens_per_step=64, publish_every=2, unroll=3,
+                       checkpoint_every=2, keep_checkpoints=2, holdout_fraction=0.2, margin=10.0))
+    assert rig.drive(lambda: rig.snap()["train_steps"] >= 20 and rig.snap()["publishes"] >= 4)
+    rig.finish()
+    s = rig.snap()
+    losses = rig.trainer.losses
+    assert s["records_read"] > 0 and s["train_steps"] == len(losses) and s["loss"] == pytest.approx(losses[-1])
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    assert s["refused"] == 0 and s["publishes"] >= 4
+    assert rig.store.version == 1 + s["publishes"] == s["last_published_version"]
+    assert rig.store.verify(rig.store.version)
+    version, latest = _store_state(rig.store)
+    assert not torch.equal(latest["fc.weight"], v1["fc.weight"])
+    assert not torch.equal(latest["lm_head.weight"], v1["lm_head.weight"])
+    assert _finite(latest) and s["heartbeat"] > time.time() - 60
+    assert s["sim_tau_served"] is not None and s["sim_tau_served"] >= 1.0
+    # The newest checkpoint is the last one written, and it loads into the engine's head class.
+    steps = sorted(int(p.name[5:]) for p in ckpt.iterdir())
+    assert len(steps) == 2 and s["checkpoint_failures"] == 0
+    newest = newest_checkpoint(ckpt)
+    assert newest == str(ckpt / f"step_{steps[-1]:08d}")
+    state = json.loads((Path(newest) / "trainer_state.json").read_text())
+    assert state["steps"] == steps[-1] and state["config"]["lr"] == 3e-3
+    Eagle3Head.load(newest, rig.engine.target.hf.get_input_embeddings())
+
+
+# ---- (2) guardrail -----------------------------------------------------------------------------
+def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_dir, published):
+    rig = make_rig(pretrained_dir)
+    # lr left at the pretrained default (1e-5): honest candidates stay close to the served head.
+    rig.start(rig.spec(tokens_per_step=64, publish_every=1, unroll=3, holdout_fraction=0.5,
+                       inject=["nan@2", "random@4"]))
+    assert rig.drive(lambda: rig.trainer.attempts >= 6)
+    rig.finish()
+    s = rig.snap()
+    assert rig.trainer.lr == 1e-5
+    assert s["refused"] == 2, s
+    assert s["publishes"] == rig.trainer.attempts - 2
+    assert rig.store.version == 1 + s["publishes"] == s["last_published_version"]
+    ours = [(v, st) for v, st in published if v >= 2]  # 1 is the launcher's
+    assert [v for v, _ in ours] == list(range(2, rig.store.version + 1))
+    assert all(_finite(st) for _, st in ours)
+    assert s["sim_tau_served"] > 1.5  # the pretrained head drafts well; the random one did not get in
+    served_fc = [st["fc.weight"] for _, st in ours]
+    pre = Eagle3Head.load(pretrained_dir, torch.zeros(0))
+    assert all((fc - pre.fc.weight).abs().max() < 0.05 for fc in served_fc)
+
+
+# ---- bypass + (4) rollback ---------------------------------------------------------------------
+def test_bypass_publishes_nan_and_rollback_reloads_the_previous_version(make_rig, pretrained_dir, published):
+    rig = make_rig(pretrained_dir)
+    _, v1 = _store_state(rig.store)
+    trainer = rig.start(rig.spec(tokens_per_step=64, publish_every=1, unroll=3, lr=1e-3, holdout_fraction=0.3,
+                                 margin=10.0, inject=["nan@3"], inject_bypass_guardrail=True))
+    assert rig.drive(lambda: rig.store.version >= 4)
+    s = rig.wait_idle()  # no more traffic: the head only changes through the rollback below
+    nan_version = [v for v, st in published if not _finite(st)]
+    assert nan_version == [4] and s["refused"] == 0  # attempt 3 -> version 4 (1 is the launcher's)
+    # The engine side sees the NaN version in the store (what its rollback test needs).
+    assert published[3][0] == 4 and any(torch.isnan(t).any() for t in published[3][1].values()
+                                        if t.is_floating_point())
+    latest = rig.store.version
+    before = {k: v.clone() for k, v in trainer.head.state_dict().items()}
+    assert trainer.opt.state  # AdamW moments exist before the rollback
+    rig.store.request_rollback(latest)
+    assert rig.drive(lambda: rig.snap()["rollbacks_seen"] == 1, timeout=10, traffic=False)
+    time.sleep(0.1)
+    # The newest finite version before the rolled-back one (the NaN version is never reloaded).
+    earlier = [(v, st) for v, st in published if v < latest and _finite(st)]
+    want = earlier[-1][1] if earlier else v1
+    got = trainer.head.state_dict()
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+    assert not torch.equal(got["fc.weight"], before["fc.weight"])
+    assert not trainer.opt.state  # optimizer reset
+    assert all(v != latest for v, _ in trainer.kept)
+    rig.finish()
+    assert rig.snap()["rollbacks_seen"] == 1
+
+
+# ---- (3) failing checkpoint writes are counted, never fatal ------------------------------------
+@pytest.mark.parametrize("kind", ["not_a_dir", "read_only"])
+def test_checkpoint_failures_are_counted_not_fatal(make_rig, tmp_path, kind):
+    target = tmp_path / "ckpt"
+    if kind == "not_a_dir":
+        target.write_text("a file where the checkpoint dir should be")
+    else:
+        target.mkdir()
+        os.chmod(target, 0o500)
+        if os.access(target, os.W_OK):  # root ignores the mode bits
+            os.chmod(target, 0o700)
+            pytest.skip("running as root: chmod cannot make the directory unwritable")
+    rig = make_rig()
+    try:
+        rig.start(rig.spec(checkpoint_dir=str(target), lr=3e-3, tokens_per_step=64, publish_every=1, unroll=2,
+                           checkpoint_every=1, margin=10.0))
+        assert rig.drive(lambda: rig.snap()["publishes"] >= 3)
+        rig.finish()
+    finally:
+        if kind == "read_only":
+            os.chmod(target, 0o700)
+    s = rig.snap()
+    assert s["checkpoint_failures"] >= 3 and s["publishes"] >= 3
+    if kind == "read_only":
+        assert list(target.iterdir()) == []
+
+
+# ---- (5) the sidecar process -------------------------------------------------------------------
+def test_sigterm_exits_zero_promptly(make_rig, tmp_path):
+    rig = make_rig()
+    spec = rig.spec(tokens_per_step=32, publish_every=1, unroll=2, lr=1e-3)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "aurora_sgl.trainer", "--spec", str(path), "--log-level", "warning"],
+                            cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while rig.snap()["last_published_version"] < 1:  # set once the trainer is in its loop
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the trainer did not start"
+            time.sleep(0.05)
+        rig.engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))  # give it work
+        deadline = time.monotonic() + 20
+        while rig.snap()["train_steps"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = proc.stdout.read().decode()
+    assert rc == 0, out
+    assert elapsed < 5, elapsed
+    s = rig.snap()
+    assert s["train_steps"] >= 1 and s["records_read"] > 0
+    assert "Traceback" not in out
+    # The trainer attached and closed; the segments are still the launcher's to unlink.
+    for name in (rig.ring.name, rig.store.name, rig.status.name):
+        assert os.path.exists(os.path.join(SHM_DIR, name))
+    assert not math.isnan(s["heartbeat"])
