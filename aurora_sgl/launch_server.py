@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic")
     ap.add_argument("--trainer-device", default="cpu")
     ap.add_argument("--train-objective", choices=("kl", "kl_rejected", "accept"), default="kl")
-    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--train-lr", type=float, default=None,
+                    help="trainer learning rate (default 1e-4 from a random head, 1e-5 from a pretrained one)")
+    ap.add_argument("--checkpoint-dir", default=None, help="trainer checkpoints; a restart resumes from the newest")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for serving (default: all cores but one)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -53,6 +55,8 @@ def validate(args) -> str | None:
         return f"--speculative-draft-model-path {args.speculative_draft_model_path} is not a directory"
     if args.online and args.speculative_num_steps == 0:
         return "--online needs speculation: set --speculative-num-steps >= 1 or pass --no-online"
+    if args.train_lr is not None and not 0 < args.train_lr < 1:
+        return "--train-lr must be in (0, 1)"
     if args.checkpoint_dir and not args.online:
         return "--checkpoint-dir is only used with --online"
     if args.backend == "sglang":
@@ -113,7 +117,8 @@ def serve(engine, args) -> int:
         from .online import OnlineTraining
         online = OnlineTraining(engine, model_path=model_path, objective=args.train_objective,
                                 trainer_device=args.trainer_device, checkpoint_dir=args.checkpoint_dir,
-                                init_head=args.resolved_draft_path)
+                                init_head=args.resolved_draft_path,
+                                trainer_config={"lr": args.train_lr} if args.train_lr else None)
         online.start()
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
     app = create_app(aengine, metrics, served_model_name=name, model_path=model_path, api_key=args.api_key,
