@@ -505,6 +505,7 @@ class Trainer:
                                               "last_published_version")}
         self.loss = self.tau_candidate = self.tau_served = None
         self.losses: list[float] = []
+        self.history: deque[dict] = deque(maxlen=1000)  # one entry per publish attempt
         self.attempts = 0
         self.ring = self.store = self.status = None
         self._last_beat = 0.0
@@ -603,7 +604,8 @@ class Trainer:
 
     def snapshot(self) -> dict:
         return {**self.counters, "loss": self.loss, "sim_tau_candidate": self.tau_candidate,
-                "sim_tau_served": self.tau_served, "losses": list(self.losses), "publish_attempts": self.attempts}
+                "sim_tau_served": self.tau_served, "losses": list(self.losses), "publish_attempts": self.attempts,
+                "history": list(self.history)}
 
     def should_stop(self) -> bool:
         if self.stop_event.is_set():
@@ -704,25 +706,34 @@ class Trainer:
         self.attempts += 1
         fault = self.inject.get(self.attempts)
         state = self._candidate(fault)
+        entry = {"attempt": self.attempts, "step": self.counters["train_steps"], "fault": fault,
+                 "sim_tau_candidate": None, "sim_tau_served": None, "published": False, "reason": None}
+        self.history.append(entry)
         if fault is not None:
             log.warning("injecting a %s head at publish attempt %d%s", fault, self.attempts,
                         " (bypassing the guardrail)" if self.cfg.inject_bypass_guardrail else "")
-        if not (fault is not None and self.cfg.inject_bypass_guardrail):
+        if fault is not None and self.cfg.inject_bypass_guardrail:
+            entry["reason"] = "bypass"
+        else:
             if not _finite(state):
                 self.counters["refused"] += 1
+                entry["reason"] = "non-finite"
                 log.warning("refused to publish non-finite weights (attempt %d)", self.attempts)
                 if fault is None:  # the training head itself diverged: back to the last sane weights
                     self._load_into_head(self.served_state if _finite(self.served_state) else self.kept[-1][1])
                 return False
-            self.tau_candidate = self._sim_tau(state)
-            self.tau_served = self._sim_tau(self.served_state)
+            self.tau_candidate = entry["sim_tau_candidate"] = self._sim_tau(state)
+            self.tau_served = entry["sim_tau_served"] = self._sim_tau(self.served_state)
             if self.tau_candidate is not None and self.tau_served is not None \
                     and self.tau_candidate < self.tau_served - self.cfg.margin:
                 self.counters["refused"] += 1
+                entry["reason"] = "guardrail"
                 log.info("guardrail refused attempt %d: sim tau %.3f vs served %.3f", self.attempts,
                          self.tau_candidate, self.tau_served)
                 return False
+            entry["reason"] = "passed" if self.tau_candidate is not None else "no held-out data"
         version = self.store.publish(state)
+        entry["published"], entry["version"] = True, version
         self.counters["publishes"] += 1
         self.counters["last_published_version"] = version
         self.served_state = state

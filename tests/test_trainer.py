@@ -244,14 +244,14 @@ def test_stitching_joins_records_of_a_request_and_splits_at_gaps():
     assert batch.mask[0].tolist() == [True, True, True, False, False]  # padded to b's length
     assert batch.position_weight[0, :3].tolist() == [1.0, 3.0, 3.0]  # tokens 2, 3, 4
     assert batch.position_weight[1, :4].tolist() == [1.0, 1.0, 1.0, 1.0]
-    assert batch.next_tokens[0].tolist() == [_tok(p) for p in range(11, 15)]
+    assert batch.next_tokens[0, :4].tolist() == [_tok(p) for p in range(11, 15)]
 
 
 def test_stitching_cuts_long_segments():
     st = Stitcher(max_tokens=8)
     st.add([_rec(i, "a", 1, 3 * i, 2, [1, 1, 0]) for i in range(4)])  # 12 contiguous rows
-    seqs = [s for s, _ in st.take()]
     assert st.closed_tokens == 6 and st.open_tokens == 6
+    seqs = [s for s, _ in st.take()]
     st.close_all()
     seqs += [s for s, _ in st.take()]
     assert [len(s.tokens) for s in seqs] == [7, 7]  # cut before a record would pass 8 tokens
@@ -357,6 +357,12 @@ def test_config_validation():
                        ({"keep_checkpoints": 0}, "keep_checkpoints"), ({"nope": 1}, "unknown trainer config keys")):
         with pytest.raises(ValueError, match=match):
             TrainerConfig.from_dict(bad)
+
+
+def test_trainer_stops_when_its_parent_goes_away():
+    assert not Trainer({"config": {}}, parent_pid=os.getppid()).should_stop()
+    orphan = Trainer({"config": {}}, parent_pid=os.getppid() + 1_000_000)  # "reparented"
+    assert orphan.should_stop() and orphan.stop_event.is_set()
 
 
 def test_status_segment_roundtrip_and_permissions():
@@ -495,7 +501,13 @@ def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_di
     ours = [(v, st) for v, st in published if v >= 2]  # 1 is the launcher's
     assert [v for v, _ in ours] == list(range(2, rig.store.version + 1))
     assert all(_finite(st) for _, st in ours)
-    assert s["sim_tau_served"] > 1.5  # the pretrained head drafts well; the random one did not get in
+    hist = {h["attempt"]: h for h in rig.trainer.history}
+    assert (hist[2]["fault"], hist[2]["published"], hist[2]["reason"]) == ("nan", False, "non-finite")
+    rnd = hist[4]
+    assert (rnd["fault"], rnd["published"], rnd["reason"]) == ("random", False, "guardrail")
+    assert rnd["sim_tau_candidate"] < rnd["sim_tau_served"] - 0.05
+    assert rnd["sim_tau_served"] > 1.1  # the pretrained head drafts; the random one does not
+    assert all(h["published"] for a, h in hist.items() if a not in (2, 4))
     served_fc = [st["fc.weight"] for _, st in ours]
     pre = Eagle3Head.load(pretrained_dir, torch.zeros(0))
     assert all((fc - pre.fc.weight).abs().max() < 0.05 for fc in served_fc)
@@ -547,8 +559,10 @@ def test_checkpoint_failures_are_counted_not_fatal(make_rig, tmp_path, kind):
             pytest.skip("running as root: chmod cannot make the directory unwritable")
     rig = make_rig()
     try:
+        # Also runs the other two objectives end to end.
+        objective = "kl_rejected" if kind == "not_a_dir" else "accept"
         rig.start(rig.spec(checkpoint_dir=str(target), lr=3e-3, tokens_per_step=64, publish_every=1, unroll=2,
-                           checkpoint_every=1, margin=10.0))
+                           checkpoint_every=1, margin=10.0, objective=objective))
         assert rig.drive(lambda: rig.snap()["publishes"] >= 3)
         rig.finish()
     finally:
@@ -556,6 +570,7 @@ def test_checkpoint_failures_are_counted_not_fatal(make_rig, tmp_path, kind):
             os.chmod(target, 0o700)
     s = rig.snap()
     assert s["checkpoint_failures"] >= 3 and s["publishes"] >= 3
+    assert all(math.isfinite(x) for x in rig.trainer.losses) and s["refused"] == 0
     if kind == "read_only":
         assert list(target.iterdir()) == []
 
