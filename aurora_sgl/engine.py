@@ -52,6 +52,7 @@ class StepRecord:
     aux_hidden: torch.Tensor  # [a+1, 3H] view
     final_hidden: torch.Tensor  # [a+1, H] view
     draft_version: int
+    prefill: bool = False  # prompt positions: no drafts, but context the trainer needs
 
 
 @dataclass
@@ -223,10 +224,10 @@ class Engine:
         records: list[StepRecord] = []
         prefilling = [r for r in self.running if r.state == "prefill"]
         if prefilling:
-            self._prefill_chunk(prefilling)
+            records = self._prefill_chunk(prefilling)
         decoding = [r for r in self.running if r.state == "decode"]
         if decoding:
-            records = self._decode(decoding) if self.k else self._decode_plain(decoding)
+            records += self._decode(decoding) if self.k else self._decode_plain(decoding)
         self.retire_finished()
         if records and self.record_sink is not None:
             self.record_sink(records)
@@ -254,7 +255,7 @@ class Engine:
         self.running = keep
 
     # ---- prefill ----------------------------------------------------------------------------
-    def _prefill_chunk(self, reqs: list[Request]) -> None:
+    def _prefill_chunk(self, reqs: list[Request]) -> list[StepRecord]:
         lens = [min(self.chunk, len(r.prompt_ids) - r.prefilled) for r in reqs]
         width = max(lens)
         b = len(reqs)
@@ -270,6 +271,7 @@ class Engine:
         out = self.target.forward(tokens, positions, slots, logits_rows=last)
         next_in = torch.zeros_like(tokens)  # draft input at t is x_{t+1}
         finishing = []
+        starts = [r.prefilled for r in reqs]
         for i, (r, n) in enumerate(zip(reqs, lens)):
             start = r.prefilled
             r.prefilled += n
@@ -287,7 +289,7 @@ class Engine:
             for i in finishing:
                 if not reqs[i].finished:
                     reqs[i].state = "decode"
-            return
+            return []
         hidden = self.head.forward_cached(out.aux_hidden, next_in.to(self.device), positions,
                                           self.head_k, self.head_v, slots)
         for i in finishing:
@@ -297,6 +299,26 @@ class Engine:
             h = hidden[i, lens[i] - 1]
             r.head_hidden, r.head_logits = h, self.head.logits(h)
             r.state = "decode"
+        return self._prefill_records(reqs, lens, starts, tokens, next_in, out) if self.record_sink else []
+
+    def _prefill_records(self, reqs, lens, starts, tokens, next_in, out) -> list[StepRecord]:
+        """The prompt's positions, cut into record-sized pieces: the trainer needs the context the
+        head attends to when it drafts, not only the generated positions."""
+        rows = self.k + 1
+        none = torch.full((self.k,), -1, dtype=torch.long)
+        outcome = torch.full((self.k,), OUTCOME_NOT_REACHED, dtype=torch.int8)
+        records = []
+        for i, (r, n) in enumerate(zip(reqs, lens)):
+            if r.finished and not r.output_ids:
+                continue  # max_new_tokens == 0 or EOS first: no continuation to learn from
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                records.append(StepRecord(
+                    request_id=r.id, position=starts[i] + s, draft_tokens=none, target_tokens=none,
+                    outcome=outcome, num_accepted=e - s - 1, committed=[], input_tokens=tokens[i, s:e],
+                    next_tokens=next_in[i, s:e], aux_hidden=out.aux_hidden[i, s:e],
+                    final_hidden=out.final_hidden[i, s:e], draft_version=self.draft_version, prefill=True))
+        return records
 
     def _sample_one(self, logits: torch.Tensor, r: Request) -> int:
         p = r.params

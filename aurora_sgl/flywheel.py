@@ -59,7 +59,8 @@ class Flywheel:
         if self.ring is not None:
             self.ring.write_many(records)
         for r in records:
-            self._taus[r.draft_version].append(1 + r.num_accepted)
+            if not r.prefill:
+                self._taus[r.draft_version].append(1 + r.num_accepted)
 
     def live_accept_length(self, version: int) -> float | None:
         taus = self._taus.get(version)

@@ -172,7 +172,12 @@ def test_step_records_describe_each_verify(model, ref_tokenizer, trained_head_di
     eng.generate(PROMPTS[:4], SamplingParams(max_new_tokens=MAX_NEW))
     assert records
     h = model.config.hidden_size
+    prompt_rows = {}
     for r in records:
+        if r.prefill:  # prompt context, in pieces of at most K + 1 rows, no drafts
+            assert r.aux_hidden.shape[0] == r.num_accepted + 1 <= 5 and bool((r.outcome == OUTCOME_NOT_REACHED).all())
+            prompt_rows[r.request_id] = prompt_rows.get(r.request_id, 0) + r.num_accepted + 1
+            continue
         acc = r.num_accepted
         assert int((r.outcome == OUTCOME_ACCEPTED).sum()) == acc
         assert r.aux_hidden.shape == (acc + 1, 3 * h) and r.final_hidden.shape == (acc + 1, h)
@@ -181,4 +186,8 @@ def test_step_records_describe_each_verify(model, ref_tokenizer, trained_head_di
             assert r.outcome[acc] == 0 and bool((r.outcome[acc + 1:] == OUTCOME_NOT_REACHED).all())
             assert r.target_tokens[acc] != r.draft_tokens[acc]
         assert r.committed == r.next_tokens.tolist()[:len(r.committed)]
-    assert any(r.num_accepted > 0 for r in records)
+    assert any(r.num_accepted > 0 for r in records if not r.prefill)
+    reqs = {r.request_id for r in records}
+    assert len(prompt_rows) == len(reqs) == 4
+    lens = sorted(len(ref_tokenizer(p)["input_ids"]) for p in PROMPTS[:4])
+    assert sorted(prompt_rows.values()) == lens
