@@ -138,6 +138,30 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    def submit_all(pairs) -> list:
+        """Submit (prompt, params) pairs; if one is refused, abort the ones already queued."""
+        jobs = []
+        try:
+            for prompt, params in pairs:
+                jobs.append(submit(prompt, params))
+        except BaseException:
+            for r, _ in jobs:
+                aengine.abort(r)
+            raise
+        return jobs
+
+    async def collect_all(request: Request, jobs) -> bool:
+        """Wait for every job; False if the client went away. Any failure aborts them all."""
+        try:
+            await asyncio.gather(*(collect(request, r, q) for r, q in jobs))
+            return True
+        except ClientGone:
+            return False
+        finally:
+            for r, _ in jobs:
+                if not r.finished:
+                    aengine.abort(r)
+
     async def collect(request: Request, req, queue) -> None:
         """Wait for a blocking request to finish; abort it if the client disconnects."""
         try:
@@ -205,20 +229,12 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream=true")
         params = [body.sampling_params(default_max, j) for j in range(body.n)]
-        jobs = [submit(p, sp) for p in prompts for sp in params]
+        jobs = submit_all((p, sp) for p in prompts for sp in params)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if not body.stream:
-            try:
-                await asyncio.gather(*(collect(request, r, q) for r, q in jobs))
-            except ClientGone:
-                for r, _ in jobs:
-                    aengine.abort(r)
+            if not await collect_all(request, jobs):
                 return Response(status_code=499)
-            except BaseException:
-                for r, _ in jobs:
-                    aengine.abort(r)
-                raise
             choices = []
             for i, (r, _) in enumerate(jobs):
                 text = engine.output_text(r)
@@ -326,18 +342,12 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
         if len(sps) != len(prompts):
             raise APIError(400, "sampling_params list must match the batch size")
         params = [native_sampling_params(s) for s in sps]
-        jobs = [submit(p, s) for p, s in zip(prompts, params)]
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "streaming supports one prompt per request")
+        jobs = submit_all(zip(prompts, params))
         if body.stream:
-            if batch and len(jobs) > 1:
-                for r, _ in jobs:
-                    aengine.abort(r)
-                raise APIError(400, "streaming supports one prompt per request")
             return StreamingResponse(stream_native(*jobs[0]), media_type="text/event-stream")
-        try:
-            await asyncio.gather(*(collect(request, r, q) for r, q in jobs))
-        except ClientGone:
-            for r, _ in jobs:
-                aengine.abort(r)
+        if not await collect_all(request, jobs):
             return Response(status_code=499)
         out = [{"text": engine.output_text(r), "output_ids": list(r.output_ids), "meta_info": native_meta(r)}
                for r, _ in jobs]

@@ -272,3 +272,13 @@ def test_api_key_and_sigterm_drain():
         assert s.proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         s.stop()
+
+
+def test_batch_with_one_bad_prompt_is_refused_whole(server):
+    r = httpx.post(server.url + "/generate", json={"text": ["ok prompt", "word " * 5000],
+                                                   "sampling_params": {"max_new_tokens": 64, "ignore_eos": True}})
+    assert r.status_code == 400
+    import time
+    time.sleep(0.5)
+    info = httpx.get(server.url + "/server_info").json()
+    assert info["num_running_requests"] == 0 and info["num_waiting_requests"] == 0
