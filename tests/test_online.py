@@ -9,7 +9,7 @@ import time
 
 from server_utils import ServerProcess
 
-from aurora_sgl import reference_model_path
+from aurora_sgl import reference_head_path, reference_model_path
 from aurora_sgl.engine import Engine
 from aurora_sgl.online import OnlineTraining
 from aurora_sgl.sampling import SamplingParams
@@ -62,6 +62,38 @@ def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp
             time.sleep(0.2)
         assert online.restarts == 1 and online.trainer_state()["alive"]
         assert any(p.name.startswith("step_") for p in (tmp_path / "ckpt").iterdir())
+    finally:
+        online.close()
+
+
+def test_injected_nan_and_random_versions_cost_nothing(ref_tokenizer, tmp_path):
+    """The trainer publishes NaN, then random weights (guardrail bypassed so the engine sees them):
+    the engine refuses the NaN version, rolls the random one back, outputs never change and the
+    accept length comes back."""
+    prompts = _code_prompts(ref_tokenizer, 96)
+    base = Engine(num_speculative_steps=0, max_running_requests=WAVE)
+    sp = SamplingParams(max_new_tokens=MAX_NEW)
+    reference = [o["output_ids"] for o in base.generate(prompts, sp)]
+    engine = Engine(num_speculative_steps=4, max_running_requests=WAVE, model=base.target.hf,
+                    tokenizer=base.tokenizer, draft_model_path=reference_head_path())
+    online = OnlineTraining(engine, model_path=reference_model_path(), init_head=reference_head_path(),
+                            trainer_config={"tokens_per_step": 256, "publish_every": 8,
+                                            "inject": ["nan@1", "random@2"], "inject_bypass_guardrail": True})
+    online.start()
+    try:
+        assert online.wait_for_trainer(120)
+        taus, outs = [], []
+        for w in range(0, len(prompts), WAVE):
+            res = engine.generate(prompts[w:w + WAVE], sp)
+            outs += [o["output_ids"] for o in res]
+            taus += [o["meta_info"]["spec_accept_length"] for o in res]
+            if online.flywheel.rollbacks and w >= 48:
+                break
+        assert outs == reference[:len(outs)]
+        fw = online.flywheel
+        assert fw.refused >= 1 and fw.rollbacks >= 1, fw.stats()
+        start, end = sum(taus[:WAVE]) / WAVE, sum(taus[-WAVE:]) / WAVE
+        assert end > start - 0.3, (start, end)  # recovered: the last wave drafts like the first
     finally:
         online.close()
 
