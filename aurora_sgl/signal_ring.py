@@ -98,6 +98,34 @@ class AttachedSegment:
         self._mmap.close()
 
 
+class SharedSegment:
+    """Lifetime shared by the ring, the weight store and the trainer status: the creator owns the
+    segment's name and removes it; every process maps it; views into the mapping must be dropped
+    (`_drop_views`) before the mapping can close. Subclasses set `_seg` and `_owns_name`."""
+
+    _seg: SharedMemory | AttachedSegment
+    _owns_name: bool
+    _unlinked: bool = False
+
+    def unlink(self) -> None:
+        """Remove the segment's name (creator only; idempotent). Mappings stay valid until closed."""
+        if self._owns_name and not self._unlinked:
+            self._unlinked = True
+            try:
+                self._seg.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _drop_views(self) -> None:
+        raise TypeError(f"{type(self).__name__} must say which views to drop before closing")
+
+    def close(self) -> None:
+        """Drop this process's mapping; the creator also unlinks."""
+        self.unlink()
+        self._drop_views()
+        self._seg.close()
+
+
 class _Unlinkable(Protocol):
     def unlink(self) -> None: ...
 
@@ -168,7 +196,7 @@ def _meta_end(capacity: int) -> int:
 _ROW_FIELDS = ("input_tokens", "next_tokens", "aux_hidden", "final_hidden")
 
 
-class SignalRing:
+class SignalRing(SharedSegment):
     """Create with `SignalRing.create` (the writer), open elsewhere with `SignalRing.attach(spec)`
     (the reader). One writer and one reader per ring."""
 
@@ -193,7 +221,7 @@ class SignalRing:
         # A reader starts at the oldest record still held; what was overwritten before it existed
         # is not its drop.
         self._next_seq = max(0, self._write_seq - cap)
-        self._unlinked = False
+        self._owns_name = writer
 
     @classmethod
     def create(cls, name_prefix: str, capacity_records: int, max_tokens_per_record: int, aux_dim: int,
@@ -345,19 +373,6 @@ class SignalRing:
         return out
 
     # ---- lifetime ---------------------------------------------------------------------------
-    def unlink(self) -> None:
-        """Remove the segment's name (creator only; idempotent). Mappings stay valid until closed."""
-        if self._writer and not self._unlinked:
-            self._unlinked = True
-            try:
-                self._seg.unlink()
-            except FileNotFoundError:
-                pass
-
-    def close(self) -> None:
-        """Drop this process's mapping; the creator also unlinks."""
-        self.unlink()
-        # Views export the mapped buffer; they must go before the mapping can be closed.
+    def _drop_views(self) -> None:
         self._header = self._meta = self._ids = self._f = None
-        self._seg.close()
 

@@ -47,7 +47,7 @@ import torch
 from .draft_head import Eagle3Config, Eagle3Head
 from .losses import OBJECTIVES, ttt_logits
 from .offline_train import HeadBatch, Sequence, draft_vocab_from_counts, train_step
-from .signal_ring import AttachedSegment, RingRecord, SignalRing, create_segment
+from .signal_ring import AttachedSegment, RingRecord, SharedSegment, SignalRing, create_segment
 from .weight_store import WeightStore
 
 log = logging.getLogger("aurora_sgl.trainer")
@@ -148,7 +148,7 @@ def _is_number(x: Any) -> bool:
 
 
 # ---- status segment -----------------------------------------------------------------------------
-class TrainerStatus:
+class TrainerStatus(SharedSegment):
     """A small shared-memory float64 array the trainer writes after every step and the server reads
     without blocking. Words: magic, seq (a seqlock: odd while the trainer writes), then FIELDS."""
 
@@ -159,10 +159,9 @@ class TrainerStatus:
     _WORDS = 2 + len(FIELDS)
 
     def __init__(self, seg, spec: dict, owner: bool):
-        self._seg, self._spec, self._owner = seg, spec, owner
+        self._seg, self._spec, self._owns_name = seg, spec, owner
         self._a = np.ndarray((self._WORDS,), np.float64, buffer=seg.buf)
         self._index = {name: 2 + i for i, name in enumerate(self.FIELDS)}
-        self._unlinked = False
 
     @classmethod
     def create(cls, name_prefix: str) -> "TrainerStatus":
@@ -222,18 +221,8 @@ class TrainerStatus:
                 out[name] = int(v) if math.isfinite(v) else 0
         return out
 
-    def unlink(self) -> None:
-        if self._owner and not self._unlinked:
-            self._unlinked = True
-            try:
-                self._seg.unlink()
-            except FileNotFoundError:
-                pass
-
-    def close(self) -> None:
-        self.unlink()
+    def _drop_views(self) -> None:
         self._a = None
-        self._seg.close()
 
 
 # ---- stitching ring records into sequences ----------------------------------------------------

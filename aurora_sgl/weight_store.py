@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .signal_ring import AttachedSegment, align_up, create_segment
+from .signal_ring import AttachedSegment, SharedSegment, align_up, create_segment
 
 _MAGIC = 0x5745494748  # "WEIGH"
 _H_MAGIC, _H_NBYTES, _H_SEQ, _H_VERSION, _H_ACTIVE, _H_CHECKSUM, _H_GEN0, _H_GEN1, _H_ROLLBACK = range(9)
@@ -80,13 +80,13 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-class WeightStore:
+class WeightStore(SharedSegment):
     """Create with `WeightStore.create` (usually the server, which owns the segment's lifetime),
     open elsewhere with `WeightStore.attach(spec)`. Either side may publish, one publisher at a time."""
 
     def __init__(self, seg: SharedMemory | AttachedSegment, spec: dict, owner: bool,
                  buffers: torch.Tensor | None = None, events: tuple[Any, Any] | None = None):
-        self._seg, self._spec, self._owner = seg, spec, owner
+        self._seg, self._spec = seg, spec
         self.layout = {n: (tuple(s), _dtype(d)) for n, s, d in spec["layout"]}
         self.names = list(self.layout)
         self.device = torch.device(spec["device"])
@@ -100,7 +100,7 @@ class WeightStore:
                         for off, (shape, dtype) in zip(offsets, self.layout.values())] for b in (0, 1)]
         self._words = [buffers[b].view(torch.int64) for b in (0, 1)]
         self._pub_event, self._eng_event = events or (None, None)
-        self._unlinked = False
+        self._owns_name = owner
 
     @classmethod
     def create(cls, name_prefix: str, layout: Mapping[str, tuple[Sequence[int], torch.dtype]],
@@ -266,18 +266,5 @@ class WeightStore:
         self._h[_H_ROLLBACK] = version
 
     # ---- lifetime ---------------------------------------------------------------------------
-    def unlink(self) -> None:
-        """Remove the segment's name (creator only; idempotent). Mappings stay valid until closed."""
-        if self._owner and not self._unlinked:
-            self._unlinked = True
-            try:
-                self._seg.unlink()
-            except FileNotFoundError:
-                pass
-
-    def close(self) -> None:
-        """Drop this process's mapping; the creator also unlinks."""
-        self.unlink()
-        # Views export the mapped buffer; they must go before the mapping can be closed.
+    def _drop_views(self) -> None:
         self._h = self._views = self._words = None
-        self._seg.close()
