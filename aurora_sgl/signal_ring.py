@@ -101,11 +101,20 @@ class AttachedSegment:
 class SharedSegment:
     """Lifetime shared by the ring, the weight store and the trainer status: the creator owns the
     segment's name and removes it; every process maps it; views into the mapping must be dropped
-    (`_drop_views`) before the mapping can close. Subclasses set `_seg` and `_owns_name`."""
+    (`_drop_views`) before the mapping can close. Subclasses set `_seg`, `_spec` and `_owns_name`."""
 
     _seg: SharedMemory | AttachedSegment
+    _spec: dict
     _owns_name: bool
     _unlinked: bool = False
+
+    @property
+    def name(self) -> str:
+        return self._spec["name"]
+
+    def spec(self) -> dict:
+        """What another process passes to `attach`."""
+        return dict(self._spec)
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only; idempotent). Mappings stay valid until closed."""
@@ -269,13 +278,6 @@ class SignalRing(SharedSegment):
             payload = rebuild(*args)
             event = torch.cuda.Event.from_ipc_handle(payload.device, spec["cuda_event"])
         return cls(seg, spec, writer=False, payload=payload, event=event)
-
-    @property
-    def name(self) -> str:
-        return self._spec["name"]
-
-    def spec(self) -> dict:
-        return dict(self._spec)
 
     def stats(self) -> dict[str, int]:
         h = self._header

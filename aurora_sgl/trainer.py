@@ -186,13 +186,6 @@ class TrainerStatus(SharedSegment):
             raise ValueError(f"segment {spec['name']} does not hold a trainer status")
         return cls(seg, dict(spec), owner=False)
 
-    @property
-    def name(self) -> str:
-        return self._spec["name"]
-
-    def spec(self) -> dict:
-        return dict(self._spec)
-
     def write(self, **values: float) -> None:
         unknown = set(values) - set(self._index)
         if unknown:

@@ -146,13 +146,6 @@ class WeightStore(SharedSegment):
         return cls(seg, spec, owner=False, buffers=buffers, events=events)
 
     @property
-    def name(self) -> str:
-        return self._spec["name"]
-
-    def spec(self) -> dict:
-        return dict(self._spec)
-
-    @property
     def version(self) -> int:
         """The active version; 0 until the first publish."""
         return int(self._h[_H_VERSION])
