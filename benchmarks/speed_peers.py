@@ -60,8 +60,11 @@ def load_draft_lm(path, dtype=torch.float32):
 
 
 def assisted_settings(draft) -> dict:
-    """The assisted-generation knobs transformers used (its defaults unless the caller set them)."""
-    return {k: getattr(draft.generation_config, k, None) for k in ASSISTED_DEFAULTS}
+    """The assisted-generation knobs transformers uses: the draft's generation config where set,
+    else transformers' global defaults (resolved the way its candidate generator does)."""
+    cfg = draft.generation_config
+    defaults = cfg._get_default_generation_params() if hasattr(cfg, "_get_default_generation_params") else {}
+    return {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else defaults.get(k) for k in ASSISTED_DEFAULTS}
 
 
 def warm_up_online(engine, prompts, max_new, *, model_path, init_head, wave: int, trainer_config=None,
