@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--speculative-num-steps", type=int, default=4, help="draft tokens per step (0: no speculation)")
     ap.add_argument("--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)")
     ap.add_argument("--max-running-requests", type=int, default=16)
+    ap.add_argument("--max-queued-requests", type=int, default=128,
+                    help="requests waiting for a slot; beyond running + queued the server answers 503 with Retry-After")
     ap.add_argument("--context-length", type=int, default=None)
     ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic")
     ap.add_argument("--trainer-device", default="cpu")
@@ -45,6 +47,8 @@ def validate(args) -> str | None:
         return "--speculative-num-steps must be between 0 and 16"
     if args.max_running_requests < 1:
         return "--max-running-requests must be at least 1"
+    if args.max_queued_requests < 0:
+        return "--max-queued-requests must be at least 0"
     if not 0 < args.port < 65536:
         return "--port must be between 1 and 65535"
     if args.context_length is not None and args.context_length < 16:
@@ -123,7 +127,7 @@ def serve(engine, args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
     app = create_app(aengine, metrics, served_model_name=name, model_path=model_path, api_key=args.api_key,
                      server_args={k: v for k, v in vars(args).items() if k != "api_key"},
-                     flywheel=online.flywheel if online else None,
+                     flywheel=online.flywheel if online else None, max_queued_requests=args.max_queued_requests,
                      trainer_state=online.trainer_state if online else None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=30, access_log=args.log_level == "debug")
