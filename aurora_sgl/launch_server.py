@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-lr", type=float, default=None,
                     help="trainer learning rate (default 1e-4 from a random head, 1e-5 from a pretrained one)")
     ap.add_argument("--checkpoint-dir", default=None, help="trainer checkpoints; a restart resumes from the newest")
+    ap.add_argument("--trainer-config", default=None, metavar="JSON",
+                    help='trainer settings (TrainerConfig fields), e.g. \'{"checkpoint_every": 1, "tokens_per_step": 512}\'')
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for serving (default: all cores but one)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -61,10 +63,35 @@ def validate(args) -> str | None:
         return "--online needs speculation: set --speculative-num-steps >= 1 or pass --no-online"
     if args.train_lr is not None and not 0 < args.train_lr < 1:
         return "--train-lr must be in (0, 1)"
+    if args.trainer_config is not None:
+        error = _check_trainer_config(args)
+        if error:
+            return error
     if args.checkpoint_dir and not args.online:
         return "--checkpoint-dir is only used with --online"
     if args.backend == "sglang":
         return "--backend sglang is not available yet in this build (the SGLang plugin is pending); use --backend embedded"
+    return None
+
+
+def _check_trainer_config(args) -> str | None:
+    """Parse --trainer-config into args.trainer_overrides; a bad one fails here, not in a trainer
+    that the supervisor would restart over and over."""
+    import json
+    try:
+        overrides = json.loads(args.trainer_config)
+    except ValueError:
+        return "--trainer-config must be a JSON object"
+    if not isinstance(overrides, dict):
+        return "--trainer-config must be a JSON object"
+    if not args.online:
+        return "--trainer-config is only used with --online"
+    from .trainer import TrainerConfig
+    try:
+        TrainerConfig(**overrides)
+    except (TypeError, ValueError) as e:
+        return f"--trainer-config: {e}"
+    args.trainer_overrides = overrides
     return None
 
 
@@ -122,7 +149,8 @@ def serve(engine, args) -> int:
         online = OnlineTraining(engine, model_path=model_path, objective=args.train_objective,
                                 trainer_device=args.trainer_device, checkpoint_dir=args.checkpoint_dir,
                                 init_head=args.resolved_draft_path,
-                                trainer_config={"lr": args.train_lr} if args.train_lr else None)
+                                trainer_config=dict(getattr(args, "trainer_overrides", {}),
+                                                    **({"lr": args.train_lr} if args.train_lr else {})))
         online.start()
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
     app = create_app(aengine, metrics, served_model_name=name, model_path=model_path, api_key=args.api_key,

@@ -83,8 +83,7 @@ HAND_CASES = [
      json.dumps({"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 4}).encode(), 400),
     ("non-string text part", "/v1/chat/completions",
      b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400),
-    ("batch beyond capacity", "/generate", json.dumps({"text": ["x"] * 50}).encode(), 400),
-    ("n beyond capacity", "/v1/completions", b'{"prompt": "x", "n": 16, "max_tokens": 2}', 400),
+    ("batch beyond capacity", "/generate", json.dumps({"text": ["x"] * 500}).encode(), 400),
     ("JSON array body", "/v1/chat/completions", b"[]", 400),
     ("empty body", "/v1/completions", b"", 400),
     ("unknown route", "/v1/engines", b"{}", 404),
@@ -206,5 +205,7 @@ def test_admission_control_answers_503_with_retry_after(server):
     metrics = httpx.get(server.url + "/metrics").text
     assert f"aurora_requests_rejected_total {float(len(busy))}" in metrics
     _assert_healthy(server)
+    # More choices in one call than the server can ever hold: 400, retrying would not help.
+    _assert_error(httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 16, "max_tokens": 2}), 400)
     # Capacity frees up: the next request is served.
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT_S).status_code == 200
