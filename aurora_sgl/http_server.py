@@ -446,7 +446,8 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
             await asyncio.wait_for(collect(request, req, queue), timeout=30)
         except (asyncio.TimeoutError, APIError):
             aengine.abort(req)
-            return _error(503, "engine did not produce a token", "service_unavailable")
+            return _error(503, "engine did not produce a token", "service_unavailable",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
         return Response(status_code=200)
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])

@@ -396,13 +396,16 @@ class Bench:
 
         outcomes, _ = self.load(seconds, fault=sample(), seed=1)
         after, rss_end = s.stats(), s.rss_mb()
+        trainer = s.trainer()  # the trainer takes no network input: it must hold no inet socket
+        sockets = len(getattr(trainer, "net_connections", getattr(trainer, "connections", lambda **_: []))(kind="inet")) \
+            if trainer else None
         srv = [x["rss_mb"].get("server") or 0 for x in samples]
         return dict(summarize(outcomes), minutes=self.args.soak_minutes, concurrency=self.args.concurrency,
                     requests_per_s=round(len(outcomes) / seconds, 3),
                     rss_mb_start=rss_start, rss_mb_end=rss_end, rss_mb_server_max=max(srv) if srv else None,
                     **_delta(before, after, "swaps", "rollbacks", "refused_versions", "ring_drops", "ring_written",
                              "train_steps", "publishes", "trainer_restarts"),
-                    draft_version_end=after["draft_version"], samples=samples)
+                    draft_version_end=after["draft_version"], trainer_inet_sockets=sockets, samples=samples)
 
     # trainer faults ----------------------------------------------------------------------------------
     def trainer_sigkill(self) -> dict:

@@ -209,3 +209,28 @@ def test_admission_control_answers_503_with_retry_after(server):
     _assert_error(httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 16, "max_tokens": 2}), 400)
     # Capacity frees up: the next request is served.
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT_S).status_code == 200
+
+
+# ---- security ------------------------------------------------------------------------------------
+def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
+    import psutil
+    s = ServerProcess("--api-key", "sekret", "--speculative-num-steps", "2", "--no-online")
+    try:
+        auth = {"Authorization": "Bearer sekret"}
+        schema = httpx.get(s.url + "/openapi.json", headers=auth).json()
+        routes = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
+        routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")]
+        assert len(routes) >= 15, routes
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+                r = httpx.request(method, s.url + path, headers=headers, json={})
+                if path == "/health":
+                    assert r.status_code == 200
+                else:
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    assert r.json()["error"]["type"] == "authentication_error"
+        listening = [c.laddr for c in psutil.Process(s.proc.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+    finally:
+        s.stop()

@@ -46,6 +46,7 @@ def test_soak_mixed_traffic_is_exact(bench):
     _clean(r)
     assert r["compared_with_target_only"] > 0 and r["ring_written"] > 0, r
     assert r["rss_mb_end"]["server"] and r["rss_mb_end"]["trainer"]
+    assert r["trainer_inet_sockets"] == 0  # the trainer takes no network input
 
 
 def test_trainer_sigkill_under_load(bench):
