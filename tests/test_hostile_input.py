@@ -234,3 +234,17 @@ def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
         assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-queued-requests", "-1"], "--max-queued-requests must be at least 0"),
+    (["--trainer-config", "[1, 2]"], "--trainer-config must be a JSON object"),
+    (["--trainer-config", '{"checkpoint_every": 0}'], "checkpoint_every must be a positive integer"),
+    (["--trainer-config", '{"no_such_setting": 1}'], "no_such_setting"),
+    (["--no-online", "--trainer-config", "{}"], "--trainer-config is only used with --online"),
+])
+def test_cli_refuses_bad_admission_and_trainer_settings(argv, message, capsys):
+    from aurora_sgl.launch_server import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
