@@ -453,10 +453,17 @@ class Bench:
         async def fault():
             await asyncio.sleep(3)
             victim = s.trainer()
-            os.kill(victim.pid, signal.SIGSTOP)  # keep the store single-publisher while we write
+            spec_path = victim.cmdline()[victim.cmdline().index("--spec") + 1]
+            store_spec = json.load(open(spec_path))["store"]
+            for _ in range(100):
+                os.kill(victim.pid, signal.SIGSTOP)  # keep the store single-publisher while we write
+                await asyncio.sleep(0.05)  # let the stop land
+                version = publish_corrupt(store_spec)
+                if version is not None:
+                    break
+                os.kill(victim.pid, signal.SIGCONT)  # stopped mid-publish: let it finish, try again
+                await asyncio.sleep(0.05)
             try:
-                spec_path = victim.cmdline()[victim.cmdline().index("--spec") + 1]
-                version = publish_corrupt(json.load(open(spec_path))["store"])
                 info["corrupted_version"] = version
                 info["refused_s"] = await _until(lambda: s.stats()["refused_versions"] > before["refused_versions"], 30)
                 info["served_version_after"] = (await asyncio.to_thread(s.stats))["draft_version"]
@@ -661,13 +668,16 @@ def _newest_checkpoint(root: Path) -> str | None:
     return newest_checkpoint(str(root))
 
 
-def publish_corrupt(store_spec: dict) -> int:
+def publish_corrupt(store_spec: dict) -> int | None:
     """Publish, as the trainer would, a copy of the served weights whose checksum is taken before
-    a few words are flipped: a version whose bytes no longer match what was published."""
+    a few words are flipped: a version whose bytes no longer match what was published. None (and
+    nothing written) if the stopped trainer was in the middle of a publish."""
     from aurora_sgl import weight_store as ws
     store = ws.WeightStore.attach(store_spec)
     try:
         h = store._h
+        if int(h[ws._H_GEN0]) & 1 or int(h[ws._H_GEN1]) & 1 or int(h[ws._H_SEQ]) & 1:
+            return None
         version, active = int(h[ws._H_VERSION]), int(h[ws._H_ACTIVE])
         b = 1 - active
         h[ws._H_GEN0 + b] += 1
