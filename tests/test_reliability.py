@@ -3,8 +3,9 @@ mixed concurrent traffic, each fault once. Whatever happens to the trainer, the 
 clients, no request fails and every greedy answer equals target-only decoding.
 
 The committed figures (benchmarks/results/reliability.json) come from the script's own run with a
-20-minute soak and 30 s SIGSTOP. Here the soak is 30 s and the SIGSTOP 5 s, to keep this file
-within its share of the CI budget on 2 cores; the code paths are the same, only the durations differ.
+20-minute soak and 30 s SIGSTOP. Here the soak is 30 s (AURORA_SOAK_MINUTES=2 for the issue's
+2-minute variant) and the SIGSTOP 5 s, to keep this file within its share of the CI budget on 2
+cores; the code paths are the same, only the durations differ.
 """
 
 import json
@@ -26,7 +27,7 @@ FAST_TRAINER = json.dumps({"checkpoint_every": 1, "tokens_per_step": 256, "publi
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     args = rel.build_parser().parse_args([
-        "--soak-minutes", "0.5", "--fault-seconds", "12", "--sigstop-seconds", "5", "--concurrency", "4",
+        "--soak-minutes", os.environ.get("AURORA_SOAK_MINUTES", "0.5"), "--fault-seconds", "12", "--sigstop-seconds", "5", "--concurrency", "4",
         "--pool-size", "12", "--trainer-config", FAST_TRAINER])
     pool = rel.build_pool(args.pool_size)
     rel.attach_references(pool)
