@@ -609,6 +609,7 @@ class Bench:
     def server_sigterm(self) -> dict:
         s = self.server
         trainer = s.trainer()
+        spec_dir = Path(trainer.cmdline()[trainer.cmdline().index("--spec") + 1]).parent if trainer else None
         stop, info = asyncio.Event(), {}
 
         async def fault():
@@ -638,6 +639,7 @@ class Bench:
                 "differing_outputs": during["differing_outputs"] + after_sum["differing_outputs"],
                 "in_flight_at_sigterm": during, **info, "exit_status": rc,
                 "shm_segments_left": leftover, "trainer_stopped": trainer_gone,
+                "trainer_spec_dir_left": spec_dir is not None and spec_dir.exists(),
                 "newest_checkpoint_before": newest and Path(newest).name,
                 "restart_resumed_from": resolved and Path(resolved).name,
                 "restart_resumed_from_newest_checkpoint": bool(newest) and resolved == newest,

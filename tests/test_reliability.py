@@ -89,7 +89,7 @@ def test_server_sigterm_mid_stream_then_restart_from_checkpoint(bench):
     r = bench.server_sigterm()
     _clean(r)
     assert r["in_flight_at_sigterm"]["served"] > 0 and r["in_flight_at_sigterm"]["failed"] == 0, r
-    assert r["shm_segments_left"] == [] and r["trainer_stopped"], r
+    assert r["shm_segments_left"] == [] and r["trainer_stopped"] and not r["trainer_spec_dir_left"], r
     assert r["restart_resumed_from_newest_checkpoint"], r
     assert r["after_restart"]["served"] > 0 and r["after_restart"]["failed"] == 0, r
     # The checkpoint directory the trainer created is private, and so is everything in it.
