@@ -613,6 +613,8 @@ class Bench:
         stop, info = asyncio.Event(), {}
 
         async def fault():
+            # The restart below must have a checkpoint to resume from.
+            info["waited_for_a_checkpoint_s"] = await _until(lambda: _newest_checkpoint(self.ckpt) is not None, 300)
             await asyncio.sleep(4)  # clients are mid-stream by now
             stop.set()  # the load stops starting new requests; those in flight must finish
             s.proc.send_signal(signal.SIGTERM)
@@ -623,7 +625,7 @@ class Bench:
                 info["request_after_sigterm"] = f"HTTP {r.status_code}"
             except httpx.HTTPError as e:
                 info["request_after_sigterm"] = type(e).__name__
-        outcomes, _ = self.load(60, fault=fault(), seed=10, stop=stop)
+        outcomes, _ = self.load(600, fault=fault(), seed=10, stop=stop)
         rc = s.proc.wait(timeout=90)
         s.log.close()
         leftover = s.shm_segments()
@@ -637,7 +639,7 @@ class Bench:
         after_sum = summarize(after)
         return {"served": during["served"] + after_sum["served"], "failed": during["failed"] + after_sum["failed"],
                 "differing_outputs": during["differing_outputs"] + after_sum["differing_outputs"],
-                "in_flight_at_sigterm": during, **info, "exit_status": rc,
+                "load_until_sigterm": during, **info, "exit_status": rc,
                 "shm_segments_left": leftover, "trainer_stopped": trainer_gone,
                 "trainer_spec_dir_left": spec_dir is not None and spec_dir.exists(),
                 "newest_checkpoint_before": newest and Path(newest).name,

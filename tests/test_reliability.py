@@ -88,7 +88,7 @@ def test_server_sigterm_mid_stream_then_restart_from_checkpoint(bench):
     ckpt = bench.ckpt
     r = bench.server_sigterm()
     _clean(r)
-    assert r["in_flight_at_sigterm"]["served"] > 0 and r["in_flight_at_sigterm"]["failed"] == 0, r
+    assert r["load_until_sigterm"]["served"] > 0 and r["load_until_sigterm"]["failed"] == 0, r
     assert r["shm_segments_left"] == [] and r["trainer_stopped"] and not r["trainer_spec_dir_left"], r
     assert r["restart_resumed_from_newest_checkpoint"], r
     assert r["after_restart"]["served"] > 0 and r["after_restart"]["failed"] == 0, r
