@@ -105,7 +105,7 @@ _NEUTRAL = {
 _NATIVE_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "ignore_eos", "seed"}
 
 
-def native_sampling_params(raw: dict | None) -> SamplingParams:
+def native_sampling_params(raw: dict | None, default_max_new_tokens: int = 128) -> SamplingParams:
     raw = dict(raw or {})
     unknown = [k for k in raw if k not in _NATIVE_KEYS and k not in _NEUTRAL]
     if unknown:
@@ -117,7 +117,7 @@ def native_sampling_params(raw: dict | None) -> SamplingParams:
     kwargs = {k: raw[k] for k in _NATIVE_KEYS if k in raw and raw[k] is not None}
     if kwargs.get("stop") == []:  # frontend-language programs send an empty stop list
         del kwargs["stop"]
-    kwargs.setdefault("max_new_tokens", 128)
+    kwargs.setdefault("max_new_tokens", default_max_new_tokens)
     if "seed" in raw and raw["seed"] is None:
         kwargs.pop("seed", None)
     if "stop_token_ids" in kwargs and isinstance(kwargs["stop_token_ids"], list):

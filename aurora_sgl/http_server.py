@@ -2,7 +2,9 @@
 
 Every error is OpenAI-shaped JSON, {"error": {"message", "type", "code"}}. A client that goes away
 (stream closed, or a blocking request's connection dropped) aborts its request, which frees its
-slot at the next engine step.
+slot at the next engine step. Admission control bounds memory under overload: beyond the running
+slots plus `max_queued_requests` waiting, a request gets 503 with Retry-After instead of a queue
+that grows without limit.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api_protocol import (APIError, ChatCompletionRequest, CompletionRequest, NativeGenerateRequest, error_body,
+from .api_protocol import (MAX_N, APIError, ChatCompletionRequest, CompletionRequest, NativeGenerateRequest, error_body,
                            native_sampling_params)
 from .async_engine import AsyncEngine
 from .engine import PromptTooLong
@@ -29,6 +31,8 @@ from .metrics import Metrics
 from .sampling import SamplingParams
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+NATIVE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default for /generate
+RETRY_AFTER_S = 1  # a slot frees within about one request's decode time on this engine
 POLL_DISCONNECT_S = 0.5
 _TYPE_LABELS = {"int", "float", "str", "bool", "dict", "list", "none"}
 
@@ -42,8 +46,9 @@ class OrjsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
-    return OrjsonResponse(error_body(status, message, type_, code), status_code=status)
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+           headers: dict | None = None):
+    return OrjsonResponse(error_body(status, message, type_, code), status_code=status, headers=headers)
 
 
 def _sse(obj) -> bytes:
@@ -64,10 +69,12 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
 
 def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str, model_path: str,
                api_key: str | None = None, max_body_bytes: int = 8 << 20, server_args: dict | None = None,
-               flywheel=None, trainer_state=None) -> FastAPI:
+               flywheel=None, trainer_state=None, max_queued_requests: int = 128) -> FastAPI:
     """`flywheel` (engine side of online training) and `trainer_state` (a callable returning the
-    trainer's status snapshot) are optional: without them the server runs a fixed draft head."""
+    trainer's status snapshot) are optional: without them the server runs a fixed draft head.
+    At most `max_running_requests + max_queued_requests` requests are in flight at once."""
     engine = aengine.engine
+    capacity = engine.max_running + max_queued_requests
     tokenizer = engine.tokenizer
     app = FastAPI(title="aurora_sgl", version=__version__, default_response_class=OrjsonResponse)
     created = int(time.time())
@@ -87,7 +94,8 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return _error(e.status, e.message, e.type, e.code)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+        return _error(e.status, e.message, e.type, e.code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, e: RequestValidationError):
@@ -109,7 +117,7 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
     # ---- shared helpers ---------------------------------------------------------------------
     async def parse(model_cls, request: Request):
         """JSON body -> model, whatever the Content-Type (curl -d sends form encoding)."""
-        raw = await request.body()
+        raw = await read_body(request)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -125,12 +133,36 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
                              if not (isinstance(p, str) and (p in _TYPE_LABELS or "[" in p)))
             raise APIError(422, f"{where or 'body'}: {first.get('msg', 'invalid value')}", code="invalid_type") from None
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused past max_body_bytes while it arrives: a chunked upload has no
+        Content-Length for the middleware to check."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"request body larger than {max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def check_model(name: str | None) -> None:
         if name is not None and name not in (served_model_name, model_path):
             raise APIError(404, f"model '{name}' does not exist; this server serves '{served_model_name}'",
                            "not_found_error", "model_not_found")
 
+    def admit(n: int) -> None:
+        """Refuse n new requests beyond the running slots plus the bounded queue. Runs on the event
+        loop with no await before the submits that follow, so concurrent requests cannot both pass."""
+        if n > capacity:
+            raise APIError(400, f"{n} requests in one call exceed this server's capacity of {capacity}")
+        if aengine.num_in_flight + n > capacity:
+            metrics.rejected.inc(n)
+            raise APIError(503, f"server is at capacity ({engine.max_running} running, {max_queued_requests} "
+                                "queued); retry later", "service_unavailable", "server_overloaded")
+
     def submit(prompt, params: SamplingParams):
+        if params.max_new_tokens > engine.context_length:
+            raise APIError(400, f"max_tokens is {params.max_new_tokens}; this model's context length is "
+                                f"{engine.context_length}", code="context_length_exceeded")
         try:
             return aengine.submit(prompt, params)
         except PromptTooLong as e:
@@ -140,6 +172,8 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
 
     def submit_all(pairs) -> list:
         """Submit (prompt, params) pairs; if one is refused, abort the ones already queued."""
+        pairs = list(pairs)
+        admit(len(pairs))
         jobs = []
         try:
             for prompt, params in pairs:
@@ -228,6 +262,8 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
         check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream=true")
+        if not 1 <= body.n <= MAX_N:  # n = 0 would otherwise answer 200 with no choices
+            raise APIError(400, f"n must be between 1 and {MAX_N}, got {body.n}")
         params = [body.sampling_params(default_max, j) for j in range(body.n)]
         jobs = submit_all((p, sp) for p in prompts for sp in params)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
@@ -311,8 +347,13 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
             body.max_tokens = body.max_completion_tokens
         messages = []
         for m in body.messages:
-            content = m.content if isinstance(m.content, str) else "".join(
-                part.get("text", "") for part in m.content if part.get("type") == "text")
+            if isinstance(m.content, str):
+                content = m.content
+            else:
+                texts = [part.get("text") for part in m.content if part.get("type") == "text"]
+                if not all(isinstance(t, str) for t in texts):
+                    raise APIError(400, "a text content part needs a string 'text'")
+                content = "".join(texts)
             messages.append({"role": m.role, "content": content})
         try:
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -341,7 +382,7 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
         sps = sp if isinstance(sp, list) else [sp] * len(prompts)
         if len(sps) != len(prompts):
             raise APIError(400, "sampling_params list must match the batch size")
-        params = [native_sampling_params(s) for s in sps]
+        params = [native_sampling_params(s, min(NATIVE_DEFAULT_MAX_NEW_TOKENS, engine.context_length)) for s in sps]
         if body.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports one prompt per request")
         jobs = submit_all(zip(prompts, params))
@@ -399,12 +440,14 @@ def create_app(aengine: AsyncEngine, metrics: Metrics, *, served_model_name: str
 
     @app.get("/health_generate")
     async def health_generate(request: Request):
+        admit(1)
         req, queue = submit([tokenizer.bos_token_id or 0], SamplingParams(max_new_tokens=1, ignore_eos=True))
         try:
             await asyncio.wait_for(collect(request, req, queue), timeout=30)
         except (asyncio.TimeoutError, APIError):
             aengine.abort(req)
-            return _error(503, "engine did not produce a token", "service_unavailable")
+            return _error(503, "engine did not produce a token", "service_unavailable",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
         return Response(status_code=200)
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])

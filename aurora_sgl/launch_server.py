@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--speculative-num-steps", type=int, default=4, help="draft tokens per step (0: no speculation)")
     ap.add_argument("--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)")
     ap.add_argument("--max-running-requests", type=int, default=16)
+    ap.add_argument("--max-queued-requests", type=int, default=128,
+                    help="requests waiting for a slot; beyond running + queued the server answers 503 with Retry-After")
     ap.add_argument("--context-length", type=int, default=None)
     ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic")
     ap.add_argument("--trainer-device", default="cpu")
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-lr", type=float, default=None,
                     help="trainer learning rate (default 1e-4 from a random head, 1e-5 from a pretrained one)")
     ap.add_argument("--checkpoint-dir", default=None, help="trainer checkpoints; a restart resumes from the newest")
+    ap.add_argument("--trainer-config", default=None, metavar="JSON",
+                    help='trainer settings (TrainerConfig fields), e.g. \'{"checkpoint_every": 1, "tokens_per_step": 512}\'')
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for serving (default: all cores but one)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -45,6 +49,8 @@ def validate(args) -> str | None:
         return "--speculative-num-steps must be between 0 and 16"
     if args.max_running_requests < 1:
         return "--max-running-requests must be at least 1"
+    if args.max_queued_requests < 0:
+        return "--max-queued-requests must be at least 0"
     if not 0 < args.port < 65536:
         return "--port must be between 1 and 65535"
     if args.context_length is not None and args.context_length < 16:
@@ -57,10 +63,35 @@ def validate(args) -> str | None:
         return "--online needs speculation: set --speculative-num-steps >= 1 or pass --no-online"
     if args.train_lr is not None and not 0 < args.train_lr < 1:
         return "--train-lr must be in (0, 1)"
+    if args.trainer_config is not None:
+        error = _check_trainer_config(args)
+        if error:
+            return error
     if args.checkpoint_dir and not args.online:
         return "--checkpoint-dir is only used with --online"
     if args.backend == "sglang":
         return "--backend sglang is not available yet in this build (the SGLang plugin is pending); use --backend embedded"
+    return None
+
+
+def _check_trainer_config(args) -> str | None:
+    """Parse --trainer-config into args.trainer_overrides; a bad one fails here, not in a trainer
+    that the supervisor would restart over and over."""
+    import json
+    try:
+        overrides = json.loads(args.trainer_config)
+    except ValueError:
+        return "--trainer-config must be a JSON object"
+    if not isinstance(overrides, dict):
+        return "--trainer-config must be a JSON object"
+    if not args.online:
+        return "--trainer-config is only used with --online"
+    from .trainer import TrainerConfig
+    try:
+        TrainerConfig(**overrides)
+    except (TypeError, ValueError) as e:
+        return f"--trainer-config: {e}"
+    args.trainer_overrides = overrides
     return None
 
 
@@ -118,12 +149,13 @@ def serve(engine, args) -> int:
         online = OnlineTraining(engine, model_path=model_path, objective=args.train_objective,
                                 trainer_device=args.trainer_device, checkpoint_dir=args.checkpoint_dir,
                                 init_head=args.resolved_draft_path,
-                                trainer_config={"lr": args.train_lr} if args.train_lr else None)
+                                trainer_config=dict(getattr(args, "trainer_overrides", {}),
+                                                    **({"lr": args.train_lr} if args.train_lr else {})))
         online.start()
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
     app = create_app(aengine, metrics, served_model_name=name, model_path=model_path, api_key=args.api_key,
                      server_args={k: v for k, v in vars(args).items() if k != "api_key"},
-                     flywheel=online.flywheel if online else None,
+                     flywheel=online.flywheel if online else None, max_queued_requests=args.max_queued_requests,
                      trainer_state=online.trainer_state if online else None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=30, access_log=args.log_level == "debug")

@@ -35,6 +35,8 @@ class Metrics:
         self.accept_per_position = Gauge("aurora_spec_accept_rate_per_position",
                                          "Acceptance rate at each draft position, over the last window of requests",
                                          ["position"], registry=r)
+        self.rejected = Counter("aurora_requests_rejected", "Requests refused with 503 by admission control",
+                                registry=r)
         self.running = Gauge("aurora_num_running_requests", "Requests in the running batch", registry=r)
         self.waiting = Gauge("aurora_num_waiting_requests", "Requests queued for a slot", registry=r)
         self.step_seconds = Histogram("aurora_engine_step_seconds", "Engine step time", buckets=LATENCY_BUCKETS, registry=r)

@@ -67,12 +67,24 @@ class OnlineTraining:
         cleanup_on_signals(self)
 
     def unlink(self) -> None:
-        """Signal-safe part of close(): stop the trainer without waiting, remove the segments."""
+        """Signal-safe part of close(): stop the trainer without waiting, remove the segments and
+        the trainer's spec file (on SIGTERM close() never runs: this is the only cleanup)."""
         self._closing.set()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
         for seg in (self.ring, self.store, self.status):
             seg.unlink()
+        self._remove_spec()
+
+    def _remove_spec(self) -> None:
+        try:
+            os.remove(os.path.join(self._spec_dir, "spec.json"))
+        except OSError:
+            pass
+        try:
+            os.rmdir(self._spec_dir)
+        except OSError:
+            pass
 
     def _spawn(self, spec: dict) -> None:
         path = os.path.join(self._spec_dir, "spec.json")
@@ -119,11 +131,7 @@ class OnlineTraining:
         self.engine.record_sink = None
         for seg in (self.ring, self.store, self.status):
             seg.close()
-        try:
-            os.remove(os.path.join(self._spec_dir, "spec.json"))
-            os.rmdir(self._spec_dir)
-        except OSError:
-            pass
+        self._remove_spec()
 
     def wait_for_trainer(self, timeout: float = 60.0) -> bool:
         """True once the trainer has written its first heartbeat (for tests and the launcher)."""

@@ -13,6 +13,9 @@ import torch
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_LEN = 512
+# Temperatures below this sample greedily (SGLang's rule too): dividing float32 logits by a
+# temperature like 1e-300 overflows to inf and the softmax to NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-6
 
 
 def _is_int(x) -> bool:
@@ -41,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         if not _is_num(self.temperature) or not math.isfinite(self.temperature) or not 0 <= self.temperature <= 100:
             raise ValueError(f"temperature must be a finite number in [0, 100], got {self.temperature!r}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
         if not _is_num(self.top_p) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:

@@ -1,0 +1,250 @@
+"""Hostile input against the real server: hand-written cases the issue names, property-based bodies
+(hypothesis), and admission control. Every bad request gets a 4xx OpenAI-shaped JSON error within a
+bounded time, nothing gets a 500, and the server keeps answering exactly afterwards."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_utils import ServerProcess
+
+from aurora_sgl import reference_head_path
+
+RUNNING, QUEUED = 2, 2
+TIMEOUT_S = 60  # "bounded time": every answer, good or bad, well inside this
+PROBE = {"prompt": "def add(a, b):\n", "max_tokens": 24, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--speculative-num-steps", "4", "--speculative-draft-model-path", reference_head_path(),
+                      "--max-running-requests", str(RUNNING), "--max-queued-requests", str(QUEUED), "--no-online")
+    s.probe_text = httpx.post(s.url + "/v1/completions", json=PROBE, timeout=TIMEOUT_S).json()["choices"][0]["text"]
+    yield s
+    s.stop()
+
+
+def _assert_error(r: httpx.Response, status: int | None = None) -> None:
+    assert 400 <= r.status_code < 500 and r.status_code != 499, (r.status_code, r.text[:300])
+    if status is not None:
+        assert r.status_code == status, r.text[:300]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "code"} and err["message"], err
+
+
+def _assert_healthy(s) -> None:
+    assert httpx.get(s.url + "/health", timeout=5).status_code == 200
+    deadline = time.monotonic() + 10
+    while httpx.get(s.url + "/server_info", timeout=5).json()["num_in_flight_requests"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(s.url + "/server_info", timeout=5).json()["num_in_flight_requests"] == 0
+
+
+def _chunked(total: int, piece: int = 1 << 20):
+    """A body sent with Transfer-Encoding: chunked, so no Content-Length announces its size."""
+    sent = 0
+    while sent < total:
+        yield b" " * piece
+        sent += piece
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+HAND_CASES = [
+    # name, path, body (bytes, or a generator for a chunked upload), status
+    ("oversized body", "/v1/completions", b'{"prompt": "' + b"a" * (9 << 20) + b'"}', 413),
+    ("oversized chunked body", "/v1/completions", "chunked", 413),
+    ("huge max_tokens", "/v1/completions", b'{"prompt": "x", "max_tokens": 1000000000}', 400),
+    ("max_tokens past 64 bits", "/v1/completions", b'{"prompt": "x", "max_tokens": 100000000000000000000000}', 422),
+    ("huge max_new_tokens", "/generate", b'{"text": "x", "sampling_params": {"max_new_tokens": 99999999}}', 400),
+    ("huge chat max_completion_tokens", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10000000}', 400),
+    ("negative temperature", "/v1/completions", b'{"prompt": "x", "temperature": -0.5}', 400),
+    ("NaN top_p", "/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400),
+    ("infinite temperature", "/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400),
+    ("overflowing float", "/v1/completions", b'{"prompt": "x", "temperature": 1e999}', 400),
+    ("native NaN", "/generate", b'{"text": "x", "sampling_params": {"temperature": NaN}}', 400),
+    ("negative top_k", "/generate", b'{"text": "x", "sampling_params": {"top_k": -7}}', 400),
+    ("negative seed", "/v1/completions", b'{"prompt": "x", "seed": -1}', 400),
+    ("zero n", "/v1/completions", b'{"prompt": "x", "n": 0}', 400),
+    ("invalid UTF-8", "/v1/completions", b'{"prompt": "\xff\xfe bad"}', 400),
+    ("lone surrogate", "/v1/completions", b'{"prompt": "\\ud800"}', 400),
+    ("deeply nested JSON", "/v1/completions", b'{"prompt": "x", "user": ' + NESTED + b"}", 400),
+    ("deeply nested prompt", "/v1/completions", b'{"prompt": ' + NESTED + b"}", 400),
+    ("thousands of stop strings", "/v1/completions",
+     json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(5000)]}).encode(), 400),
+    ("one enormous stop string", "/generate", json.dumps({"text": "x", "sampling_params": {"stop": "z" * 100_000}}).encode(), 400),
+    ("prompt longer than the context", "/v1/completions", json.dumps({"prompt": "word " * 5000}).encode(), 400),
+    ("input_ids longer than the context", "/generate", json.dumps({"input_ids": [5] * 3000}).encode(), 400),
+    ("chat longer than the context", "/v1/chat/completions",
+     json.dumps({"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 4}).encode(), 400),
+    ("non-string text part", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400),
+    ("batch beyond capacity", "/generate", json.dumps({"text": ["x"] * 500}).encode(), 400),
+    ("JSON array body", "/v1/chat/completions", b"[]", 400),
+    ("empty body", "/v1/completions", b"", 400),
+    ("unknown route", "/v1/engines", b"{}", 404),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status", HAND_CASES, ids=[c[0] for c in HAND_CASES])
+def test_hand_written_hostile_cases(server, name, path, body, status):
+    content = _chunked(16 << 20) if body == "chunked" else body
+    t0 = time.monotonic()
+    r = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=TIMEOUT_S)
+    assert time.monotonic() - t0 < TIMEOUT_S
+    _assert_error(r, status)
+    _assert_healthy(server)
+
+
+def test_tiny_temperature_is_greedy_not_nan(server):
+    """1e-300 overflows float32 logits / T to inf (NaN probabilities, token id V-1 every time):
+    below 1e-6 the server samples greedily, as SGLang does."""
+    r = httpx.post(server.url + "/v1/completions", json=dict(PROBE, temperature=1e-300), timeout=TIMEOUT_S)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == server.probe_text
+
+
+# ---- property-based: arbitrary mixes of valid and hostile fields -------------------------------
+junk = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+                 st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+prompt_text = st.text(max_size=60)  # any code points, lone surrogates included (sent escaped)
+max_tokens = st.one_of(st.integers(-3, 6), st.integers(2049, 2**66), junk)
+sampling = {
+    "max_tokens": max_tokens, "temperature": st.one_of(st.floats(-1, 3), junk), "top_p": st.one_of(st.floats(-1, 2), junk),
+    "top_k": st.one_of(st.integers(-3, 10_000), junk), "n": st.one_of(st.integers(-1, 20), junk),
+    "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=80), junk),
+    "stop_token_ids": st.one_of(st.lists(st.integers(-2, 7000), max_size=5), junk), "seed": st.one_of(st.integers(-5, 2**64), junk),
+    "stream": st.one_of(st.booleans(), junk), "ignore_eos": st.one_of(st.booleans(), junk),
+    "model": st.one_of(st.just("reference_model"), junk), "logprobs": junk, "echo": junk,
+}
+completion = st.fixed_dictionaries(
+    {"prompt": st.one_of(prompt_text, st.lists(prompt_text, max_size=3), st.lists(st.integers(-5, 7000), max_size=8), junk)},
+    optional=sampling)
+message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant"]), junk),
+                                 "content": st.one_of(prompt_text, st.lists(st.dictionaries(
+                                     st.sampled_from(["type", "text"]), st.one_of(st.just("text"), junk)), max_size=2), junk)})
+chat = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=3), junk),
+                              "max_tokens": st.one_of(st.integers(-3, 6), st.integers(2049, 2**66), junk)},
+                             optional={k: v for k, v in sampling.items() if k != "max_tokens"})
+native = st.fixed_dictionaries(
+    {}, optional={"text": st.one_of(prompt_text, st.lists(prompt_text, max_size=3), junk),
+                  "input_ids": st.one_of(st.lists(st.integers(-5, 7000), max_size=8), junk),
+                  "stream": st.one_of(st.booleans(), junk),
+                  "sampling_params": st.one_of(st.fixed_dictionaries({}, optional={
+                      "max_new_tokens": max_tokens, "temperature": sampling["temperature"], "top_p": sampling["top_p"],
+                      "top_k": sampling["top_k"], "stop": sampling["stop"], "seed": sampling["seed"],
+                      "regex": st.one_of(st.none(), st.text(max_size=4)), "min_p": junk}), junk)})
+bodies = st.one_of(st.tuples(st.just("/v1/completions"), completion), st.tuples(st.just("/v1/chat/completions"), chat),
+                   st.tuples(st.just("/generate"), native))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(case=bodies)
+def test_property_any_body_gets_json_and_never_a_500(server, case):
+    path, body = case
+    raw = json.dumps(body, allow_nan=True).encode()  # NaN / Infinity literals and \ud800 escapes on purpose
+    with httpx.stream("POST", server.url + path, content=raw, timeout=TIMEOUT_S,
+                      headers={"Content-Type": "application/json"}) as r:
+        data = r.read()
+    assert r.status_code in (200, 400, 404, 413, 422), (r.status_code, data[:300])
+    if r.status_code != 200:
+        err = json.loads(data)["error"]
+        assert set(err) == {"message", "type", "code"} and err["message"]
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in data.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+    else:
+        assert "error" not in json.loads(data)
+
+
+def test_server_still_exact_after_the_barrage(server):
+    _assert_healthy(server)
+    r = httpx.post(server.url + "/v1/completions", json=PROBE, timeout=TIMEOUT_S)
+    assert r.json()["choices"][0]["text"] == server.probe_text
+
+
+# ---- admission control --------------------------------------------------------------------------
+def test_admission_control_answers_503_with_retry_after(server):
+    """Beyond RUNNING slots + QUEUED waiting, requests get 503 + Retry-After at once; the admitted
+    ones finish exactly and the server never holds more than its capacity."""
+    body = {"prompt": PROBE["prompt"], "max_tokens": 24, "temperature": 0}
+    peak = 0
+
+    async def one(c):
+        return await c.post(server.url + "/v1/completions", json=body)
+
+    async def watch(c, stop):
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, (await c.get(server.url + "/server_info")).json()["num_in_flight_requests"])
+            await asyncio.sleep(0.01)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, limits=httpx.Limits(max_connections=64)) as c:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch(c, stop))
+            rs = await asyncio.gather(*(one(c) for _ in range(16)))
+            stop.set()
+            await watcher
+            return rs
+
+    rs = asyncio.run(run())
+    ok = [r for r in rs if r.status_code == 200]
+    busy = [r for r in rs if r.status_code == 503]
+    assert len(ok) + len(busy) == len(rs), [r.status_code for r in rs]
+    assert len(ok) >= RUNNING + QUEUED and busy, (len(ok), len(busy))
+    assert all(r.json()["choices"][0]["text"] == server.probe_text for r in ok)
+    for r in busy:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "service_unavailable"
+    assert peak <= RUNNING + QUEUED
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f"aurora_requests_rejected_total {float(len(busy))}" in metrics
+    _assert_healthy(server)
+    # More choices in one call than the server can ever hold: 400, retrying would not help.
+    _assert_error(httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 16, "max_tokens": 2}), 400)
+    # Capacity frees up: the next request is served.
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT_S).status_code == 200
+
+
+# ---- security ------------------------------------------------------------------------------------
+def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
+    import psutil
+    s = ServerProcess("--api-key", "sekret", "--speculative-num-steps", "2", "--no-online")
+    try:
+        auth = {"Authorization": "Bearer sekret"}
+        schema = httpx.get(s.url + "/openapi.json", headers=auth).json()
+        routes = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
+        routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")]
+        assert len(routes) >= 15, routes
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+                r = httpx.request(method, s.url + path, headers=headers, json={})
+                if path == "/health":
+                    assert r.status_code == 200
+                else:
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    assert r.json()["error"]["type"] == "authentication_error"
+        listening = [c.laddr for c in psutil.Process(s.proc.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-queued-requests", "-1"], "--max-queued-requests must be at least 0"),
+    (["--trainer-config", "[1, 2]"], "--trainer-config must be a JSON object"),
+    (["--trainer-config", '{"checkpoint_every": 0}'], "checkpoint_every must be a positive integer"),
+    (["--trainer-config", '{"no_such_setting": 1}'], "no_such_setting"),
+    (["--no-online", "--trainer-config", "{}"], "--trainer-config is only used with --online"),
+])
+def test_cli_refuses_bad_admission_and_trainer_settings(argv, message, capsys):
+    from aurora_sgl.launch_server import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
