@@ -44,22 +44,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- plugin discovery -------------------------------------------------------------------------------
 _CHILD = textwrap.dedent("""
-    import json
+    import json, os
+    import sglang.srt.plugins as plugins
     from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
     from sglang.srt.managers.scheduler import Scheduler
-    originals = {"verify": EAGLEWorkerV2.verify, "ingest": Scheduler.ingest_requests}
-    from sglang.srt.plugins import load_plugins
-    load_plugins()
-    from aurora_sgl.sglang_backend import plugin
-    def ours(fn, hook):
-        cells = [c.cell_contents for c in (fn.__closure__ or ())]
-        return hook in cells
-    print(json.dumps({
-        "verify_wrapped": EAGLEWorkerV2.verify is not originals["verify"]
-                          and getattr(EAGLEWorkerV2.verify, "__wrapped__", None) is originals["verify"],
-        "verify_ours": ours(EAGLEWorkerV2.verify, plugin._around_verify),
-        "ingest_ours": ours(Scheduler.ingest_requests, plugin._after_iteration),
-    }))
+    original = EAGLEWorkerV2.verify
+
+    def state():
+        from aurora_sgl.sglang_backend import plugin
+        def ours(fn, hook):
+            return hook in [c.cell_contents for c in (fn.__closure__ or ())]
+        inner = getattr(EAGLEWorkerV2.verify, "__wrapped__", None)
+        return {"verify_wrapped": EAGLEWorkerV2.verify is not original and inner is not None
+                                  and inner.__qualname__ == "EAGLEWorkerV2.verify",
+                "verify_ours": ours(EAGLEWorkerV2.verify, plugin._around_verify),
+                "ingest_ours": ours(Scheduler.ingest_requests, plugin._after_iteration)}
+
+    os.environ["SGLANG_PLUGINS"] = "some_other_plugin"  # a whitelist without us
+    plugins.load_plugins()
+    disabled = state()
+    # load_plugins runs once per process; start over as a fresh scheduler process would
+    del os.environ["SGLANG_PLUGINS"]
+    plugins._plugins_loaded = False
+    plugins.load_plugins()
+    print(json.dumps({"disabled": disabled, "enabled": state()}))
 """)
 
 
@@ -80,19 +88,12 @@ def _dist_info(tmp: Path) -> Path:
 
 def test_load_plugins_discovers_entry_point_and_whitelist_disables(tmp_path):
     path = _dist_info(tmp_path)
-    base = dict(os.environ, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
-    base.pop("SGLANG_PLUGINS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for env in (base, dict(base, SGLANG_PLUGINS="some_other_plugin"))]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-2000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
-    enabled, disabled = outs
-    assert enabled == {"verify_wrapped": True, "verify_ours": True, "ingest_ours": True}
-    assert disabled == {"verify_wrapped": False, "verify_ours": False, "ingest_ours": False}
+    env = dict(os.environ, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["disabled"] == {"verify_wrapped": False, "verify_ours": False, "ingest_ours": False}
+    assert out["enabled"] == {"verify_wrapped": True, "verify_ours": True, "ingest_ours": True}
 
 
 # ---- capture --------------------------------------------------------------------------------------
@@ -158,6 +159,7 @@ def test_capture_hook_writes_exactly_the_accepted_rows(topk):
         assert reader.read(16) == []  # nothing reaches the ring inside the step
         rt.iteration()  # the scheduler iteration drains
         recs = reader.read(16)
+        assert rt.stats()["records_written"] == 3 and rt.stats()["ring_written"] == 3
     finally:
         plugin.set_runtime(None)
         reader.close()
@@ -170,7 +172,6 @@ def test_capture_hook_writes_exactly_the_accepted_rows(topk):
         k = worker.speculative_num_steps
         want = [1] * e["accepted"] + ([0] if e["accepted"] < k else [])
         assert r.outcome.tolist() == want + [-1] * (k - len(want))
-    assert rt.stats()["records_written"] == 3
 
 
 # ---- the real EAGLE-3 draft module on CPU -----------------------------------------------------------
