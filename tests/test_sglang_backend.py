@@ -48,15 +48,14 @@ _CHILD = textwrap.dedent("""
     import sglang.srt.plugins as plugins
     from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
     from sglang.srt.managers.scheduler import Scheduler
-    original = EAGLEWorkerV2.verify
+    kept = {"verify": EAGLEWorkerV2.verify}  # in a dict: SGLang rebinds module globals that hold it
 
     def state():
         from aurora_sgl.sglang_backend import plugin
         def ours(fn, hook):
             return hook in [c.cell_contents for c in (fn.__closure__ or ())]
         inner = getattr(EAGLEWorkerV2.verify, "__wrapped__", None)
-        return {"verify_wrapped": EAGLEWorkerV2.verify is not original and inner is not None
-                                  and inner.__qualname__ == "EAGLEWorkerV2.verify",
+        return {"verify_wrapped": EAGLEWorkerV2.verify is not kept["verify"] and inner is kept["verify"],
                 "verify_ours": ours(EAGLEWorkerV2.verify, plugin._around_verify),
                 "ingest_ours": ours(Scheduler.ingest_requests, plugin._after_iteration)}
 
