@@ -247,15 +247,26 @@ def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_fac
     new = Eagle3Head.load(reference_head_path(), torch.zeros(0))
     new.reset_parameters(seed=3)  # different weights ...
     new.set_draft_vocab(torch.arange(1000, 1000 + new.config.draft_vocab_size))  # ... and a different vocab
-    state = new.serving_state()
     store = WeightStore.create("test_sgl_store", layout_of(served.serving_state()))
     try:
-        store.publish(served.serving_state())
-        version = store.publish(state)
+        store.publish(served.serving_state())  # version 1: what is being served
         swapper = DraftSwapper(model, hot, store.names, store.layout, shared=[target_embed])
-        assert swapper.mode == "plan"
-        assert store.copy_with(swapper.swap, version)
+        assert swapper.mode == "plan" and swapper.skipped == []
+        rt = plugin.Runtime(staging=None, ring=None, store=store, swapper=swapper, leader=True, handoff_dir=None)
+        plugin.set_runtime(rt)
+        bad = {n: (t.clone().fill_(float("nan")) if t.is_floating_point() else t) for n, t in new.serving_state().items()}
+        store.publish(bad)  # version 2: refused by the leader's poll, the trainer is told
+        assert plugin._after_pull(["req"], None) is None and rt.counters["refused"] == 1
+        assert store.last_rollback() == 2
+        version = store.publish(new.serving_state())
+        # the marker rides the pulled requests, every rank strips it, the iteration swaps
+        pulled = plugin._after_pull(["req"], None)
+        assert pulled == ["req", plugin.SwapMarker(version)]
+        assert plugin._after_recv(pulled, None) == ["req"]
+        plugin._after_iteration(None, object())
+        assert rt.draft_version == version and rt.counters["swaps"] == 1
     finally:
+        plugin.set_runtime(None)
         store.close()
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
     assert hot.data_ptr() == hot_ptr and torch.equal(hot, new.hot_ids)

@@ -133,7 +133,7 @@ def _around_verify(original, worker, batch, *args, **kwargs):
 
 def _after_pull(result, receiver, *args, **kwargs):
     rt = _RUNTIME
-    if rt is None or result is None or not rt.leader:
+    if rt is None or result is None or not rt.leader or rt.store is None:
         return None
     version = rt.poll_new_version()
     if version:
@@ -184,16 +184,22 @@ class Runtime:
     """One per scheduler process. The leader owns the ring and the store (and their names)."""
 
     def __init__(self, *, staging: CaptureStaging | None, ring, store, swapper, leader: bool,
-                 handoff_dir: str | None, tp_group=None, keep_previous: bool = True, side_stream=None):
+                 handoff_dir: str | None, tp_group=None, keep_previous: bool | None = None, side_stream=None):
         self.staging, self.ring, self.store, self.swapper = staging, ring, store, swapper
         self.leader, self.handoff_dir, self.tp_group = leader, handoff_dir, tp_group
         self.side_stream = side_stream
         self.draft_version = store.version if store is not None else 0
         self.pending_version = 0
         self._refused_through = 0
-        self._previous = None
-        if keep_previous and swapper is not None and swapper.mode == "plan":
-            self._previous = [t.detach().clone() for t in swapper.dst]
+        self._previous = self._live = None
+        self._previous_hot = None
+        if keep_previous is None:
+            # With TP a failed swap must be undone on every rank (one hot map for all); alone, a
+            # half-copied head only costs acceptance until the next marker, so no second copy.
+            keep_previous = tp_group is not None
+        if keep_previous and swapper is not None:
+            self._live = swapper.live_tensors()
+            self._previous = [t.detach().clone() for t in self._live]
             self._previous_hot = swapper.hot.detach().clone() if swapper.hot is not None else None
         self.counters = {"swaps": 0, "failed_swaps": 0, "refused": 0, "records_written": 0, "markers": 0}
         self._last_export = 0.0
@@ -222,14 +228,21 @@ class Runtime:
         target_params = list(worker._target_worker.model_runner.model.parameters())
         swapper = DraftSwapper(model, getattr(dw, "hot_token_id", None), list(state), layout, shared=target_params)
         handoff_dir = os.environ[ENV_DIR]
+        try:
+            dp_rank = int(getattr(par, "dp_rank", None) or 0)
+        except Exception:  # not published in this process: a single replica
+            dp_rank = 0
+        # TP rank 0 of every data-parallel replica polls the store and marks swaps for its TP group;
+        # only replica 0's owns the ring and the store (one ring: one writer).
         leader = par.tp_rank == 0
+        owner = leader and dp_rank == 0
         k = worker.speculative_num_steps
         aux_dim = model.model.fc.weight.shape[1]
         hidden = model.model.fc.weight.shape[0]
         tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         ring = store = staging = None
-        if leader:
+        if owner:
             max_req = int(os.environ.get(ENV_STAGING_REQUESTS) or min(sa.max_running_requests or 128, 256))
             staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3)
             ring = SignalRing.create("aurora_ring", int(os.environ.get(ENV_RING_RECORDS) or 1024), k + 1,
@@ -300,9 +313,9 @@ class Runtime:
         self.draft_version = version
         self.pending_version = version
         self.counters["swaps"] += 1
-        if self._previous is not None:  # the kept copy follows, outside the critical pause
+        if self._previous is not None:  # the kept copy follows the swap on the same stream
             with torch.cuda.stream(stream) if stream is not None else _null():
-                torch._foreach_copy_(self._previous, self.swapper.dst)
+                torch._foreach_copy_(self._previous, self._live)
                 if self._previous_hot is not None:
                     self._previous_hot.copy_(self.swapper.hot)
         return True
@@ -311,7 +324,7 @@ class Runtime:
         if self._previous is None:
             return
         with torch.cuda.stream(stream) if stream is not None else _null():
-            torch._foreach_copy_(self.swapper.dst, self._previous)
+            torch._foreach_copy_(self._live, self._previous)
             if self._previous_hot is not None:
                 self.swapper.hot.copy_(self._previous_hot)
 

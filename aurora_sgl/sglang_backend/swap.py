@@ -118,6 +118,13 @@ class DraftSwapper:
                 raise ValueError(f"hot-token map has {self.hot.numel()} entries, the store's d2t {layout['d2t'][0][0]}")
             self._arange = torch.arange(self.hot.numel(), dtype=self.hot.dtype, device=self.hot.device)
 
+    def live_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a swap writes (the hot map aside): what a rollback must restore."""
+        if self.mode == "plan":
+            return list(self.dst)
+        skip = set(self.skipped)
+        return [p.data for n, p in self.params.items() if n not in skip and n != "model.embed_tokens.weight"]
+
     @torch.no_grad()
     def swap(self, views: Sequence[torch.Tensor]) -> None:
         """Copy the store's `views` (store order) in; enqueued on the current stream."""
