@@ -63,6 +63,7 @@ class _Slot:
     drafts: torch.Tensor
     aux: torch.Tensor
     final: torch.Tensor
+    accept_dev: torch.Tensor  # int64 on the device: the pinned copy below must not convert dtypes
     accept_host: torch.Tensor  # pinned on CUDA
     ready: object = None  # CUDA event: the copies into this slot are done
     drained: object = None  # CUDA event: the ring copies out of this slot are done
@@ -86,6 +87,7 @@ class CaptureStaging:
                 drafts=torch.full((max_requests, num_steps), -1, **z),
                 aux=torch.zeros(max_requests, self.s, aux_dim, dtype=dtype, device=self.device),
                 final=torch.zeros(max_requests, self.s, hidden_dim, dtype=dtype, device=self.device),
+                accept_dev=torch.zeros(max_requests, **z),
                 accept_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
                 ready=torch.cuda.Event() if self.cuda else None,
                 drained=torch.cuda.Event() if self.cuda else None))
@@ -121,7 +123,8 @@ class CaptureStaging:
         slot.aux[:bs].copy_(step.aux_hidden[:bs * d].view(bs, d, -1)[:, :s])
         rows = step.accept_index[:, :s].clamp(min=0).reshape(-1)
         slot.final[:bs].copy_(step.final_hidden.index_select(0, rows).view(bs, s, -1))
-        slot.accept_host[:bs].copy_(step.accept_lens, non_blocking=self.cuda)
+        slot.accept_dev[:bs].copy_(step.accept_lens)
+        slot.accept_host[:bs].copy_(slot.accept_dev[:bs], non_blocking=self.cuda)  # async D2H into pinned memory
         if self.cuda:
             slot.ready.record()
         slot.meta = {"ids": list(step.request_ids), "positions": list(step.positions), "bs": bs,

@@ -237,8 +237,8 @@ class Runtime:
         leader = par.tp_rank == 0
         owner = leader and dp_rank == 0
         k = worker.speculative_num_steps
-        aux_dim = model.model.fc.weight.shape[1]
-        hidden = model.model.fc.weight.shape[0]
+        aux_dim = model.model.fc.weight.shape[1]  # len(aux layers) x the target's hidden size
+        hidden = aux_dim // len(head.config.aux_layer_ids)  # final_hidden is the target's
         tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         ring = store = staging = None
