@@ -116,7 +116,7 @@ class TrainerSidecar:
         self._thread.start()
 
     def _trainer_spec(self) -> dict:
-        from ..trainer import TrainerStatus
+        from ..trainer import TrainerStatus, newest_checkpoint
 
         if self.status is None:
             self.status = TrainerStatus.create("aurora_trainer")
@@ -125,7 +125,9 @@ class TrainerSidecar:
         if self.args.train_lr:
             cfg["lr"] = self.args.train_lr
         return {"ring": h["ring"], "store": h["store"], "status": self.status.spec(),
-                "model_path": h["model_path"], "init_head": None, "pretrained": self.pretrained,
+                # the served checkpoint (its exact shapes), or after a restart the newest checkpoint
+                "model_path": h["model_path"], "pretrained": self.pretrained or self.restarts > 0,
+                "init_head": (newest_checkpoint(self.args.checkpoint_dir) if self.restarts else None) or h["draft_path"],
                 "aux_layer_ids": h["aux_layer_ids"], "draft_vocab_size": h["draft_vocab_size"],
                 "config": cfg, "checkpoint_dir": self.args.checkpoint_dir, "threads": 1,
                 "device": self.args.trainer_device, "parent_pid": os.getpid()}

@@ -209,7 +209,7 @@ class Runtime:
     def for_worker(cls, worker) -> "Runtime":
         from sglang.srt.runtime_context import get_parallel, get_server_args
 
-        from ..draft_head import Eagle3Head
+        from ..draft_head import Eagle3Head, default_aux_layer_ids
         from ..signal_ring import SignalRing
         from ..weight_store import WeightStore, layout_of
         from .swap import DraftSwapper
@@ -237,8 +237,10 @@ class Runtime:
         leader = par.tp_rank == 0
         owner = leader and dp_rank == 0
         k = worker.speculative_num_steps
+        target_layers = worker._target_worker.model_runner.model.config.num_hidden_layers
+        aux_ids = head.config.aux_layer_ids or default_aux_layer_ids(target_layers)  # SGLang's default
         aux_dim = model.model.fc.weight.shape[1]  # len(aux layers) x the target's hidden size
-        hidden = aux_dim // len(head.config.aux_layer_ids)  # final_hidden is the target's
+        hidden = aux_dim // len(aux_ids)  # final_hidden is the target's
         tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         ring = store = staging = None
@@ -252,7 +254,7 @@ class Runtime:
             _write_handoff(handoff_dir, {
                 "ring": ring.spec(), "store": store.spec(), "model_path": sa.model_path,
                 "draft_path": sa.speculative_draft_model_path,
-                "aux_layer_ids": head.config.aux_layer_ids, "draft_vocab_size": head.config.draft_vocab_size,
+                "aux_layer_ids": aux_ids, "draft_vocab_size": head.config.draft_vocab_size,
                 "tp_size": par.tp_size, "swap_mode": swapper.mode, "skipped": swapper.skipped,
                 "scheduler_pid": os.getpid()})
             log.info("aurora_sgl: ring and weight store ready on %s (swap: %s)", device, swapper.mode)
