@@ -31,6 +31,17 @@ publish into the source buffer), every rank restores its previous weights from a
 ranks never serve different hot-token maps (rank-local draft ids would desynchronise the TP verify
 forward). Not covered: data-parallel attention (markers would ride a per-DP-group broadcast) and
 pipeline parallelism (draft on the last stage only) -- the runtime refuses to start there.
+
+Read from the 0.5.23 wheel beyond ../shared/DESIGN.md (and corrections to it):
+  * the hot-token map the draft forward indexes is `EagleDraftWorker.hot_token_id`, a device copy
+    of `LlamaForCausalLMEagle3.hot_token_id`; a swap must write the worker's tensor;
+  * a draft config without `draft_vocab_size` makes SGLang borrow the target's lm_head
+    (`load_lm_head_from_target`), so "the draft has its own lm_head" is not always true: the
+    swapper skips any parameter whose storage a target parameter owns;
+  * the final hidden state needs no extra capture kernel: `LogitsProcessor.keep_last_hidden_states`
+    (see capture.py); `_finalize_accept_tree_path` compacts `hidden_states` and predict only;
+  * `HookRegistry._propagate_patch` rebinds every module global that *is* the original function,
+    in any module (tests keep originals in containers).
 """
 
 from __future__ import annotations
@@ -211,7 +222,7 @@ class Runtime:
 
         from ..draft_head import Eagle3Head, default_aux_layer_ids
         from ..signal_ring import SignalRing
-        from ..weight_store import WeightStore, layout_of
+        from ..weight_store import WeightStore
         from .swap import DraftSwapper
 
         par = get_parallel()
