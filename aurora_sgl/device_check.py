@@ -2,13 +2,15 @@
 
     PYTHONPATH=. python -m aurora_sgl.device_check [--device cuda] [--quick] [--json OUT]
 
-Three checks, one table:
+Four checks, one table:
   engine    the embedded engine on the device with the reference model and head: greedy outputs
             with speculation equal target-only outputs token for token; tau and speedup
   ipc       (CUDA only) a CUDA signal ring and a CUDA weight store shared with a second process
             through CUDA IPC (specs via spec_io): the child reads the records the parent wrote and
             publishes versions; the parent swaps each into live tensors on its own stream and times
             the pause (host: poll + enqueue; GPU: the copy) and checks the values
+  capture   the SGLang plugin's capture staging (our VerifyStep, no sglang): exact rows, and on
+            CUDA the in-step capture returns while the GPU is still busy (no host sync)
   trainer   the engine with online training, the trainer sidecar on the device: lossless while it
             trains and publishes, counters of steps / publishes / swaps
 
@@ -175,6 +177,63 @@ def check_ipc(device: str, quick: bool) -> None:
     ROWS.append(("CUDA IPC weight store swap", "PASS" if ok else "FAIL", detail))
 
 
+# ---- the SGLang plugin's capture staging (no sglang needed: VerifyStep is ours) ------------------
+def check_capture(device: str) -> None:
+    """CaptureStaging on the device: rows land exactly; on CUDA the in-step capture must not wait
+    for the GPU (it returns while a long kernel still runs) and the drain skips unfinished slots."""
+    from .sglang_backend.capture import CaptureStaging, VerifyStep
+    from .signal_ring import SignalRing
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    bs, steps, d, hdim = 16, 5, 6, 256
+    adim = 3 * hdim
+    acc = torch.randint(1, steps + 2, (bs,), generator=g)
+    accept_index = torch.tensor([[i * d + j if j < acc[i] else -1 for j in range(steps + 1)] for i in range(bs)])
+    draft = torch.randint(0, 6000, (bs * d,), generator=g)
+    predict = torch.randint(0, 6000, (bs * d,), generator=g)
+    aux, final = torch.randn(bs * d, adim, generator=g), torch.randn(bs * d, hdim, generator=g)
+    step = VerifyStep(request_ids=[f"r{i}" for i in range(bs)], positions=list(range(bs)),
+                      root_tokens=draft.view(bs, d)[:, 0].to(dev), draft_tokens=draft.view(bs, d).to(dev),
+                      predict=predict.to(dev), accept_lens=acc.to(dev), accept_index=accept_index.to(dev),
+                      aux_hidden=aux.to(dev), final_hidden=final.to(dev), topk=1)
+    staging = CaptureStaging(64, steps, adim, hdim, device=dev)
+    ring = SignalRing.create("aurora_check_capture", 64, steps + 1, adim, hdim, steps)
+    reader = SignalRing.attach(ring.spec())
+    cuda = dev.type == "cuda"
+    side = torch.cuda.Stream(dev) if cuda else None
+    no_wait = "n/a on cpu"
+    try:
+        if cuda:
+            x = torch.randn(4096, 4096, device=dev)
+            torch.cuda.synchronize()
+            for _ in range(200):  # ~ tens of ms of GPU work queued ahead of the capture
+                x = x @ x
+                x = x / x.norm()
+        t0 = time.perf_counter()
+        staging.capture(step)
+        enqueue_us = (time.perf_counter() - t0) * 1e6
+        if cuda:
+            busy = not staging.slots[0].ready.query()
+            early = staging.drain(ring, side)
+            no_wait = f"returned while GPU busy: {busy}, drained early: {early}"
+            torch.cuda.synchronize()
+        staging.drain(ring, side)
+        if cuda:
+            side.synchronize()
+        recs = reader.read(64)
+        ok = len(recs) == bs and all(
+            torch.equal(r.aux_hidden, aux[i * d:i * d + int(acc[i])]) and torch.equal(r.final_hidden, final[i * d:i * d + int(acc[i])])
+            and torch.equal(r.next_tokens, predict[i * d:i * d + int(acc[i])]) for i, r in enumerate(recs))
+        if cuda:
+            ok = ok and "busy: True" in no_wait and "early: 0" in no_wait
+    finally:
+        reader.close()
+        ring.close()
+    ROWS.append(("sglang capture staging", "PASS" if ok else "FAIL",
+                 f"{bs} requests exact: {ok}; capture enqueue {enqueue_us:.0f} us; {no_wait}"))
+
+
 # ---- trainer on the device ------------------------------------------------------------------------
 def check_trainer(device: str, quick: bool, base: Engine, prompts, ref, sp: SamplingParams) -> None:
     from .online import OnlineTraining
@@ -229,6 +288,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     base, prompts, ref, sp = check_engine(args.device, args.quick)
     check_ipc(args.device, args.quick)
+    check_capture(args.device)
     check_trainer(args.device, args.quick, base, prompts, ref, sp)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     ROWS.append(("total", "", f"{time.monotonic() - t0:.0f} s on {dev}, torch {torch.__version__}"))

@@ -18,6 +18,7 @@ def test_device_check_cpu_quick_mode(tmp_path):
     assert rows["engine lossless (T=0, K=4)"]["result"] == "PASS"
     assert rows["CUDA IPC ring + weight store (2 procs)"] == {
         "check": "CUDA IPC ring + weight store (2 procs)", "result": "skipped", "detail": "no CUDA"}
+    assert rows["sglang capture staging"]["result"] == "PASS"
     assert rows["trainer on cpu + live swaps"]["result"] == "PASS"
     assert "0 outputs differ" in rows["trainer on cpu + live swaps"]["detail"]
     assert p.stdout.splitlines()[0].split() == ["check", "result", "detail"]  # the table
