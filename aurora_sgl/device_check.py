@@ -64,11 +64,13 @@ def check_engine(device: str, quick: bool) -> tuple[Engine, list, list, Sampling
     base = Engine(num_speculative_steps=0, device=device, max_running_requests=8)
     prompts = _prompts(base.tokenizer, n)
     sp = SamplingParams(max_new_tokens=new)
-    _timed_generate(base, prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
+    if not quick:
+        _timed_generate(base, prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
     ref, t_base = _timed_generate(base, prompts, sp)
     spec = Engine(num_speculative_steps=4, draft_model_path=reference_head_path(), device=device,
                   max_running_requests=8, model=base.target.hf, tokenizer=base.tokenizer)
-    _timed_generate(spec, prompts[:2], SamplingParams(max_new_tokens=4))
+    if not quick:
+        _timed_generate(spec, prompts[:2], SamplingParams(max_new_tokens=4))
     out, t_spec = _timed_generate(spec, prompts, sp)
     bad = sum(o["output_ids"] != r["output_ids"] for o, r in zip(out, ref))
     tau = sum(o["meta_info"]["spec_accept_length"] for o in out) / len(out)
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(1 if args.quick else max(1, min(4, os.cpu_count() or 1)))
     t0 = time.monotonic()
     base, prompts, ref, sp = check_engine(args.device, args.quick)
     check_ipc(args.device, args.quick)
