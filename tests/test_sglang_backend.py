@@ -233,6 +233,19 @@ def test_trainer_checkpoint_loads_into_sglang_eagle3_class(sgl_draft_factory, tm
     assert torch.equal(model.get_hot_token_id(), head.hot_ids)
 
 
+def test_day0_head_for_the_target_is_in_sglang_eagle3_layout(sgl_draft_factory, tmp_path):
+    from aurora_sgl.sglang_backend.launcher import day0_head
+
+    path = Path(day0_head(reference_model_path(), str(tmp_path / "day0")))
+    model = sgl_draft_factory(str(path))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    _load_with_sglang(model, path)
+    assert [n for n, p in model.named_parameters() if torch.isnan(p).any()] == ["model.embed_tokens.weight"]
+    assert model.get_hot_token_id() is not None and not model.load_lm_head_from_target
+
+
 def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_factory, tmp_path):
     served = Eagle3Head.load(reference_head_path(), torch.zeros(0))
     model = _load_with_sglang(sgl_draft_factory(reference_head_path()), Path(reference_head_path()))
