@@ -138,7 +138,7 @@ def _step(topk: int, seed: int):
     for i in range(bs):
         rows = accept_index[i, :int(accept_lens[i])]
         nxt = predict_raw[rows]
-        expected.append({"id": f"req-{i}", "position": int(seq_lens[i]) - 1, "accepted": len(rows) - 1,
+        expected.append({"id": f"req-{i}", "position": int(seq_lens[i]), "accepted": len(rows) - 1,
                          "next": nxt, "input": torch.cat([draft[i * d:i * d + 1], nxt[:-1]]),
                          "aux": aux_raw[rows], "final": final[rows]})
     return worker, batch, result, expected

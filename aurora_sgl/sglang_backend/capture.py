@@ -44,7 +44,7 @@ class VerifyStep:
     (device tensors under CUDA; the hook passes views, nothing is copied yet)."""
 
     request_ids: list[str]
-    positions: list[int]  # per request: position of the root (last committed) token
+    positions: list[int]  # per request: position of the root (last committed) token = seq_lens
     root_tokens: torch.Tensor  # [bs] the verify input's first token per request
     draft_tokens: torch.Tensor | None  # [bs, D] the verify input (None: not available)
     predict: torch.Tensor  # [bs*D] target tokens, accepted path compacted to the front for topk > 1
@@ -75,7 +75,8 @@ class CaptureStaging:
     """A few device slots, each sized for `max_requests` requests of S rows."""
 
     def __init__(self, max_requests: int, num_steps: int, aux_dim: int, hidden_dim: int,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, slots: int = 4):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, slots: int = 4,
+                 sequencer: "Sequencer | None" = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.max_requests, self.k, self.s = max_requests, num_steps, num_steps + 1
@@ -92,7 +93,7 @@ class CaptureStaging:
                 ready=torch.cuda.Event() if self.cuda else None,
                 drained=torch.cuda.Event() if self.cuda else None))
         self._next = 0  # slot the next capture writes
-        self._seq = 0
+        self.sequencer = sequencer if sequencer is not None else Sequencer()
         self.captured = self.staging_drops = self.skipped = self.drained_records = 0
 
     # ---- inside the step (forward stream, no host sync) ---------------------------------------
@@ -128,9 +129,8 @@ class CaptureStaging:
         if self.cuda:
             slot.ready.record()
         slot.meta = {"ids": list(step.request_ids), "positions": list(step.positions), "bs": bs,
-                     "topk": step.topk, "version": step.draft_version, "seq": self._seq}
+                     "topk": step.topk, "version": step.draft_version, "seq": self.sequencer.next()}
         slot.full = True
-        self._seq += 1
         self.captured += 1
         return True
 
@@ -166,19 +166,39 @@ class CaptureStaging:
         return out
 
     def drain(self, ring, stream=None) -> int:
-        """Write every completed slot into `ring` (a SignalRing); returns the records written.
-        On CUDA the copies run on `stream` (not the forward stream) and never block the host."""
-        written = 0
-        for slot in self.ready_slots():
-            if self.cuda:
-                with torch.cuda.stream(stream):
-                    recs = self.records(slot)
-                    ring.write_many(recs)
-                    slot.drained.record()
-            else:
-                recs = self.records(slot)
+        """Write every completed slot into `ring` (see `drain_in_order`)."""
+        return drain_in_order([self], ring, stream)
+
+
+class Sequencer:
+    """One step counter shared by the verify and prefill stagings: the drain writes their slots in
+    step order, so a request's prompt records reach the ring before its first decode record."""
+
+    def __init__(self):
+        self._n = 0
+
+    def next(self) -> int:
+        self._n += 1
+        return self._n - 1
+
+
+def drain_in_order(stagings, ring, stream=None) -> int:
+    """Write every completed slot of `stagings` into `ring`, oldest step first; returns the records
+    written. On CUDA the copies run on `stream` (not the forward stream) and never block the host."""
+    ready = sorted(((sl.meta["seq"], i, sl) for i, st in enumerate(stagings) for sl in st.ready_slots()),
+                   key=lambda t: t[:2])
+    written = 0
+    for _, i, slot in ready:
+        st = stagings[i]
+        if st.cuda:
+            with torch.cuda.stream(stream):
+                recs = st.records(slot)
                 ring.write_many(recs)
-            slot.full = False
-            written += len(recs)
-        self.drained_records += written
-        return written
+                slot.drained.record()
+        else:
+            recs = st.records(slot)
+            ring.write_many(recs)
+        slot.full = False
+        written += len(recs)
+        st.drained_records += len(recs)
+    return written

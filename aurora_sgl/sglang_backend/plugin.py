@@ -11,6 +11,8 @@ plain `sglang serve`). With it, in every scheduler process:
                                      rank 0) also creates the CUDA signal ring and weight store,
                                      publishes version 1 and writes the handoff for the launcher
   EAGLEWorkerV2.verify (around)      enqueue the step's accepted rows into the staging slots
+  EAGLEWorkerV2._forward_prefill_batch (around)
+                                     enqueue the computed prompt rows (prefill.py)
   SchedulerRequestReceiver._pull_raw_reqs (after)
                                      leader only: when the store holds a newer verified version,
                                      append a `SwapMarker` to the requests it pulled
@@ -54,13 +56,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import CaptureStaging, VerifyStep
+from .capture import CaptureStaging, Sequencer, VerifyStep, drain_in_order
+from .prefill import PrefillStaging, PrefillStep
 
 log = logging.getLogger("aurora_sgl.sglang")
 
 ENV_DIR = "AURORA_SGL_HANDOFF_DIR"
 ENV_RING_RECORDS = "AURORA_SGL_RING_RECORDS"
 ENV_STAGING_REQUESTS = "AURORA_SGL_STAGING_REQUESTS"
+ENV_PREFILL_ROWS = "AURORA_SGL_PREFILL_ROWS"  # prompt rows one prefill staging slot holds
 HANDOFF = "handoff.json"
 
 _W = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
@@ -69,6 +73,7 @@ HOOK_TARGETS = {
     "load_model": "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
     "worker_init": f"{_W}.__init__",
     "verify": f"{_W}.verify",
+    "prefill": f"{_W}._forward_prefill_batch",
     "pull": f"{_R}._pull_raw_reqs",
     "recv": f"{_R}.recv_requests",
     "iteration": "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
@@ -91,6 +96,7 @@ def register() -> None:
     HookRegistry.register(HOOK_TARGETS["load_model"], _after_load_model, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["worker_init"], _after_worker_init, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["verify"], _around_verify, HookType.AROUND)
+    HookRegistry.register(HOOK_TARGETS["prefill"], _around_prefill, HookType.AROUND)
     HookRegistry.register(HOOK_TARGETS["pull"], _after_pull, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["recv"], _after_recv, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["iteration"], _after_iteration, HookType.AFTER)
@@ -142,6 +148,25 @@ def _around_verify(original, worker, batch, *args, **kwargs):
     return result
 
 
+def _around_prefill(original, worker, batch, *args, **kwargs):
+    # `_draft_extend_for_prefill` rebinds batch.input_ids to the shifted draft inputs: read the
+    # extend tokens and the per-request layout before the call, the next tokens after it.
+    rt = _RUNTIME
+    before = None
+    if rt is not None and rt.prefill is not None and not batch.forward_mode.is_idle():
+        before = (batch.input_ids, list(batch.reqs), list(batch.prefix_lens or []), list(batch.extend_lens or []))
+    result = original(worker, batch, *args, **kwargs)
+    if before is not None and rt.prefill is not None:
+        try:
+            step = prefill_step(before, batch, result, rt.draft_version)
+            if step is not None:
+                rt.prefill.capture(step)
+        except Exception as e:
+            log.error("aurora_sgl: prefill capture disabled after an error: %s", e)
+            rt.prefill = None
+    return result
+
+
 def _after_pull(result, receiver, *args, **kwargs):
     rt = _RUNTIME
     if rt is None or result is None or not rt.leader or rt.store is None:
@@ -181,13 +206,35 @@ def verify_step(worker, batch, result, draft_version: int = 0) -> VerifyStep | N
     lo = result.logits_output
     spec = batch.spec_info
     draft = spec.draft_token.view(bs, d) if getattr(spec, "draft_token", None) is not None else None
+    # Spec v2 keeps seq_lens = tokens in the KV cache *before* this step; the root (the last
+    # committed token, not yet in the cache) sits at position seq_lens (SGLang's
+    # build_tree_kernel_efficient: prompt length 7 -> root position 7). After a prefill of L
+    # tokens the first root is the first sampled token at L, right after the prompt's records.
     seq = batch.seq_lens_cpu.tolist() if batch.seq_lens_cpu is not None else [0] * bs
     return VerifyStep(
-        request_ids=[r.rid for r in batch.reqs], positions=[int(n) - 1 for n in seq],
+        request_ids=[r.rid for r in batch.reqs], positions=[int(n) for n in seq],
         root_tokens=draft[:, 0] if draft is not None else batch.input_ids.view(bs, d)[:, 0],
         draft_tokens=draft, predict=result.next_token_ids, accept_lens=result.accept_lens,
         accept_index=result.accept_index, aux_hidden=lo.hidden_states, final_hidden=lo.last_hidden_states,
         topk=worker.topk, draft_version=draft_version)
+
+
+def prefill_step(before, batch, result, draft_version: int = 0) -> PrefillStep | None:
+    """The prompt rows of one extend batch (views). None when the draft extend did not run (its
+    shifted inputs are our next tokens) or the batch is not a plain extend layout."""
+    ids_in, reqs, prefix_lens, extend_lens = before
+    ids_next = batch.input_ids
+    if ids_next is None or ids_next is ids_in or len(extend_lens) != len(reqs) or len(prefix_lens) != len(reqs):
+        return None
+    if ids_in is None or sum(extend_lens) != ids_in.numel():  # not one row per extend token (mixed batch)
+        return None
+    lo = result.logits_output
+    if lo is None or lo.hidden_states is None:
+        return None
+    return PrefillStep(
+        request_ids=[r.rid for r in reqs], starts=[int(p) for p in prefix_lens],
+        lengths=[int(n) for n in extend_lens], input_ids=ids_in, next_ids=ids_next,
+        aux_hidden=lo.hidden_states, final_hidden=lo.last_hidden_states, draft_version=draft_version)
 
 
 # ---- per-scheduler runtime ------------------------------------------------------------------------
@@ -195,8 +242,9 @@ class Runtime:
     """One per scheduler process. The leader owns the ring and the store (and their names)."""
 
     def __init__(self, *, staging: CaptureStaging | None, ring, store, swapper, leader: bool,
-                 handoff_dir: str | None, tp_group=None, keep_previous: bool | None = None, side_stream=None):
-        self.staging, self.ring, self.store, self.swapper = staging, ring, store, swapper
+                 handoff_dir: str | None, tp_group=None, keep_previous: bool | None = None, side_stream=None,
+                 prefill: PrefillStaging | None = None):
+        self.staging, self.prefill, self.ring, self.store, self.swapper = staging, prefill, ring, store, swapper
         self.leader, self.handoff_dir, self.tp_group = leader, handoff_dir, tp_group
         self.side_stream = side_stream
         self.draft_version = store.version if store is not None else 0
@@ -254,10 +302,14 @@ class Runtime:
         hidden = aux_dim // len(aux_ids)  # final_hidden is the target's
         tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        ring = store = staging = None
+        ring = store = staging = prefill = None
         if owner:
             max_req = int(os.environ.get(ENV_STAGING_REQUESTS) or min(sa.max_running_requests or 128, 256))
-            staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3)
+            order = Sequencer()
+            staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3,
+                                     sequencer=order)
+            prefill = PrefillStaging(int(os.environ.get(ENV_PREFILL_ROWS) or 2048), k, aux_dim, hidden,
+                                     device=device, dtype=dtype, slots=2, sequencer=order)
             ring = SignalRing.create("aurora_ring", int(os.environ.get(ENV_RING_RECORDS) or 1024), k + 1,
                                      aux_dim, hidden, k, device=device)
             store = WeightStore.create("aurora_weights", layout, device=device)
@@ -270,7 +322,7 @@ class Runtime:
                 "scheduler_pid": os.getpid()})
             log.info("aurora_sgl: ring and weight store ready on %s (swap: %s)", device, swapper.mode)
         rt = cls(staging=staging, ring=ring, store=store, swapper=swapper, leader=leader,
-                 handoff_dir=handoff_dir, tp_group=tp_group, side_stream=side)
+                 handoff_dir=handoff_dir, tp_group=tp_group, side_stream=side, prefill=prefill)
         rt.draft_version = 1
         return rt
 
@@ -300,8 +352,9 @@ class Runtime:
 
     # -- every rank, once per scheduler iteration ------------------------------------------------
     def iteration(self, forward_stream=None) -> None:
-        if self.staging is not None and self.ring is not None:
-            self.counters["records_written"] += self.staging.drain(self.ring, self.side_stream)
+        stagings = [st for st in (self.staging, self.prefill) if st is not None]
+        if stagings and self.ring is not None:
+            self.counters["records_written"] += drain_in_order(stagings, self.ring, self.side_stream)
         if self.store is None and self.handoff_dir:
             self._attach_store()
         if self.pending_version > self.draft_version and self.store is not None:
@@ -354,6 +407,9 @@ class Runtime:
         if self.staging is not None:
             out.update(captured=self.staging.captured, staging_drops=self.staging.staging_drops,
                        capture_skipped=self.staging.skipped)
+        if self.prefill is not None:
+            out.update(prefill_captured=self.prefill.captured, prefill_staging_drops=self.prefill.staging_drops,
+                       prefill_rows_dropped=self.prefill.rows_dropped, prefill_skipped=self.prefill.skipped)
         if self.ring is not None:
             out.update({f"ring_{k}": v for k, v in self.ring.stats().items()})
         return out
