@@ -57,7 +57,8 @@ _CHILD = textwrap.dedent("""
         inner = getattr(EAGLEWorkerV2.verify, "__wrapped__", None)
         return {"verify_wrapped": EAGLEWorkerV2.verify is not kept["verify"] and inner is kept["verify"],
                 "verify_ours": ours(EAGLEWorkerV2.verify, plugin._around_verify),
-                "ingest_ours": ours(Scheduler.ingest_requests, plugin._after_iteration)}
+                "ingest_ours": ours(Scheduler.ingest_requests, plugin._after_iteration),
+                "prefill_ours": ours(EAGLEWorkerV2._forward_prefill_batch, plugin._around_prefill)}
 
     os.environ["SGLANG_PLUGINS"] = "some_other_plugin"  # a whitelist without us
     plugins.load_plugins()
@@ -91,8 +92,10 @@ def test_load_plugins_discovers_entry_point_and_whitelist_disables(tmp_path):
     p = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["disabled"] == {"verify_wrapped": False, "verify_ours": False, "ingest_ours": False}
-    assert out["enabled"] == {"verify_wrapped": True, "verify_ours": True, "ingest_ours": True}
+    assert out["disabled"] == {"verify_wrapped": False, "verify_ours": False, "ingest_ours": False,
+                               "prefill_ours": False}
+    assert out["enabled"] == {"verify_wrapped": True, "verify_ours": True, "ingest_ours": True,
+                              "prefill_ours": True}
 
 
 # ---- capture --------------------------------------------------------------------------------------
