@@ -100,6 +100,29 @@ def preflight() -> str | None:
     return None
 
 
+def prepare_checkpoint_dir(path: str | None) -> tuple[str | None, str | None]:
+    """(absolute checkpoint dir, None), or (None, one-line error). A missing directory is created
+    0700 (checkpoints are the served weights); an existing one must accept a new file, tried by
+    writing one -- the trainer writes there minutes later, far from the command line."""
+    if not path:
+        return None, None
+    root = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        return None, f"--checkpoint-dir {path} exists and is not a directory"
+    except OSError as e:
+        return None, f"--checkpoint-dir {path} cannot be created: {e.strerror}"
+    if not os.path.isdir(root):
+        return None, f"--checkpoint-dir {path} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        return None, f"--checkpoint-dir {path} is not writable: {e.strerror}"
+    return root, None
+
+
 class TrainerSidecar:
     """Waits for the scheduler's handoff, then runs and supervises the trainer process."""
 
@@ -197,7 +220,10 @@ class TrainerSidecar:
 
 
 def main(args, passthrough: list[str]) -> int:
-    error = preflight()
+    # Before anything starts: the trainer resumes from and saves into this directory.
+    args.checkpoint_dir, error = prepare_checkpoint_dir(getattr(args, "checkpoint_dir", None))
+    if not error:
+        error = preflight()
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
