@@ -181,9 +181,12 @@ def check_ipc(device: str, quick: bool) -> None:
 
 # ---- the SGLang plugin's capture staging (no sglang needed: VerifyStep is ours) ------------------
 def check_capture(device: str) -> None:
-    """CaptureStaging on the device: rows land exactly; on CUDA the in-step capture must not wait
-    for the GPU (it returns while a long kernel still runs) and the drain skips unfinished slots."""
-    from .sglang_backend.capture import CaptureStaging, VerifyStep
+    """CaptureStaging (verify) and PrefillStaging (prompt rows) on the device: rows land exactly,
+    prompt records before the decode records of the step after; on CUDA the in-step captures must
+    not wait for the GPU (they return while a long kernel still runs) and the drain skips
+    unfinished slots."""
+    from .sglang_backend.capture import CaptureStaging, Sequencer, VerifyStep, drain_in_order
+    from .sglang_backend.prefill import PrefillStaging, PrefillStep
     from .signal_ring import SignalRing
 
     dev = torch.device(device)
@@ -199,8 +202,16 @@ def check_capture(device: str) -> None:
                       root_tokens=draft.view(bs, d)[:, 0].to(dev), draft_tokens=draft.view(bs, d).to(dev),
                       predict=predict.to(dev), accept_lens=acc.to(dev), accept_index=accept_index.to(dev),
                       aux_hidden=aux.to(dev), final_hidden=final.to(dev), topk=1)
-    staging = CaptureStaging(64, steps, adim, hdim, device=dev)
-    ring = SignalRing.create("aurora_check_capture", 64, steps + 1, adim, hdim, steps)
+    plens = [40, 17, 3]  # prompt rows of three requests (one prefill batch)
+    n = sum(plens)
+    p_ids, p_aux, p_final = torch.randint(0, 6000, (n + 1,), generator=g), torch.randn(n, adim, generator=g), \
+        torch.randn(n, hdim, generator=g)
+    pstep = PrefillStep([f"p{i}" for i in range(3)], [0, 5, 0], plens, p_ids[:n].to(dev), p_ids[1:].to(dev),
+                        p_aux.to(dev), p_final.to(dev))
+    order = Sequencer()
+    staging = CaptureStaging(64, steps, adim, hdim, device=dev, sequencer=order)
+    prefill = PrefillStaging(256, steps, adim, hdim, device=dev, sequencer=order)
+    ring = SignalRing.create("aurora_check_capture", 128, steps + 1, adim, hdim, steps)
     reader = SignalRing.attach(ring.spec())
     cuda = dev.type == "cuda"
     side = torch.cuda.Stream(dev) if cuda else None
@@ -213,18 +224,26 @@ def check_capture(device: str) -> None:
                 x = x @ x
                 x = x / x.norm()
         t0 = time.perf_counter()
+        prefill.capture(pstep)
         staging.capture(step)
         enqueue_us = (time.perf_counter() - t0) * 1e6
         if cuda:
-            busy = not staging.slots[0].ready.query()
-            early = staging.drain(ring, side)
+            busy = not staging.slots[0].ready.query() and not prefill.slots[0].ready.query()
+            early = drain_in_order([staging, prefill], ring, side)
             no_wait = f"returned while GPU busy: {busy}, drained early: {early}"
             torch.cuda.synchronize()
-        staging.drain(ring, side)
+        drain_in_order([staging, prefill], ring, side)
         if cuda:
             side.synchronize()
-        recs = reader.read(64)
-        ok = len(recs) == bs and all(
+        precs = reader.read(128)
+        per = steps + 1
+        n_prefill = sum((m + per - 1) // per for m in plens)
+        precs, recs = precs[:n_prefill], precs[n_prefill:]
+        ok = all(r.request_id.startswith("p") for r in precs) and \
+            torch.equal(torch.cat([r.aux_hidden for r in precs]), p_aux) and \
+            torch.equal(torch.cat([r.next_tokens for r in precs]), p_ids[1:]) and \
+            torch.equal(torch.cat([r.final_hidden for r in precs]), p_final)
+        ok = ok and len(recs) == bs and all(
             torch.equal(r.aux_hidden, aux[i * d:i * d + int(acc[i])]) and torch.equal(r.final_hidden, final[i * d:i * d + int(acc[i])])
             and torch.equal(r.next_tokens, predict[i * d:i * d + int(acc[i])]) for i, r in enumerate(recs))
         if cuda:
@@ -233,7 +252,7 @@ def check_capture(device: str) -> None:
         reader.close()
         ring.close()
     ROWS.append(("sglang capture staging", "PASS" if ok else "FAIL",
-                 f"{bs} requests exact: {ok}; capture enqueue {enqueue_us:.0f} us; {no_wait}"))
+                 f"{n} prompt rows + {bs} verify requests exact, in order: {ok}; both enqueues {enqueue_us:.0f} us; {no_wait}"))
 
 
 # ---- trainer on the device ------------------------------------------------------------------------
