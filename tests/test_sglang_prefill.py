@@ -165,8 +165,9 @@ def test_prefill_and_decode_records_of_one_request_stitch_into_one_sequence():
             draft_token=draft, custom_mask=None, positions=None, retrieve_index=None, retrieve_next_token=None,
             retrieve_next_sibling=None, retrieve_cum_len=None, spec_steps=K, topk=1, draft_token_num=K + 1,
             capture_hidden_mode=CaptureHiddenMode.FULL, seq_lens_sum=9, seq_lens_cpu=seq_lens)
+        # no host mirror (SGLang's mirrorless overlap mode): the position comes from the device seq_lens
         vbatch = ScheduleBatch(reqs=batch.reqs, device="cpu", forward_mode=ForwardMode.TARGET_VERIFY,
-                               seq_lens=seq_lens, seq_lens_cpu=seq_lens, spec_info=verify)
+                               seq_lens=seq_lens, seq_lens_cpu=None, spec_info=verify)
         vres = GenerationBatchResult(
             logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=torch.randn(K + 1, A),
                                                 last_hidden_states=torch.randn(K + 1, H)),

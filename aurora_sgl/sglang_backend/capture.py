@@ -54,6 +54,9 @@ class VerifyStep:
     final_hidden: torch.Tensor | None  # [>= bs*D, H] NOT compacted (gathered with accept_index)
     topk: int
     draft_version: int = 0
+    # [bs] device seq_lens (= root positions), copied like the accept lengths: under overlap
+    # scheduling the host mirror can lag or be absent, the device tensor is what verify used.
+    seq_lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -65,6 +68,8 @@ class _Slot:
     final: torch.Tensor
     accept_dev: torch.Tensor  # int64 on the device: the pinned copy below must not convert dtypes
     accept_host: torch.Tensor  # pinned on CUDA
+    pos_dev: torch.Tensor  # int64 root positions on the device (from seq_lens)
+    pos_host: torch.Tensor  # pinned on CUDA
     ready: object = None  # CUDA event: the copies into this slot are done
     drained: object = None  # CUDA event: the ring copies out of this slot are done
     meta: dict = field(default_factory=dict)
@@ -90,6 +95,8 @@ class CaptureStaging:
                 final=torch.zeros(max_requests, self.s, hidden_dim, dtype=dtype, device=self.device),
                 accept_dev=torch.zeros(max_requests, **z),
                 accept_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
+                pos_dev=torch.zeros(max_requests, **z),
+                pos_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
                 ready=torch.cuda.Event() if self.cuda else None,
                 drained=torch.cuda.Event() if self.cuda else None))
         self._next = 0  # slot the next capture writes
@@ -126,10 +133,14 @@ class CaptureStaging:
         slot.final[:bs].copy_(step.final_hidden.index_select(0, rows).view(bs, s, -1))
         slot.accept_dev[:bs].copy_(step.accept_lens)
         slot.accept_host[:bs].copy_(slot.accept_dev[:bs], non_blocking=self.cuda)  # async D2H into pinned memory
+        if step.seq_lens is not None:
+            slot.pos_dev[:bs].copy_(step.seq_lens)
+            slot.pos_host[:bs].copy_(slot.pos_dev[:bs], non_blocking=self.cuda)
         if self.cuda:
             slot.ready.record()
         slot.meta = {"ids": list(step.request_ids), "positions": list(step.positions), "bs": bs,
-                     "topk": step.topk, "version": step.draft_version, "seq": self.sequencer.next()}
+                     "topk": step.topk, "version": step.draft_version, "seq": self.sequencer.next(),
+                     "device_positions": step.seq_lens is not None}
         slot.full = True
         self.captured += 1
         return True
@@ -144,8 +155,9 @@ class CaptureStaging:
         """One record per request of a completed slot: the rows of its accepted chain."""
         m = slot.meta
         acc = slot.accept_host[:m["bs"]].tolist()
+        positions = slot.pos_host[:m["bs"]].tolist() if m.get("device_positions") else m["positions"]
         out = []
-        for i, (rid, pos, n) in enumerate(zip(m["ids"], m["positions"], acc)):
+        for i, (rid, pos, n) in enumerate(zip(m["ids"], positions, acc)):
             n = max(1, min(int(n), self.s))
             a = n - 1  # accepted drafts
             outcome = torch.full((self.k,), -1, dtype=torch.int8)

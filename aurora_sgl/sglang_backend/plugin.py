@@ -208,15 +208,17 @@ def verify_step(worker, batch, result, draft_version: int = 0) -> VerifyStep | N
     draft = spec.draft_token.view(bs, d) if getattr(spec, "draft_token", None) is not None else None
     # Spec v2 keeps seq_lens = tokens in the KV cache *before* this step; the root (the last
     # committed token, not yet in the cache) sits at position seq_lens (SGLang's
-    # build_tree_kernel_efficient: prompt length 7 -> root position 7). After a prefill of L
-    # tokens the first root is the first sampled token at L, right after the prompt's records.
+    # build_tree_kernel_efficient: prompt length 7 -> root position 7; verify commits
+    # seq_lens + accept_lens). After a prefill of L tokens the first root is the first sampled
+    # token at L, right after the prompt's records. The capture copies the device seq_lens (what
+    # verify used); the host mirror below is only the fallback.
     seq = batch.seq_lens_cpu.tolist() if batch.seq_lens_cpu is not None else [0] * bs
     return VerifyStep(
         request_ids=[r.rid for r in batch.reqs], positions=[int(n) for n in seq],
         root_tokens=draft[:, 0] if draft is not None else batch.input_ids.view(bs, d)[:, 0],
         draft_tokens=draft, predict=result.next_token_ids, accept_lens=result.accept_lens,
         accept_index=result.accept_index, aux_hidden=lo.hidden_states, final_hidden=lo.last_hidden_states,
-        topk=worker.topk, draft_version=draft_version)
+        topk=worker.topk, draft_version=draft_version, seq_lens=batch.seq_lens)
 
 
 def prefill_step(before, batch, result, draft_version: int = 0) -> PrefillStep | None:
