@@ -252,7 +252,8 @@ def check_capture(device: str) -> None:
         reader.close()
         ring.close()
     ROWS.append(("sglang capture staging", "PASS" if ok else "FAIL",
-                 f"{n} prompt rows + {bs} verify requests exact, in order: {ok}; both enqueues {enqueue_us:.0f} us; {no_wait}"))
+                 f"{n} prompt rows + {bs} verify requests exact, in order: {ok}; "
+                 f"both enqueues {enqueue_us:.0f} us; {no_wait}"))
 
 
 # ---- trainer on the device ------------------------------------------------------------------------
