@@ -64,7 +64,7 @@ log = logging.getLogger("aurora_sgl.sglang")
 ENV_DIR = "AURORA_SGL_HANDOFF_DIR"
 ENV_RING_RECORDS = "AURORA_SGL_RING_RECORDS"
 ENV_STAGING_REQUESTS = "AURORA_SGL_STAGING_REQUESTS"
-ENV_PREFILL_ROWS = "AURORA_SGL_PREFILL_ROWS"  # prompt rows one prefill staging slot holds
+ENV_PREFILL_ROWS = "AURORA_SGL_PREFILL_ROWS"  # prompt rows one prefill staging slot holds (< 0: off)
 HANDOFF = "handoff.json"
 
 _W = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
@@ -310,8 +310,10 @@ class Runtime:
             order = Sequencer()
             staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3,
                                      sequencer=order)
-            prefill = PrefillStaging(int(os.environ.get(ENV_PREFILL_ROWS) or 2048), k, aux_dim, hidden,
-                                     device=device, dtype=dtype, slots=2, sequencer=order)
+            prefill_rows = int(os.environ.get(ENV_PREFILL_ROWS) or 2048)
+            if prefill_rows > 0:  # a negative value turns prompt capture off
+                prefill = PrefillStaging(prefill_rows, k, aux_dim, hidden, device=device, dtype=dtype,
+                                         slots=2, sequencer=order)
             ring = SignalRing.create("aurora_ring", int(os.environ.get(ENV_RING_RECORDS) or 1024), k + 1,
                                      aux_dim, hidden, k, device=device)
             store = WeightStore.create("aurora_weights", layout, device=device)
