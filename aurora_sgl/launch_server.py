@@ -16,40 +16,62 @@ log = logging.getLogger("aurora_sgl")
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m aurora_sgl.launch_server",
-                                 description="Online speculative decoding server (embedded or SGLang backend).")
+                                 description="Online speculative decoding server (embedded or SGLang backend).",
+                                 allow_abbrev=False)  # a prefix of an SGLang flag must not match ours
     ap.add_argument("--model-path", default=None, help="target model directory (default: built-in reference model)")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--backend", choices=("embedded", "sglang"), default="embedded")
-    ap.add_argument("--speculative-num-steps", type=int, default=4, help="draft tokens per step (0: no speculation)")
+    ap.add_argument("--speculative-num-steps", type=int, default=None,
+                    help="draft tokens per step (0: no speculation; default 4 embedded, 5 sglang)")
     ap.add_argument("--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)")
-    ap.add_argument("--max-running-requests", type=int, default=16)
-    ap.add_argument("--max-queued-requests", type=int, default=128,
-                    help="requests waiting for a slot; beyond running + queued the server answers 503 with Retry-After")
+    ap.add_argument("--max-running-requests", type=int, default=None, help="default 16 embedded, SGLang's own for sglang")
+    ap.add_argument("--max-queued-requests", type=int, default=None,
+                    help="embedded: requests waiting for a slot (default 128); beyond running + queued the server "
+                         "answers 503 with Retry-After. sglang: passed to SGLang")
     ap.add_argument("--context-length", type=int, default=None)
     ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic")
-    ap.add_argument("--trainer-device", default="cpu")
+    ap.add_argument("--trainer-device", default=None, help="default cpu embedded; sglang: cuda:1 with two or more GPUs, else cuda:0")
     ap.add_argument("--train-objective", choices=("kl", "kl_rejected", "accept"), default="kl")
     ap.add_argument("--train-lr", type=float, default=None,
                     help="trainer learning rate (default 1e-4 from a random head, 1e-5 from a pretrained one)")
     ap.add_argument("--checkpoint-dir", default=None, help="trainer checkpoints; a restart resumes from the newest")
     ap.add_argument("--trainer-config", default=None, metavar="JSON",
                     help='trainer settings (TrainerConfig fields), e.g. \'{"checkpoint_every": 1, "tokens_per_step": 512}\'')
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=None, help="embedded: cpu (default) or cuda; sglang: passed to SGLang")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for serving (default: all cores but one)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return ap
+
+
+def resolve_defaults(args) -> None:
+    """Defaults that depend on the backend."""
+    sglang = args.backend == "sglang"
+    if args.speculative_num_steps is None:
+        args.speculative_num_steps = 5 if sglang else 4
+    if args.max_running_requests is None and not sglang:
+        args.max_running_requests = 16
+    if args.max_queued_requests is None and not sglang:
+        args.max_queued_requests = 128
+    if args.trainer_device is None:
+        if sglang:
+            import torch
+            args.trainer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+        else:
+            args.trainer_device = "cpu"
+    if args.device is None and not sglang:
+        args.device = "cpu"
 
 
 def validate(args) -> str | None:
     """Returns a one-line error for an invalid combination, or None."""
     if not 0 <= args.speculative_num_steps <= 16:
         return "--speculative-num-steps must be between 0 and 16"
-    if args.max_running_requests < 1:
+    if args.max_running_requests is not None and args.max_running_requests < 1:
         return "--max-running-requests must be at least 1"
-    if args.max_queued_requests < 0:
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
         return "--max-queued-requests must be at least 0"
     if not 0 < args.port < 65536:
         return "--port must be between 1 and 65535"
@@ -69,8 +91,8 @@ def validate(args) -> str | None:
             return error
     if args.checkpoint_dir and not args.online:
         return "--checkpoint-dir is only used with --online"
-    if args.backend == "sglang":
-        return "--backend sglang is not available yet in this build (the SGLang plugin is pending); use --backend embedded"
+    if args.backend == "sglang" and args.speculative_num_steps == 0:
+        return "--backend sglang runs EAGLE-3: --speculative-num-steps must be at least 1"
     return None
 
 
@@ -96,11 +118,26 @@ def _check_trainer_config(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    # Flags we do not know belong to SGLang, and only the sglang backend passes them on.
+    args, passthrough = ap.parse_known_args(argv)
+    if passthrough and args.backend != "sglang":
+        ap.error(f"unrecognized arguments: {' '.join(passthrough)} (SGLang flags need --backend sglang)")
+    if args.backend == "sglang":
+        from .sglang_backend.launcher import preflight
+        error = preflight()  # before anything imports CUDA state or loads a model
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    resolve_defaults(args)
     error = validate(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.backend == "sglang":
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .sglang_backend.launcher import main as sglang_main
+        return sglang_main(args, passthrough)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 

@@ -8,7 +8,6 @@ weights, and the supervisor restarts the trainer from the newest checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -20,6 +19,7 @@ import time
 from .engine import Engine
 from .flywheel import Flywheel
 from .signal_ring import SignalRing, cleanup_on_signals
+from .spec_io import write_spec
 from .trainer import TrainerStatus, newest_checkpoint
 from .weight_store import WeightStore, layout_of
 
@@ -77,20 +77,17 @@ class OnlineTraining:
         self._remove_spec()
 
     def _remove_spec(self) -> None:
+        """The spec and, on CUDA, the IPC-handle pickle beside it; then the directory."""
         try:
-            os.remove(os.path.join(self._spec_dir, "spec.json"))
-        except OSError:
-            pass
-        try:
+            for name in os.listdir(self._spec_dir):
+                os.remove(os.path.join(self._spec_dir, name))
             os.rmdir(self._spec_dir)
         except OSError:
             pass
 
     def _spawn(self, spec: dict) -> None:
         path = os.path.join(self._spec_dir, "spec.json")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
+        write_spec(spec, path)  # 0600; CUDA IPC handles go to a pickle file beside it
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
         self.proc = subprocess.Popen([sys.executable, "-m", "aurora_sgl.trainer", "--spec", path], env=env)
         log.info("trainer started (pid %d)", self.proc.pid)

@@ -47,6 +47,7 @@ import torch
 from .draft_head import Eagle3Config, Eagle3Head
 from .losses import OBJECTIVES, ttt_logits
 from .offline_train import HeadBatch, Sequence, draft_vocab_from_counts, train_step
+from .spec_io import read_spec
 from .signal_ring import AttachedSegment, RingRecord, SharedSegment, SignalRing, create_segment
 from .weight_store import WeightStore
 
@@ -835,8 +836,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     parent = os.getppid()
     try:
-        with open(args.spec) as f:
-            spec = json.load(f)
+        spec = read_spec(args.spec)  # JSON, plus CUDA IPC handles from the file beside it
         run_trainer(spec, stop, parent_pid=spec.get("parent_pid", parent))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -212,15 +212,22 @@ class WeightStore(SharedSegment):
         hold a mix and the caller retries next step."""
         if len(params) != len(self.names):
             raise ValueError(f"got {len(params)} tensors, the layout has {len(self.names)}")
+        return self.copy_with(lambda views: torch._foreach_copy_(params, views), version, stream)
 
+    @torch.no_grad()
+    def copy_with(self, copy_fn, version: int, stream: "torch.cuda.Stream | None" = None) -> bool:
+        """`copy_into` for destinations laid out differently (e.g. SGLang's fused parameters):
+        `copy_fn(views)` gets the buffer's views in layout order and must only enqueue copies out of
+        them. On CUDA it runs on `stream` after the trainer's publish event, and the engine event
+        the trainer waits on before rewriting the buffer is recorded after it."""
         def copy(b: int) -> None:
             if self._pub_event is None:
-                torch._foreach_copy_(params, self._views[b])
+                copy_fn(self._views[b])
                 return
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                cur = torch.cuda.current_stream(self.device)
+                cur = torch.cuda.current_stream(stream.device if stream is not None else self.device)
                 cur.wait_event(self._pub_event)
-                torch._foreach_copy_(params, self._views[b])
+                copy_fn(self._views[b])
                 # The trainer waits on this before it next writes b.
                 self._eng_event.record(cur)
 

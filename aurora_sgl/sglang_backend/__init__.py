@@ -1,0 +1,10 @@
+"""SGLang 0.5.23 backend: a plugin (entry point `sglang.srt.plugins`) that hooks SGLang's EAGLE-3
+worker, plus the launcher that starts SGLang's server and our trainer sidecar.
+
+    capture.py   verify outputs -> device staging -> StepRecords for the signal ring (torch only)
+    swap.py      weight-store tensors -> SGLang's draft parameters, in place (torch only)
+    plugin.py    the hooks and the per-scheduler runtime (imports sglang lazily)
+    launcher.py  `launch_server --backend sglang`: ServerArgs, day-0 head, trainer sidecar
+
+Nothing here is imported by the engine, ring, store or trainer.
+"""

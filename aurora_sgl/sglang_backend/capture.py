@@ -1,0 +1,216 @@
+"""What the verify hook keeps of one EAGLE-3 verify step, and how it becomes ring records.
+
+Inside `EAGLEWorkerV2.verify` nothing may wait for the GPU, and the verify outputs are views into
+the CUDA graph's static buffers that the next replay overwrites. So the hook only enqueues
+fixed-size copies, on the forward stream, into a slot of a small device staging ring
+(`CaptureStaging`): for each request the first S = num_steps + 1 rows of its block (the accepted
+chain is there, topk > 1 included once SGLang compacted the path), the accept length (also into
+pinned host memory), and host metadata SGLang already has on the CPU (request ids, seq lens).
+Copying S rows per request whatever was accepted keeps every size known on the host.
+
+`drain()` runs at the next scheduler iteration: a slot whose event has completed becomes one
+`StepRecord` per request, rows [0, accept_len), written into the `SignalRing` on a side stream.
+Why a staging ring in front of the signal ring: the signal ring needs the row count of every record
+on the host (its meta words, truncation), and that is a device value during verify. Why not drain
+inside the step: the accept lengths reach the host only after the step. Both costs are one
+enqueue in the step and a host memcpy of `bs` ints per iteration. A slot the host has not drained
+when the hook needs it again is overwritten and counted (`staging_drops`): the writer never waits.
+
+Final hidden state: the trainer's contract (ring field `final_hidden`, a frozen lm_head copy in the
+trainer) is the embedded backend's. In EAGLE-3 mode SGLang's `logits_output.hidden_states` holds
+only the aux layers, but its `LogitsProcessor` can also return the post-norm last-layer states as
+`last_hidden_states` (`keep_last_hidden_states`, normally set only for
+--enable-return-aux-hidden-states, which turns speculation off). The plugin sets that flag on the
+target's logits processor after the model loads, before graphs are captured, so the graph keeps the
+tensor it already computed as an output and the decode graph runner returns it: no extra kernel in
+the graph. We prefer this over the alternative (verify logits reduced to top-k draft-vocab
+probabilities in the hook) because it keeps one contract for both backends and costs no top-k /
+softmax kernel inside the step. `last_hidden_states` is not compacted by SGLang for topk > 1, so
+its rows are gathered here with `accept_index`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import StepRecord
+
+
+@dataclass
+class VerifyStep:
+    """Tensors of one verify step as SGLang 0.5.23 leaves them after `run_eagle_verify`
+    (device tensors under CUDA; the hook passes views, nothing is copied yet)."""
+
+    request_ids: list[str]
+    positions: list[int]  # per request: position of the root (last committed) token = seq_lens
+    root_tokens: torch.Tensor  # [bs] the verify input's first token per request
+    draft_tokens: torch.Tensor | None  # [bs, D] the verify input (None: not available)
+    predict: torch.Tensor  # [bs*D] target tokens, accepted path compacted to the front for topk > 1
+    accept_lens: torch.Tensor  # [bs] accepted drafts + 1
+    accept_index: torch.Tensor  # [bs, S] global row of each accepted node (-1 padded)
+    aux_hidden: torch.Tensor  # [bs*D, A] compacted like predict
+    final_hidden: torch.Tensor | None  # [>= bs*D, H] NOT compacted (gathered with accept_index)
+    topk: int
+    draft_version: int = 0
+    # [bs] device seq_lens (= root positions), copied like the accept lengths: under overlap
+    # scheduling the host mirror can lag or be absent, the device tensor is what verify used.
+    seq_lens: torch.Tensor | None = None
+
+
+@dataclass
+class _Slot:
+    inputs: torch.Tensor
+    nexts: torch.Tensor
+    drafts: torch.Tensor
+    aux: torch.Tensor
+    final: torch.Tensor
+    accept_dev: torch.Tensor  # int64 on the device: the pinned copy below must not convert dtypes
+    accept_host: torch.Tensor  # pinned on CUDA
+    pos_dev: torch.Tensor  # int64 root positions on the device (from seq_lens)
+    pos_host: torch.Tensor  # pinned on CUDA
+    ready: object = None  # CUDA event: the copies into this slot are done
+    drained: object = None  # CUDA event: the ring copies out of this slot are done
+    meta: dict = field(default_factory=dict)
+    full: bool = False
+
+
+class CaptureStaging:
+    """A few device slots, each sized for `max_requests` requests of S rows."""
+
+    def __init__(self, max_requests: int, num_steps: int, aux_dim: int, hidden_dim: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, slots: int = 4,
+                 sequencer: "Sequencer | None" = None):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.max_requests, self.k, self.s = max_requests, num_steps, num_steps + 1
+        self.slots = []
+        for _ in range(slots):
+            z = dict(dtype=torch.long, device=self.device)
+            self.slots.append(_Slot(
+                inputs=torch.zeros(max_requests, self.s, **z), nexts=torch.zeros(max_requests, self.s, **z),
+                drafts=torch.full((max_requests, num_steps), -1, **z),
+                aux=torch.zeros(max_requests, self.s, aux_dim, dtype=dtype, device=self.device),
+                final=torch.zeros(max_requests, self.s, hidden_dim, dtype=dtype, device=self.device),
+                accept_dev=torch.zeros(max_requests, **z),
+                accept_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
+                pos_dev=torch.zeros(max_requests, **z),
+                pos_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
+                ready=torch.cuda.Event() if self.cuda else None,
+                drained=torch.cuda.Event() if self.cuda else None))
+        self._next = 0  # slot the next capture writes
+        self.sequencer = sequencer if sequencer is not None else Sequencer()
+        self.captured = self.staging_drops = self.skipped = self.drained_records = 0
+
+    # ---- inside the step (forward stream, no host sync) ---------------------------------------
+    @torch.no_grad()
+    def capture(self, step: VerifyStep) -> bool:
+        bs = len(step.request_ids)
+        if bs == 0:
+            return False
+        if bs > self.max_requests or step.final_hidden is None:
+            self.skipped += 1
+            return False
+        slot = self.slots[self._next]
+        self._next = (self._next + 1) % len(self.slots)
+        if slot.full:  # the host never drained it: overwrite, the writer does not wait
+            self.staging_drops += 1
+        if self.cuda:  # the previous ring copies out of this slot must finish first (GPU-side wait)
+            torch.cuda.current_stream(self.device).wait_event(slot.drained)
+        s, k = self.s, self.k
+        d = step.predict.numel() // bs
+        pred = step.predict.view(bs, d)
+        slot.nexts[:bs].copy_(pred[:, :s])
+        slot.inputs[:bs, 0].copy_(step.root_tokens)
+        slot.inputs[:bs, 1:].copy_(pred[:, :s - 1])  # an accepted draft equals the target's token
+        if step.topk == 1 and step.draft_tokens is not None:
+            slot.drafts[:bs].copy_(step.draft_tokens.view(bs, d)[:, 1:k + 1])
+        else:  # tree: only the accepted path is known per request; the drain masks the rest
+            slot.drafts[:bs].copy_(pred[:, :k])
+        slot.aux[:bs].copy_(step.aux_hidden[:bs * d].view(bs, d, -1)[:, :s])
+        rows = step.accept_index[:, :s].clamp(min=0).reshape(-1)
+        slot.final[:bs].copy_(step.final_hidden.index_select(0, rows).view(bs, s, -1))
+        slot.accept_dev[:bs].copy_(step.accept_lens)
+        slot.accept_host[:bs].copy_(slot.accept_dev[:bs], non_blocking=self.cuda)  # async D2H into pinned memory
+        if step.seq_lens is not None:
+            slot.pos_dev[:bs].copy_(step.seq_lens)
+            slot.pos_host[:bs].copy_(slot.pos_dev[:bs], non_blocking=self.cuda)
+        if self.cuda:
+            slot.ready.record()
+        slot.meta = {"ids": list(step.request_ids), "positions": list(step.positions), "bs": bs,
+                     "topk": step.topk, "version": step.draft_version, "seq": self.sequencer.next(),
+                     "device_positions": step.seq_lens is not None}
+        slot.full = True
+        self.captured += 1
+        return True
+
+    # ---- at the scheduler iteration -----------------------------------------------------------
+    def ready_slots(self) -> list[_Slot]:
+        """Filled slots whose copies have completed, oldest first (never waits)."""
+        out = [sl for sl in self.slots if sl.full and (sl.ready is None or sl.ready.query())]
+        return sorted(out, key=lambda sl: sl.meta["seq"])
+
+    def records(self, slot: _Slot) -> list[StepRecord]:
+        """One record per request of a completed slot: the rows of its accepted chain."""
+        m = slot.meta
+        acc = slot.accept_host[:m["bs"]].tolist()
+        positions = slot.pos_host[:m["bs"]].tolist() if m.get("device_positions") else m["positions"]
+        out = []
+        for i, (rid, pos, n) in enumerate(zip(m["ids"], positions, acc)):
+            n = max(1, min(int(n), self.s))
+            a = n - 1  # accepted drafts
+            outcome = torch.full((self.k,), -1, dtype=torch.int8)
+            outcome[:a] = 1
+            if a < self.k:
+                outcome[a] = 0
+            nxt, drafts = slot.nexts[i], slot.drafts[i]
+            dev = nxt.device
+            target = torch.full((self.k,), -1, dtype=torch.long, device=dev)
+            target[:min(n, self.k)] = nxt[:min(n, self.k)]  # the target's token at each reached draft
+            if m["topk"] > 1:  # tree: the rejected sibling set is not one token
+                drafts = torch.where(torch.arange(self.k, device=dev) < a, drafts, torch.full_like(drafts, -1))
+            out.append(StepRecord(
+                request_id=rid, position=int(pos), draft_tokens=drafts, target_tokens=target,
+                outcome=outcome.to(dev), num_accepted=a, committed=[],
+                input_tokens=slot.inputs[i, :n], next_tokens=nxt[:n], aux_hidden=slot.aux[i, :n],
+                final_hidden=slot.final[i, :n], draft_version=m["version"]))
+        return out
+
+    def drain(self, ring, stream=None) -> int:
+        """Write every completed slot into `ring` (see `drain_in_order`)."""
+        return drain_in_order([self], ring, stream)
+
+
+class Sequencer:
+    """One step counter shared by the verify and prefill stagings: the drain writes their slots in
+    step order, so a request's prompt records reach the ring before its first decode record."""
+
+    def __init__(self):
+        self._n = 0
+
+    def next(self) -> int:
+        self._n += 1
+        return self._n - 1
+
+
+def drain_in_order(stagings, ring, stream=None) -> int:
+    """Write every completed slot of `stagings` into `ring`, oldest step first; returns the records
+    written. On CUDA the copies run on `stream` (not the forward stream) and never block the host."""
+    ready = sorted(((sl.meta["seq"], i, sl) for i, st in enumerate(stagings) for sl in st.ready_slots()),
+                   key=lambda t: t[:2])
+    written = 0
+    for _, i, slot in ready:
+        st = stagings[i]
+        if st.cuda:
+            with torch.cuda.stream(stream):
+                recs = st.records(slot)
+                ring.write_many(recs)
+                slot.drained.record()
+        else:
+            recs = st.records(slot)
+            ring.write_many(recs)
+        slot.full = False
+        written += len(recs)
+        st.drained_records += len(recs)
+    return written

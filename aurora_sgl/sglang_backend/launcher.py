@@ -1,0 +1,265 @@
+"""`launch_server --backend sglang`: SGLang's own HTTP server with our plugin, plus the trainer.
+
+    python -m aurora_sgl.launch_server --backend sglang --model-path M \
+        [--speculative-draft-model-path D] [--trainer-device cuda:N] [any SGLang flag]
+
+1. ServerArgs come from SGLang's own `prepare_server_args` on an argv we build: EAGLE3 with
+   5 steps, topk 1, 6 draft tokens unless the command line says otherwise; every flag our parser
+   does not know passes through unchanged.
+2. Without a draft path a random EAGLE-3 head shaped for the target is written to a temp dir
+   (day-0: the trainer starts from it).
+3. `AURORA_SGL_HANDOFF_DIR` (inherited by SGLang's scheduler processes) switches the plugin on.
+   The scheduler of TP rank 0 creates the ring and the weight store on its GPU and writes
+   `handoff.json` (+ CUDA IPC handles beside it); a supervisor thread here waits for it and starts
+   `python -m aurora_sgl.trainer` on the trainer device, restarting it if it dies.
+4. SGLang's server runs in this process (`sglang.launch_server.run_server`), as `sglang serve` would.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+log = logging.getLogger("aurora_sgl.sglang")
+
+DEFAULT_STEPS = 5
+DEFAULT_TOPK = 1
+PLUGIN_NAME = "aurora_sgl"
+MAX_RESTARTS = 5
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def sglang_argv(args, passthrough: list[str], draft_path: str) -> list[str]:
+    """The SGLang command line equivalent to ours (without the program name)."""
+    from .. import reference_model_path
+
+    steps = args.speculative_num_steps if args.speculative_num_steps is not None else DEFAULT_STEPS
+    argv = ["--model-path", args.model_path or reference_model_path(),
+            "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft_path,
+            "--speculative-num-steps", str(steps), "--host", args.host, "--port", str(args.port)]
+    if not _has_flag(passthrough, "--speculative-eagle-topk"):
+        argv += ["--speculative-eagle-topk", str(DEFAULT_TOPK)]
+        if not _has_flag(passthrough, "--speculative-num-draft-tokens"):
+            argv += ["--speculative-num-draft-tokens", str(steps + 1)]  # a chain: steps + root
+    for flag, value in (("--served-model-name", args.served_model_name), ("--api-key", args.api_key),
+                        ("--context-length", args.context_length),
+                        ("--max-running-requests", args.max_running_requests),
+                        ("--max-queued-requests", getattr(args, "max_queued_requests", None)), ("--device", args.device),
+                        ("--log-level", args.log_level)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + list(passthrough)
+
+
+def build_server_args(args, passthrough: list[str], draft_path: str):
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(sglang_argv(args, passthrough, draft_path))
+
+
+def day0_head(model_path: str, out_dir: str, draft_vocab_size: int = 32000) -> str:
+    """A random EAGLE-3 head in SGLang's layout for the target at `model_path`."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..draft_head import Eagle3Config, Eagle3Head
+
+    cfg = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    head = Eagle3Head(Eagle3Config.for_target(cfg, min(draft_vocab_size, cfg.vocab_size)),
+                      torch.zeros(cfg.vocab_size, cfg.hidden_size))
+    head.save(out_dir)
+    return out_dir
+
+
+def preflight() -> str | None:
+    """One-line reason the SGLang backend cannot run here, or None."""
+    try:
+        import torch
+    except ImportError:
+        return "--backend sglang needs torch"
+    if not torch.cuda.is_available():
+        return "--backend sglang needs a CUDA GPU and none is visible here; use --backend embedded"
+    try:
+        from importlib.metadata import entry_points
+        import sglang  # noqa: F401
+    except ImportError:
+        return "--backend sglang needs sglang==0.5.23 (pip install -e '.[sglang]')"
+    if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="sglang.srt.plugins")):
+        return ("SGLang cannot find the aurora_sgl plugin entry point; reinstall the package "
+                "(pip install -e .) so its metadata declares it")
+    return None
+
+
+def prepare_checkpoint_dir(path: str | None) -> tuple[str | None, str | None]:
+    """(absolute checkpoint dir, None), or (None, one-line error). A missing directory is created
+    0700 (checkpoints are the served weights); an existing one must accept a new file, tried by
+    writing one -- the trainer writes there minutes later, far from the command line."""
+    if not path:
+        return None, None
+    root = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        return None, f"--checkpoint-dir {path} exists and is not a directory"
+    except OSError as e:
+        return None, f"--checkpoint-dir {path} cannot be created: {e.strerror}"
+    if not os.path.isdir(root):
+        return None, f"--checkpoint-dir {path} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        return None, f"--checkpoint-dir {path} is not writable: {e.strerror}"
+    return root, None
+
+
+class TrainerSidecar:
+    """Waits for the scheduler's handoff, then runs and supervises the trainer process."""
+
+    def __init__(self, handoff_dir: str, args, pretrained: bool):
+        self.dir, self.args, self.pretrained = handoff_dir, args, pretrained
+        self.proc: subprocess.Popen | None = None
+        self.status = None
+        self.handoff: dict | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aurora-sgl-trainer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _trainer_spec(self) -> dict:
+        from ..trainer import TrainerStatus, newest_checkpoint
+
+        if self.status is None:
+            self.status = TrainerStatus.create("aurora_trainer")
+        h = self.handoff
+        cfg = dict(getattr(self.args, "trainer_overrides", {}), objective=self.args.train_objective)
+        if self.args.train_lr:
+            cfg["lr"] = self.args.train_lr
+        return {"ring": h["ring"], "store": h["store"], "status": self.status.spec(),
+                # the served checkpoint (its exact shapes), or after a restart the newest checkpoint
+                "model_path": h["model_path"], "pretrained": self.pretrained or self.restarts > 0,
+                "init_head": (newest_checkpoint(self.args.checkpoint_dir) if self.restarts else None) or h["draft_path"],
+                "aux_layer_ids": h["aux_layer_ids"], "draft_vocab_size": h["draft_vocab_size"],
+                "config": cfg, "checkpoint_dir": self.args.checkpoint_dir, "threads": 1,
+                "device": self.args.trainer_device, "parent_pid": os.getpid()}
+
+    def _spawn(self) -> None:
+        from ..spec_io import write_spec
+
+        path = os.path.join(self.dir, "trainer_spec.json")
+        write_spec(self._trainer_spec(), path)
+        self.proc = subprocess.Popen([sys.executable, "-m", "aurora_sgl.trainer", "--spec", path],
+                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
+        log.info("aurora_sgl trainer started (pid %d) on %s", self.proc.pid, self.args.trainer_device)
+
+    def _run(self) -> None:
+        from ..spec_io import read_spec
+        from .plugin import HANDOFF
+
+        path = os.path.join(self.dir, HANDOFF)
+        while not os.path.exists(path):
+            if self._stop.wait(0.5):
+                return
+        self.handoff = read_spec(path)
+        self._spawn()
+        last_log = time.monotonic()
+        while not self._stop.wait(1.0):
+            if self.proc.poll() is not None:
+                if self.restarts >= MAX_RESTARTS:
+                    log.error("trainer exited %d times; serving the last good weights without training", self.restarts)
+                    return
+                self.restarts += 1
+                log.warning("trainer exited with %s; restart %d", self.proc.returncode, self.restarts)
+                self._spawn()
+            if time.monotonic() - last_log >= 30:
+                last_log = time.monotonic()
+                log.info("aurora_sgl counters: %s", json.dumps(self.counters()))
+
+    def counters(self) -> dict:
+        """Per-rank plugin counters (exported by the schedulers) and the trainer's status."""
+        out = {}
+        for f in sorted(glob.glob(os.path.join(self.dir, "counters_rank*.json"))):
+            try:
+                with open(f) as fh:
+                    out[os.path.basename(f)[len("counters_"):-len(".json")]] = json.load(fh)
+            except (OSError, ValueError):
+                pass
+        if self.status is not None:
+            out["trainer"] = self.status.snapshot()
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        names = [self.handoff[k]["name"] for k in ("ring", "store")] if self.handoff else []
+        for name in names:  # the scheduler that owns them may have been killed
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
+        if self.status is not None:
+            self.status.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main(args, passthrough: list[str]) -> int:
+    # Before anything starts: the trainer resumes from and saves into this directory.
+    args.checkpoint_dir, error = prepare_checkpoint_dir(getattr(args, "checkpoint_dir", None))
+    if not error:
+        error = preflight()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from .. import reference_model_path
+    from .plugin import ENV_DIR
+
+    model_path = args.model_path or reference_model_path()
+    handoff_dir = tempfile.mkdtemp(prefix="aurora_sgl_")  # 0700
+    draft_path = args.speculative_draft_model_path
+    if draft_path is None:
+        draft_path = day0_head(model_path, os.path.join(handoff_dir, "day0_head"))
+        log.info("no draft given: random EAGLE-3 head at %s (day 0)", draft_path)
+    try:
+        server_args = build_server_args(args, passthrough, draft_path)
+    except SystemExit as e:  # SGLang's argparse already printed its one-line error
+        shutil.rmtree(handoff_dir, ignore_errors=True)
+        return int(e.code or 2)
+    if args.online:  # the plugin's hooks stay inert without it
+        os.environ[ENV_DIR] = handoff_dir
+    plugins = os.environ.get("SGLANG_PLUGINS")
+    if plugins and PLUGIN_NAME not in [p.strip() for p in plugins.split(",")]:
+        os.environ["SGLANG_PLUGINS"] = f"{plugins},{PLUGIN_NAME}"
+    sidecar = TrainerSidecar(handoff_dir, args, pretrained=args.speculative_draft_model_path is not None) \
+        if args.online else None
+    if sidecar is not None:
+        sidecar.start()
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    try:
+        run_server(server_args)
+    finally:
+        if sidecar is not None:
+            sidecar.close()
+        else:
+            shutil.rmtree(handoff_dir, ignore_errors=True)
+    return 0

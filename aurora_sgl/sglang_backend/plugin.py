@@ -1,0 +1,446 @@
+"""The SGLang plugin: `register()` is the `sglang.srt.plugins` entry point `aurora_sgl`.
+
+SGLang's `load_plugins()` calls it in every process that loads plugins (CLI, engine, each
+scheduler); it only registers hooks with SGLang's `HookRegistry`, which applies them. The hooks do
+nothing unless the launcher set `AURORA_SGL_HANDOFF_DIR` (so installing the package never changes a
+plain `sglang serve`). With it, in every scheduler process:
+
+  ModelRunner.load_model (after)     target only: its LogitsProcessor keeps `last_hidden_states`
+                                     (the final hidden state; see capture.py), before graph capture
+  EAGLEWorkerV2.__init__ (after)     build this rank's runtime: staging, swapper; the leader (TP
+                                     rank 0) also creates the CUDA signal ring and weight store,
+                                     publishes version 1 and writes the handoff for the launcher
+  EAGLEWorkerV2.verify (around)      enqueue the step's accepted rows into the staging slots
+  EAGLEWorkerV2._forward_prefill_batch (around)
+                                     enqueue the computed prompt rows (prefill.py)
+  SchedulerRequestReceiver._pull_raw_reqs (after)
+                                     leader only: when the store holds a newer verified version,
+                                     append a `SwapMarker` to the requests it pulled
+  SchedulerRequestReceiver.recv_requests (after)
+                                     every rank: take the markers out of the received list
+  Scheduler.ingest_requests (after)  every rank, once per iteration: drain staging into the ring,
+                                     swap to the marked version, export counters
+
+It aborts nothing and pauses nothing: the swap is an in-place copy enqueued on the forward stream
+after the trainer's publish event, between two forwards.
+
+Tensor parallelism -- every rank swaps at the same iteration: SGLang's receiver broadcasts what TP
+rank 0 pulled to all TP ranks every iteration (`broadcast_pyobj` over the TP CPU group), so the
+marker rides a broadcast that happens anyway and reaches every rank in the same iteration. Each
+rank copies (its own shards) from the store; then, only in that iteration, the ranks all-reduce
+(MIN) a success flag over the TP CPU group. If any rank's copy failed (the trainer began a second
+publish into the source buffer), every rank restores its previous weights from a kept copy, so the
+ranks never serve different hot-token maps (rank-local draft ids would desynchronise the TP verify
+forward). Not covered: data-parallel attention (markers would ride a per-DP-group broadcast) and
+pipeline parallelism (draft on the last stage only) -- the runtime refuses to start there.
+
+Read from the 0.5.23 wheel beyond ../shared/DESIGN.md (and corrections to it):
+  * the hot-token map the draft forward indexes is `EagleDraftWorker.hot_token_id`, a device copy
+    of `LlamaForCausalLMEagle3.hot_token_id`; a swap must write the worker's tensor;
+  * a draft config without `draft_vocab_size` makes SGLang borrow the target's lm_head
+    (`load_lm_head_from_target`), so "the draft has its own lm_head" is not always true: the
+    swapper skips any parameter whose storage a target parameter owns;
+  * the final hidden state needs no extra capture kernel: `LogitsProcessor.keep_last_hidden_states`
+    (see capture.py); `_finalize_accept_tree_path` compacts `hidden_states` and predict only;
+  * `HookRegistry._propagate_patch` rebinds every module global that *is* the original function,
+    in any module (tests keep originals in containers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .capture import CaptureStaging, Sequencer, VerifyStep, drain_in_order
+from .prefill import PrefillStaging, PrefillStep
+
+log = logging.getLogger("aurora_sgl.sglang")
+
+ENV_DIR = "AURORA_SGL_HANDOFF_DIR"
+ENV_RING_RECORDS = "AURORA_SGL_RING_RECORDS"
+ENV_STAGING_REQUESTS = "AURORA_SGL_STAGING_REQUESTS"
+ENV_PREFILL_ROWS = "AURORA_SGL_PREFILL_ROWS"  # prompt rows one prefill staging slot holds (< 0: off)
+HANDOFF = "handoff.json"
+
+_W = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
+_R = "sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver"
+HOOK_TARGETS = {
+    "load_model": "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
+    "worker_init": f"{_W}.__init__",
+    "verify": f"{_W}.verify",
+    "prefill": f"{_W}._forward_prefill_batch",
+    "pull": f"{_R}._pull_raw_reqs",
+    "recv": f"{_R}.recv_requests",
+    "iteration": "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
+}
+
+_RUNTIME: "Runtime | None" = None
+
+
+@dataclass(frozen=True)
+class SwapMarker:
+    """Rides SGLang's per-iteration request broadcast from TP rank 0 to every TP rank."""
+
+    version: int
+
+
+def register() -> None:
+    """Entry point: register the hooks (SGLang applies them after all plugins ran)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(HOOK_TARGETS["load_model"], _after_load_model, HookType.AFTER)
+    HookRegistry.register(HOOK_TARGETS["worker_init"], _after_worker_init, HookType.AFTER)
+    HookRegistry.register(HOOK_TARGETS["verify"], _around_verify, HookType.AROUND)
+    HookRegistry.register(HOOK_TARGETS["prefill"], _around_prefill, HookType.AROUND)
+    HookRegistry.register(HOOK_TARGETS["pull"], _after_pull, HookType.AFTER)
+    HookRegistry.register(HOOK_TARGETS["recv"], _after_recv, HookType.AFTER)
+    HookRegistry.register(HOOK_TARGETS["iteration"], _after_iteration, HookType.AFTER)
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV_DIR))
+
+
+def runtime() -> "Runtime | None":
+    return _RUNTIME
+
+
+def set_runtime(rt: "Runtime | None") -> None:
+    global _RUNTIME
+    _RUNTIME = rt
+
+
+# ---- hooks ----------------------------------------------------------------------------------------
+def _after_load_model(result, model_runner, *args, **kwargs):
+    if enabled() and not getattr(model_runner, "is_draft_worker", False):
+        lp = getattr(model_runner.model, "logits_processor", None)
+        if lp is not None:
+            lp.keep_last_hidden_states = True
+    return None
+
+
+def _after_worker_init(result, worker, *args, **kwargs):
+    if not enabled() or getattr(worker, "_draft_worker", None) is None:
+        return None
+    try:
+        set_runtime(Runtime.for_worker(worker))
+    except Exception as e:  # serving goes on without online training
+        log.error("aurora_sgl: online training disabled in this scheduler: %s", e)
+    return None
+
+
+def _around_verify(original, worker, batch, *args, **kwargs):
+    result = original(worker, batch, *args, **kwargs)
+    rt = _RUNTIME
+    if rt is not None and rt.staging is not None:
+        try:
+            step = verify_step(worker, batch, result, rt.draft_version)
+            if step is not None:
+                rt.staging.capture(step)
+        except Exception as e:
+            log.error("aurora_sgl: capture disabled after an error: %s", e)
+            rt.staging = None
+    return result
+
+
+def _around_prefill(original, worker, batch, *args, **kwargs):
+    # `_draft_extend_for_prefill` rebinds batch.input_ids to the shifted draft inputs: read the
+    # extend tokens and the per-request layout before the call, the next tokens after it.
+    rt = _RUNTIME
+    before = None
+    if rt is not None and rt.prefill is not None and not batch.forward_mode.is_idle():
+        before = (batch.input_ids, list(batch.reqs), list(batch.prefix_lens or []), list(batch.extend_lens or []))
+    result = original(worker, batch, *args, **kwargs)
+    if before is not None and rt.prefill is not None:
+        try:
+            step = prefill_step(before, batch, result, rt.draft_version)
+            if step is not None:
+                rt.prefill.capture(step)
+        except Exception as e:
+            log.error("aurora_sgl: prefill capture disabled after an error: %s", e)
+            rt.prefill = None
+    return result
+
+
+def _after_pull(result, receiver, *args, **kwargs):
+    rt = _RUNTIME
+    if rt is None or result is None or not rt.leader or rt.store is None:
+        return None
+    version = rt.poll_new_version()
+    if version:
+        return [*result, SwapMarker(version)]
+    return None
+
+
+def _after_recv(result, receiver, *args, **kwargs):
+    if not result or not any(isinstance(r, SwapMarker) for r in result):
+        return None
+    rt = _RUNTIME
+    if rt is not None:
+        rt.pending_version = max(r.version for r in result if isinstance(r, SwapMarker))
+    return [r for r in result if not isinstance(r, SwapMarker)]
+
+
+def _after_iteration(result, scheduler, *args, **kwargs):
+    rt = _RUNTIME
+    if rt is not None:
+        rt.iteration(getattr(scheduler, "forward_stream", None))
+    return None
+
+
+# ---- verify outputs -> VerifyStep ---------------------------------------------------------------
+def verify_step(worker, batch, result, draft_version: int = 0) -> VerifyStep | None:
+    """The parts of SGLang's verify inputs/outputs the capture keeps, as views (no copies, no
+    host sync). None for idle batches and when the final hidden state was not returned."""
+    if batch.forward_mode.is_idle() or result.accept_lens is None:
+        return None
+    bs = len(batch.reqs)
+    if bs == 0:
+        return None
+    d = worker.speculative_num_draft_tokens
+    lo = result.logits_output
+    spec = batch.spec_info
+    draft = spec.draft_token.view(bs, d) if getattr(spec, "draft_token", None) is not None else None
+    # Spec v2 keeps seq_lens = tokens in the KV cache *before* this step; the root (the last
+    # committed token, not yet in the cache) sits at position seq_lens (SGLang's
+    # build_tree_kernel_efficient: prompt length 7 -> root position 7; verify commits
+    # seq_lens + accept_lens). After a prefill of L tokens the first root is the first sampled
+    # token at L, right after the prompt's records. The capture copies the device seq_lens (what
+    # verify used); the host mirror below is only the fallback.
+    seq = batch.seq_lens_cpu.tolist() if batch.seq_lens_cpu is not None else [0] * bs
+    return VerifyStep(
+        request_ids=[r.rid for r in batch.reqs], positions=[int(n) for n in seq],
+        root_tokens=draft[:, 0] if draft is not None else batch.input_ids.view(bs, d)[:, 0],
+        draft_tokens=draft, predict=result.next_token_ids, accept_lens=result.accept_lens,
+        accept_index=result.accept_index, aux_hidden=lo.hidden_states, final_hidden=lo.last_hidden_states,
+        topk=worker.topk, draft_version=draft_version, seq_lens=batch.seq_lens)
+
+
+def prefill_step(before, batch, result, draft_version: int = 0) -> PrefillStep | None:
+    """The prompt rows of one extend batch (views). None when the draft extend did not run (its
+    shifted inputs are our next tokens) or the batch is not a plain extend layout."""
+    ids_in, reqs, prefix_lens, extend_lens = before
+    ids_next = batch.input_ids
+    if ids_next is None or ids_next is ids_in or len(extend_lens) != len(reqs) or len(prefix_lens) != len(reqs):
+        return None
+    if ids_in is None or sum(extend_lens) != ids_in.numel():  # not one row per extend token (mixed batch)
+        return None
+    lo = result.logits_output
+    if lo is None or lo.hidden_states is None:
+        return None
+    return PrefillStep(
+        request_ids=[r.rid for r in reqs], starts=[int(p) for p in prefix_lens],
+        lengths=[int(n) for n in extend_lens], input_ids=ids_in, next_ids=ids_next,
+        aux_hidden=lo.hidden_states, final_hidden=lo.last_hidden_states, draft_version=draft_version)
+
+
+# ---- per-scheduler runtime ------------------------------------------------------------------------
+class Runtime:
+    """One per scheduler process. The leader owns the ring and the store (and their names)."""
+
+    def __init__(self, *, staging: CaptureStaging | None, ring, store, swapper, leader: bool,
+                 handoff_dir: str | None, tp_group=None, keep_previous: bool | None = None, side_stream=None,
+                 prefill: PrefillStaging | None = None):
+        self.staging, self.prefill, self.ring, self.store, self.swapper = staging, prefill, ring, store, swapper
+        self.leader, self.handoff_dir, self.tp_group = leader, handoff_dir, tp_group
+        self.side_stream = side_stream
+        self.draft_version = store.version if store is not None else 0
+        self.pending_version = 0
+        self._refused_through = 0
+        self._previous = self._live = None
+        self._previous_hot = None
+        if keep_previous is None:
+            # With TP a failed swap must be undone on every rank (one hot map for all); alone, a
+            # half-copied head only costs acceptance until the next marker, so no second copy.
+            keep_previous = tp_group is not None
+        if keep_previous and swapper is not None:
+            self._live = swapper.live_tensors()
+            self._previous = [t.detach().clone() for t in self._live]
+            self._previous_hot = swapper.hot.detach().clone() if swapper.hot is not None else None
+        self.counters = {"swaps": 0, "failed_swaps": 0, "refused": 0, "records_written": 0, "markers": 0}
+        self._last_export = 0.0
+
+    # -- construction inside SGLang --------------------------------------------------------------
+    @classmethod
+    def for_worker(cls, worker) -> "Runtime":
+        from sglang.srt.runtime_context import get_parallel, get_server_args
+
+        from ..draft_head import Eagle3Head, default_aux_layer_ids
+        from ..signal_ring import SignalRing
+        from ..weight_store import WeightStore
+        from .swap import DraftSwapper
+
+        par = get_parallel()
+        if par.pp_size != 1 or getattr(par, "attn_dp_enabled", False):
+            raise RuntimeError("pipeline parallelism and DP attention are not supported by the swap protocol")
+        sa = get_server_args()
+        dw = worker._draft_worker
+        model = dw.draft_runner.model
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        head = Eagle3Head.load(sa.speculative_draft_model_path, torch.zeros(0))
+        state = head.serving_state()
+        layout = {n: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for n, t in state.items()}
+        target_params = list(worker._target_worker.model_runner.model.parameters())
+        swapper = DraftSwapper(model, getattr(dw, "hot_token_id", None), list(state), layout, shared=target_params)
+        handoff_dir = os.environ[ENV_DIR]
+        try:
+            dp_rank = int(getattr(par, "dp_rank", None) or 0)
+        except Exception:  # not published in this process: a single replica
+            dp_rank = 0
+        # TP rank 0 of every data-parallel replica polls the store and marks swaps for its TP group;
+        # only replica 0's owns the ring and the store (one ring: one writer).
+        leader = par.tp_rank == 0
+        owner = leader and dp_rank == 0
+        k = worker.speculative_num_steps
+        target_layers = worker._target_worker.model_runner.model.config.num_hidden_layers
+        aux_ids = head.config.aux_layer_ids or default_aux_layer_ids(target_layers)  # SGLang's default
+        aux_dim = model.model.fc.weight.shape[1]  # len(aux layers) x the target's hidden size
+        hidden = aux_dim // len(aux_ids)  # final_hidden is the target's
+        tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        ring = store = staging = prefill = None
+        if owner:
+            max_req = int(os.environ.get(ENV_STAGING_REQUESTS) or min(sa.max_running_requests or 128, 256))
+            order = Sequencer()
+            staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3,
+                                     sequencer=order)
+            prefill_rows = int(os.environ.get(ENV_PREFILL_ROWS) or 2048)
+            if prefill_rows > 0:  # a negative value turns prompt capture off
+                prefill = PrefillStaging(prefill_rows, k, aux_dim, hidden, device=device, dtype=dtype,
+                                         slots=2, sequencer=order)
+            ring = SignalRing.create("aurora_ring", int(os.environ.get(ENV_RING_RECORDS) or 1024), k + 1,
+                                     aux_dim, hidden, k, device=device)
+            store = WeightStore.create("aurora_weights", layout, device=device)
+            store.publish(state)  # version 1: what SGLang loaded from the same checkpoint
+            _write_handoff(handoff_dir, {
+                "ring": ring.spec(), "store": store.spec(), "model_path": sa.model_path,
+                "draft_path": sa.speculative_draft_model_path,
+                "aux_layer_ids": aux_ids, "draft_vocab_size": head.config.draft_vocab_size,
+                "tp_size": par.tp_size, "swap_mode": swapper.mode, "skipped": swapper.skipped,
+                "scheduler_pid": os.getpid()})
+            log.info("aurora_sgl: ring and weight store ready on %s (swap: %s)", device, swapper.mode)
+        rt = cls(staging=staging, ring=ring, store=store, swapper=swapper, leader=leader,
+                 handoff_dir=handoff_dir, tp_group=tp_group, side_stream=side, prefill=prefill)
+        rt.draft_version = 1
+        return rt
+
+    # -- leader: decide what to swap to -----------------------------------------------------------
+    def poll_new_version(self) -> int:
+        """The newest published version if it verifies (checksum, finite), else 0. Runs on a side
+        stream so its host syncs never wait for the forward stream."""
+        polled = self.store.poll(max(self.draft_version, self._refused_through, self.pending_version))
+        if polled is None:
+            return 0
+        version, views = polled
+        ctx = torch.cuda.stream(self.side_stream) if self.side_stream is not None else _null()
+        with ctx:
+            intact = self.store.verify(version)
+            if intact is None:
+                return 0
+            sums = [v.float().sum() for v in views if v.is_floating_point()]
+            finite = bool(torch.stack(sums).isfinite().all()) if sums else True
+        if not intact or not finite:
+            self._refused_through = version
+            self.counters["refused"] += 1
+            self.store.request_rollback(version)
+            log.warning("aurora_sgl: refused draft version %d (%s)", version, "checksum" if not intact else "non-finite")
+            return 0
+        self.counters["markers"] += 1
+        return version
+
+    # -- every rank, once per scheduler iteration ------------------------------------------------
+    def iteration(self, forward_stream=None) -> None:
+        stagings = [st for st in (self.staging, self.prefill) if st is not None]
+        if stagings and self.ring is not None:
+            self.counters["records_written"] += drain_in_order(stagings, self.ring, self.side_stream)
+        if self.store is None and self.handoff_dir:
+            self._attach_store()
+        if self.pending_version > self.draft_version and self.store is not None:
+            self.swap_to(self.pending_version, forward_stream)
+        now = time.monotonic()
+        if self.handoff_dir and now - self._last_export >= 1.0:
+            self._last_export = now
+            self.export_counters()
+
+    def swap_to(self, version: int, stream=None) -> bool:
+        ok = self.store.copy_with(self.swapper.swap, version, stream)
+        if self.tp_group is not None:  # every rank must agree, or every rank restores
+            import torch.distributed as dist
+            flag = torch.tensor([1 if ok else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.tp_group)
+            ok = bool(flag.item())
+        if not ok:
+            self.counters["failed_swaps"] += 1
+            self._restore(stream)
+            self.pending_version = self.draft_version
+            return False
+        self.draft_version = version
+        self.pending_version = version
+        self.counters["swaps"] += 1
+        if self._previous is not None:  # the kept copy follows the swap on the same stream
+            with torch.cuda.stream(stream) if stream is not None else _null():
+                torch._foreach_copy_(self._previous, self._live)
+                if self._previous_hot is not None:
+                    self._previous_hot.copy_(self.swapper.hot)
+        return True
+
+    def _restore(self, stream=None) -> None:
+        if self._previous is None:
+            return
+        with torch.cuda.stream(stream) if stream is not None else _null():
+            torch._foreach_copy_(self._live, self._previous)
+            if self._previous_hot is not None:
+                self.swapper.hot.copy_(self._previous_hot)
+
+    def _attach_store(self) -> None:
+        path = os.path.join(self.handoff_dir, HANDOFF)
+        if not os.path.exists(path):
+            return
+        from ..spec_io import read_spec
+        from ..weight_store import WeightStore
+        self.store = WeightStore.attach(read_spec(path)["store"])
+
+    def stats(self) -> dict:
+        out = dict(self.counters, draft_version=self.draft_version)
+        if self.staging is not None:
+            out.update(captured=self.staging.captured, staging_drops=self.staging.staging_drops,
+                       capture_skipped=self.staging.skipped)
+        if self.prefill is not None:
+            out.update(prefill_captured=self.prefill.captured, prefill_staging_drops=self.prefill.staging_drops,
+                       prefill_rows_dropped=self.prefill.rows_dropped, prefill_skipped=self.prefill.skipped)
+        if self.ring is not None:
+            out.update({f"ring_{k}": v for k, v in self.ring.stats().items()})
+        return out
+
+    def export_counters(self) -> None:
+        """counters_rank<N>.json in the handoff dir, replaced atomically; the launcher reads it."""
+        rank = 0
+        try:
+            from sglang.srt.runtime_context import get_parallel
+            rank = get_parallel().tp_rank
+        except Exception:
+            pass
+        path = os.path.join(self.handoff_dir, f"counters_rank{rank}.json")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.stats(), f)
+        os.replace(tmp, path)
+
+
+def _write_handoff(directory: str, spec: dict) -> None:
+    from ..spec_io import write_spec
+    write_spec(spec, os.path.join(directory, HANDOFF))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

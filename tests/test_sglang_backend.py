@@ -1,0 +1,339 @@
+"""The SGLang backend against the real sglang==0.5.23 wheel, on CPU.
+
+SGLang does not serve on these CPUs, but its classes import and its EAGLE-3 draft module builds on
+CPU (a one-process gloo group, as SGLang's own layer tests do; rotary embedding told it runs on CPU
+so it does not look for vllm's kernel). What needs a GPU -- the CUDA staging events, IPC, a served
+request -- is `launch/device_check.sh`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+sglang = pytest.importorskip("sglang")
+
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput  # noqa: E402
+from sglang.srt.managers.schedule_batch import Req, ScheduleBatch  # noqa: E402
+from sglang.srt.managers.utils import GenerationBatchResult  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode  # noqa: E402
+from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
+from sglang.srt.speculative.eagle_info import EagleVerifyInput  # noqa: E402
+from sglang.srt.speculative.eagle_worker_common import _compact_accept_to_front  # noqa: E402
+from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2  # noqa: E402
+
+from aurora_sgl import reference_head_path, reference_model_path  # noqa: E402
+from aurora_sgl.draft_head import Eagle3Head  # noqa: E402
+from aurora_sgl.sglang_backend import plugin  # noqa: E402
+from aurora_sgl.sglang_backend.capture import CaptureStaging  # noqa: E402
+from aurora_sgl.sglang_backend.swap import DraftSwapper  # noqa: E402
+from aurora_sgl.signal_ring import SignalRing  # noqa: E402
+from aurora_sgl.weight_store import WeightStore, layout_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- plugin discovery -------------------------------------------------------------------------------
+_CHILD = textwrap.dedent("""
+    import json, os
+    import sglang.srt.plugins as plugins
+    from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
+    from sglang.srt.managers.scheduler import Scheduler
+    kept = {"verify": EAGLEWorkerV2.verify}  # in a dict: SGLang rebinds module globals that hold it
+
+    def state():
+        from aurora_sgl.sglang_backend import plugin
+        def ours(fn, hook):
+            return hook in [c.cell_contents for c in (fn.__closure__ or ())]
+        inner = getattr(EAGLEWorkerV2.verify, "__wrapped__", None)
+        return {"verify_wrapped": EAGLEWorkerV2.verify is not kept["verify"] and inner is kept["verify"],
+                "verify_ours": ours(EAGLEWorkerV2.verify, plugin._around_verify),
+                "ingest_ours": ours(Scheduler.ingest_requests, plugin._after_iteration),
+                "prefill_ours": ours(EAGLEWorkerV2._forward_prefill_batch, plugin._around_prefill)}
+
+    os.environ["SGLANG_PLUGINS"] = "some_other_plugin"  # a whitelist without us
+    plugins.load_plugins()
+    disabled = state()
+    # load_plugins runs once per process; start over as a fresh scheduler process would
+    del os.environ["SGLANG_PLUGINS"]
+    plugins._plugins_loaded = False
+    plugins.load_plugins()
+    print(json.dumps({"disabled": disabled, "enabled": state()}))
+""")
+
+
+def _dist_info(tmp: Path) -> Path:
+    """A dist-info for this checkout with the entry points pyproject.toml declares (the editable
+    install's metadata may predate them)."""
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    d = tmp / "aurora_sgl-0.1.0.dist-info"
+    d.mkdir()
+    (d / "METADATA").write_text("Metadata-Version: 2.1\nName: aurora-sgl\nVersion: 0.1.0\n")
+    lines = []
+    for group, entries in eps.items():
+        lines.append(f"[{group}]")
+        lines += [f"{k} = {v}" for k, v in entries.items()]
+    (d / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return tmp
+
+
+def test_load_plugins_discovers_entry_point_and_whitelist_disables(tmp_path):
+    path = _dist_info(tmp_path)
+    env = dict(os.environ, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["disabled"] == {"verify_wrapped": False, "verify_ours": False, "ingest_ours": False,
+                               "prefill_ours": False}
+    assert out["enabled"] == {"verify_wrapped": True, "verify_ours": True, "ingest_ours": True,
+                              "prefill_ours": True}
+
+
+# ---- capture --------------------------------------------------------------------------------------
+H, A = 8, 24  # hidden, aux (3H)
+
+
+def _step(topk: int, seed: int):
+    """A verify step as `run_eagle_verify` returns it: SGLang's real batch / verify input / result
+    types, and for topk > 1 SGLang's own path compaction applied to predict and hidden states.
+    Returns (worker, batch, result, expected rows per request from the *uncompacted* tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = 3
+    d = steps + 1 if topk == 1 else 8
+    bs = 3
+    if topk == 1:
+        accept_index = torch.tensor([[0, 1, 2, -1], [4, 5, 6, 7], [8, -1, -1, -1]])
+    else:  # tree paths: root 0, then nodes anywhere in the block
+        accept_index = torch.tensor([[0, 3, 6, -1], [8, 10, 13, 15], [16, -1, -1, -1]])
+    accept_lens = (accept_index >= 0).sum(1)
+    draft = torch.randint(0, 100, (bs * d,), generator=g)
+    predict_raw = torch.randint(0, 100, (bs * d,), generator=g)
+    aux_raw = torch.randn(bs * d, A, generator=g)
+    final = torch.randn(bs * d, H, generator=g)
+    predict, aux = predict_raw, aux_raw
+    if topk > 1:
+        predict = _compact_accept_to_front(predict_raw, accept_index, bs, num_draft_tokens=d)
+        aux = _compact_accept_to_front(aux_raw, accept_index, bs, num_draft_tokens=d)
+    reqs = [Req(f"req-{i}", "", [1, 2, 3], SamplingParams(max_new_tokens=8)) for i in range(bs)]
+    seq_lens = torch.tensor([10, 20, 30])
+    verify = EagleVerifyInput(
+        draft_token=draft, custom_mask=None, positions=None, retrieve_index=None, retrieve_next_token=None,
+        retrieve_next_sibling=None, retrieve_cum_len=None, spec_steps=steps, topk=topk, draft_token_num=d,
+        capture_hidden_mode=CaptureHiddenMode.FULL, seq_lens_sum=int(seq_lens.sum()), seq_lens_cpu=seq_lens)
+    batch = ScheduleBatch(reqs=reqs, device="cpu", forward_mode=ForwardMode.TARGET_VERIFY,
+                          seq_lens=seq_lens, seq_lens_cpu=seq_lens, spec_info=verify)
+    result = GenerationBatchResult(
+        logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=aux, last_hidden_states=final),
+        next_token_ids=predict, accept_lens=accept_lens, accept_index=accept_index,
+        speculative_num_draft_tokens=d)
+    worker = EAGLEWorkerV2.__new__(EAGLEWorkerV2)  # the real class; only the attributes the hook reads
+    worker.topk, worker.speculative_num_steps, worker.speculative_num_draft_tokens = topk, steps, d
+    expected = []
+    for i in range(bs):
+        rows = accept_index[i, :int(accept_lens[i])]
+        nxt = predict_raw[rows]
+        expected.append({"id": f"req-{i}", "position": int(seq_lens[i]), "accepted": len(rows) - 1,
+                         "next": nxt, "input": torch.cat([draft[i * d:i * d + 1], nxt[:-1]]),
+                         "aux": aux_raw[rows], "final": final[rows]})
+    return worker, batch, result, expected
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_capture_hook_writes_exactly_the_accepted_rows(topk):
+    worker, batch, result, expected = _step(topk, seed=topk)
+    ring = SignalRing.create("test_sgl_ring", 16, worker.speculative_num_steps + 1, A, H, worker.speculative_num_steps)
+    reader = SignalRing.attach(ring.spec())
+    staging = CaptureStaging(8, worker.speculative_num_steps, A, H)
+    rt = plugin.Runtime(staging=staging, ring=ring, store=None, swapper=None, leader=True, handoff_dir=None)
+    plugin.set_runtime(rt)
+    try:
+        out = plugin._around_verify(lambda w, b: result, worker, batch)  # the hook, around a verify
+        assert out is result
+        assert reader.read(16) == []  # nothing reaches the ring inside the step
+        rt.iteration()  # the scheduler iteration drains
+        recs = reader.read(16)
+        assert rt.stats()["records_written"] == 3 and rt.stats()["ring_written"] == 3
+    finally:
+        plugin.set_runtime(None)
+        reader.close()
+        ring.close()
+    assert [r.request_id for r in recs] == [e["id"] for e in expected]
+    for r, e in zip(recs, expected):
+        assert r.position == e["position"] and r.num_accepted == e["accepted"]
+        assert torch.equal(r.next_tokens, e["next"]) and torch.equal(r.input_tokens, e["input"])
+        assert torch.equal(r.aux_hidden, e["aux"]) and torch.equal(r.final_hidden, e["final"])
+        k = worker.speculative_num_steps
+        want = [1] * e["accepted"] + ([0] if e["accepted"] < k else [])
+        assert r.outcome.tolist() == want + [-1] * (k - len(want))
+
+
+# ---- the real EAGLE-3 draft module on CPU -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def sgl_draft_factory():
+    import torch.distributed as dist
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3
+    from sglang.srt.runtime_context import get_context
+    from sglang.srt.server_args import ServerArgs
+    from sglang.test.layer_ut_utils import init_single_process_dist
+    from transformers import LlamaConfig
+
+    get_context().set_server_args(ServerArgs(model_path=reference_model_path(), device="cpu"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_single_process_dist(port)
+    saved = rope_base._is_cpu
+    rope_base._is_cpu = True  # construction only: no forward runs here
+
+    def make(head_dir: str):
+        cfg = LlamaConfig(**json.loads((Path(head_dir) / "config.json").read_text()))
+        return LlamaForCausalLMEagle3(cfg)
+
+    yield make
+    rope_base._is_cpu = saved
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _load_with_sglang(model, ckpt_dir: Path):
+    from safetensors.torch import load_file
+    model.load_weights(load_file(str(ckpt_dir / "model.safetensors")).items())
+    return model
+
+
+def test_trainer_checkpoint_loads_into_sglang_eagle3_class(sgl_draft_factory, tmp_path):
+    """A checkpoint written by the trainer fills every parameter of SGLang's LlamaForCausalLMEagle3
+    (but the shared embedding) through its own load_weights, and its d2t becomes the hot map."""
+    from aurora_sgl.trainer import save_checkpoint
+
+    head = Eagle3Head.load(reference_head_path(), torch.zeros(0))
+    path = save_checkpoint(head, tmp_path / "ckpt", 7, {"steps": 7}, keep=2)
+    model = sgl_draft_factory(str(path))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    _load_with_sglang(model, path)
+    params = dict(model.named_parameters())
+    unfilled = sorted(n for n, p in params.items() if torch.isnan(p).any() and n != "model.embed_tokens.weight")
+    assert unfilled == []
+    sd = head.serving_state()
+    a = "model.layers.0"
+    assert torch.equal(params[f"{a}.self_attn.qkv_proj.weight"],
+                       torch.cat([sd[f"midlayer.self_attn.{x}_proj.weight"] for x in "qkv"]))
+    assert torch.equal(params[f"{a}.mlp.gate_up_proj.weight"],
+                       torch.cat([sd["midlayer.mlp.gate_proj.weight"], sd["midlayer.mlp.up_proj.weight"]]))
+    assert torch.equal(params["lm_head.weight"], sd["lm_head.weight"])
+    assert torch.equal(model.get_hot_token_id(), head.hot_ids)
+
+
+def test_day0_head_for_the_target_is_in_sglang_eagle3_layout(sgl_draft_factory, tmp_path):
+    from aurora_sgl.sglang_backend.launcher import day0_head
+
+    path = Path(day0_head(reference_model_path(), str(tmp_path / "day0")))
+    model = sgl_draft_factory(str(path))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    _load_with_sglang(model, path)
+    assert [n for n, p in model.named_parameters() if torch.isnan(p).any()] == ["model.embed_tokens.weight"]
+    assert model.get_hot_token_id() is not None and not model.load_lm_head_from_target
+
+
+def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_factory, tmp_path):
+    served = Eagle3Head.load(reference_head_path(), torch.zeros(0))
+    model = _load_with_sglang(sgl_draft_factory(reference_head_path()), Path(reference_head_path()))
+    target_embed = torch.randn_like(model.model.embed_tokens.weight)
+    with torch.no_grad():  # SGLang's set_embed shares the target's embedding with the draft
+        model.model.embed_tokens.weight.data = target_embed
+    embed_before = target_embed.clone()
+    hot = model.get_hot_token_id().clone()  # the draft worker's own map (a device copy on GPU)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    hot_ptr = hot.data_ptr()
+
+    new = Eagle3Head.load(reference_head_path(), torch.zeros(0))
+    new.reset_parameters(seed=3)  # different weights ...
+    new.set_draft_vocab(torch.arange(1000, 1000 + new.config.draft_vocab_size))  # ... and a different vocab
+    store = WeightStore.create("test_sgl_store", layout_of(served.serving_state()))
+    try:
+        store.publish(served.serving_state())  # version 1: what is being served
+        swapper = DraftSwapper(model, hot, store.names, store.layout, shared=[target_embed])
+        assert swapper.mode == "plan" and swapper.skipped == []
+        rt = plugin.Runtime(staging=None, ring=None, store=store, swapper=swapper, leader=True, handoff_dir=None)
+        plugin.set_runtime(rt)
+        bad = {n: (t.clone().fill_(float("nan")) if t.is_floating_point() else t) for n, t in new.serving_state().items()}
+        store.publish(bad)  # version 2: refused by the leader's poll, the trainer is told
+        assert plugin._after_pull(["req"], None) is None and rt.counters["refused"] == 1
+        assert store.last_rollback() == 2
+        version = store.publish(new.serving_state())
+        # the marker rides the pulled requests, every rank strips it, the iteration swaps
+        pulled = plugin._after_pull(["req"], None)
+        assert pulled == ["req", plugin.SwapMarker(version)]
+        assert plugin._after_recv(pulled, None) == ["req"]
+        plugin._after_iteration(None, object())
+        assert rt.draft_version == version and rt.counters["swaps"] == 1
+    finally:
+        plugin.set_runtime(None)
+        store.close()
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    assert hot.data_ptr() == hot_ptr and torch.equal(hot, new.hot_ids)
+    assert torch.equal(model.model.embed_tokens.weight, embed_before)
+    new.save(tmp_path / "new")  # what SGLang itself would load from that head
+    ref = _load_with_sglang(sgl_draft_factory(str(tmp_path / "new")), tmp_path / "new")
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if n != "model.embed_tokens.weight":
+            assert torch.equal(p, q), n
+
+
+# ---- launcher ---------------------------------------------------------------------------------------
+def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_path):
+    from sglang.srt.server_args import prepare_server_args
+    from aurora_sgl.launch_server import build_parser, resolve_defaults
+    from aurora_sgl.sglang_backend.launcher import build_server_args
+
+    model = reference_model_path()
+    ours = ["--backend", "sglang", "--model-path", model, "--port", "31234", "--mem-fraction-static", "0.7",
+            "--speculative-draft-model-path", reference_head_path(), "--trainer-device", "cuda:1"]
+    args, passthrough = build_parser().parse_known_args(ours)
+    resolve_defaults(args)
+    assert passthrough == ["--mem-fraction-static", "0.7"]
+    got = build_server_args(args, passthrough, args.speculative_draft_model_path)
+    want = prepare_server_args([
+        "--model-path", model, "--speculative-algorithm", "EAGLE3",
+        "--speculative-draft-model-path", reference_head_path(), "--speculative-num-steps", "5",
+        "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "6", "--host", "127.0.0.1",
+        "--port", "31234", "--log-level", "info", "--mem-fraction-static", "0.7"])
+    assert got == want
+    assert (got.speculative_algorithm, got.speculative_num_steps, got.speculative_eagle_topk,
+            got.speculative_num_draft_tokens, got.mem_fraction_static) == ("EAGLE3", 5, 1, 6, 0.7)
+    # overridable: an explicit topk leaves SGLang's own draft-token default alone
+    args, passthrough = build_parser().parse_known_args(ours[:-2] + ["--speculative-num-steps", "3",
+                                                                      "--speculative-eagle-topk", "4"])
+    resolve_defaults(args)
+    got = build_server_args(args, passthrough, reference_head_path())
+    assert (got.speculative_num_steps, got.speculative_eagle_topk) == (3, 4)
+
+
+def test_sglang_backend_without_cuda_is_one_line_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = subprocess.run([sys.executable, "-m", "aurora_sgl.launch_server", "--backend", "sglang"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "CUDA" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_embedded_backend_still_rejects_unknown_flags():
+    from aurora_sgl.launch_server import main
+    with pytest.raises(SystemExit) as e:
+        main(["--mem-fraction-static", "0.7"])
+    assert e.value.code == 2

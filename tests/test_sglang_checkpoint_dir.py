@@ -1,0 +1,37 @@
+"""`--checkpoint-dir` for the SGLang backend: created 0700 when missing, one-line error otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+
+from aurora_sgl.sglang_backend.launcher import main, prepare_checkpoint_dir
+
+
+def test_missing_checkpoint_dir_is_created_0700(tmp_path):
+    want = tmp_path / "runs" / "ckpt"
+    root, error = prepare_checkpoint_dir(str(want))
+    assert error is None and root == str(want)
+    assert stat.S_IMODE(os.stat(want).st_mode) == 0o700
+    (want / "keep").write_text("x")  # an existing, writable directory is accepted as it is
+    assert prepare_checkpoint_dir(str(want)) == (str(want), None)
+    assert prepare_checkpoint_dir(None) == (None, None)
+
+
+def test_unusable_checkpoint_dir_is_one_line_error(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert "not a directory" in prepare_checkpoint_dir(str(f))[1]
+    assert "cannot be created" in prepare_checkpoint_dir(str(f / "sub"))[1]
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert "not writable" in prepare_checkpoint_dir(str(ro))[1]
+    elif os.path.isdir("/proc"):  # root writes through permission bits, not into procfs
+        assert "not writable" in prepare_checkpoint_dir("/proc")[1]
+    # the launcher stops before anything starts (it does not reach the CUDA preflight)
+    args = argparse.Namespace(checkpoint_dir=str(f / "sub"))
+    assert main(args, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --checkpoint-dir") and err.strip().count("\n") == 0
