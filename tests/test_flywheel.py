@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import MAX_NEW, PROMPTS
 
-from aurora_sgl.engine import Engine
+from aurora_sgl.engine import Engine, StepRecord
 from aurora_sgl.flywheel import Flywheel
 from aurora_sgl.sampling import SamplingParams
 from aurora_sgl.signal_ring import SignalRing
@@ -123,7 +123,7 @@ def test_nan_weights_in_the_engine_keep_sampling_exact(tiny_model, ref_tokenizer
 
 
 def test_live_rollback_restores_the_confirmed_head(closing, tiny_model, ref_tokenizer, tiny_head_dir, reference):
-    eng, store, _, fw = _setup(closing, tiny_model, ref_tokenizer, tiny_head_dir, window=16, margin=0.2)
+    eng, store, _, fw = _setup(closing, tiny_model, ref_tokenizer, tiny_head_dir, window=64, margin=0.2)
     trained = {k: v.clone() for k, v in eng.head.serving_state().items()}
     # Version 1: the trained head itself, confirmed after a window of good acceptance.
     store.publish(trained)
@@ -135,15 +135,54 @@ def test_live_rollback_restores_the_confirmed_head(closing, tiny_model, ref_toke
     bad = {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() else v) for k, v in trained.items()}
     v2 = store.publish(bad)
     outs = []
-    for _ in range(3):
+    for _ in range(6):  # a window on version 2, then a window re-measuring version 1
         outs += eng.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
-    assert [o["output_ids"] for o in outs] == reference * 3
-    assert fw.rollbacks == 1 and store.last_rollback() == v2 and eng.draft_version == 1
+    assert [o["output_ids"] for o in outs] == reference * 6
+    assert fw.rollbacks == 1 and store.last_rollback() == v2 and eng.draft_version == 1, (good_tau, str(fw.stats()))
     for name, p in eng.head.serving_state().items():
         assert torch.equal(p, trained[name]), name
     # The restored head accepts as before.
     eng.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
     assert fw.live_accept_length(1) > good_tau - 0.2
+
+
+def _serve(fw, eng, n, accepted):
+    """n verify steps of the serving version that accepted `accepted` drafts each: what the engine
+    hands the flywheel after its steps, and the hook it calls before the next one."""
+    z = torch.zeros(0, dtype=torch.long)
+    fw.record_sink([StepRecord("r", 0, z, z, z.to(torch.int8), accepted, [], z, z, torch.zeros(0, 1),
+                               torch.zeros(0, 1), eng.draft_version) for _ in range(n)])
+    fw.before_step(eng)
+
+
+@pytest.mark.parametrize("old_on_new_traffic,kept", [(2, True), (4, False)])
+def test_a_suspect_version_is_judged_on_the_same_traffic(closing, tiny_model, ref_tokenizer, tiny_head_dir,
+                                                         old_on_new_traffic, kept):
+    """Version 1 is measured on easy traffic (tau 4); version 2 then serves tau 2. Version 1 comes
+    back for one window: if it also drafts tau 2 on this traffic, the traffic changed, not the
+    weights, and version 2 returns; if it still drafts tau 4, version 2 is rolled back."""
+    eng, store, _, fw = _setup(closing, tiny_model, ref_tokenizer, tiny_head_dir, window=16, margin=0.2)
+    v1_state = {k: v.clone() for k, v in eng.head.serving_state().items()}
+    v2_state = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in v1_state.items()}
+    store.publish(v1_state)
+    fw.before_step(eng)
+    _serve(fw, eng, 16, 3)
+    assert fw.confirmed_version == 1
+    v2 = store.publish(v2_state)
+    fw.before_step(eng)
+    assert eng.draft_version == v2
+    _serve(fw, eng, 16, 1)
+    assert fw.probes == 1 and eng.draft_version == 1  # re-measuring version 1
+    for name, p in eng.head.serving_state().items():
+        assert torch.equal(p, v1_state[name]), name
+    _serve(fw, eng, 8, old_on_new_traffic - 1)
+    assert eng.draft_version == 1 and store.poll(1) is not None  # no swap while the probe runs
+    _serve(fw, eng, 8, old_on_new_traffic - 1)
+    expected = v2_state if kept else v1_state
+    assert (fw.confirmed_version, fw.rollbacks, store.last_rollback()) == ((v2, 0, 0) if kept else (1, 1, v2))
+    assert eng.draft_version == fw.confirmed_version
+    for name, p in eng.head.serving_state().items():
+        assert torch.equal(p, expected[name]), name
 
 
 def test_unread_full_ring_never_blocks_and_counts_drops(closing, tiny_model, ref_tokenizer, reference):
