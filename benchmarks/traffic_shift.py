@@ -392,7 +392,6 @@ def parse_args(argv) -> argparse.Namespace:
 def validate(args) -> None:
     """Fill defaults and check everything before loading a model; UsageError is one line."""
     from aurora_sgl import reference_head_path
-    from aurora_sgl.trainer import TrainerConfig
 
     for name, default in (("requests_per_phase", 160), ("max_tokens", 96), ("window", 32)):
         if getattr(args, name) is None:
@@ -423,6 +422,8 @@ def validate(args) -> None:
             raise UsageError("--trainer-config must be a JSON object")
     if args.lr is not None:
         cfg["lr"] = args.lr
+    from aurora_sgl.trainer import TrainerConfig  # imports torch: after the cheap checks
+
     try:
         TrainerConfig.from_dict(dict(cfg, objective=args.objective))
     except (TypeError, ValueError) as e:
