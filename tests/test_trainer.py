@@ -21,7 +21,8 @@ from aurora_sgl.offline_train import HeadBatch, Sequence, train_head_offline
 from aurora_sgl.sampling import SamplingParams
 from aurora_sgl.signal_ring import SHM_DIR, RingRecord, SignalRing
 from aurora_sgl.trainer import (Stitcher, Trainer, TrainerConfig, TrainerStatus, newest_checkpoint,
-                                save_checkpoint, simulated_accept_length, simulated_tau_per_start)
+                                save_checkpoint, simulated_accept_length, simulated_tau_per_start,
+                                simulated_tau_sums)
 from aurora_sgl.weight_store import WeightStore, layout_of
 
 torch.set_num_threads(1)
@@ -342,6 +343,13 @@ def test_simulated_accept_length_of_a_head_matches_the_naive_loop():
     assert got == pytest.approx(_naive_tau(logits, head.hot_ids, tgt, batch.mask), abs=1e-9)
     assert got > 1.0
     assert simulated_accept_length(head, [], 3) is None
+    # Per-sequence figures do not depend on the batch a sequence was padded into (the trainer caches
+    # the served head's figures per sequence), and they add up to the mean.
+    alone = [simulated_tau_sums(head, [h], 3)[0] for h in held]
+    together = simulated_tau_sums(head, held, 3, group=3)
+    assert [c for _, c in alone] == [c for _, c in together] == batch.mask.sum(1).tolist()
+    assert [s for s, _ in alone] == pytest.approx([s for s, _ in together], abs=1e-9)
+    assert sum(s for s, _ in together) / starts == pytest.approx(got, abs=1e-9)
 
 
 # ---- config and status -----------------------------------------------------------------------
@@ -511,6 +519,12 @@ def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_di
     served_fc = [st["fc.weight"] for _, st in ours]
     pre = Eagle3Head.load(pretrained_dir, torch.zeros(0))
     assert all((fc - pre.fc.weight).abs().max() < 0.05 for fc in served_fc)
+    # The served weights' figures are cached per held-out sequence: the cache agrees with a fresh pass.
+    tr = rig.trainer
+    assert tr._served_sums and tr._served_sums_of is tr.served_state
+    cached = tr._served_sim_tau()
+    tr.eval_head.load_serving_state(tr.served_state)
+    assert cached == pytest.approx(simulated_accept_length(tr.eval_head, list(tr.holdout), tr.cfg.unroll)[0], abs=1e-9)
 
 
 # ---- bypass + (4) rollback ---------------------------------------------------------------------
