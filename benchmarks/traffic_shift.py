@@ -265,6 +265,14 @@ def phase_bounds(stream: list[dict]) -> list[tuple[int, int]]:
     return bounds
 
 
+def phase_label(stream: list[dict], start: int, end: int, shift: str) -> str:
+    """A sharp phase is one domain; a smooth 'phase' is a stretch of the drifting mixture."""
+    if shift != "smooth":
+        return stream[start]["domain"]
+    doms = [r["domain"] for r in stream[start:end]]
+    return "+".join(sorted(set(doms), key=doms.index)) if len(set(doms)) > 1 else doms[0]
+
+
 def _ratio(a, b):
     return round(a / b, 4) if a is not None and b else None
 
@@ -273,7 +281,7 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
     bounds = phase_bounds(stream)
     taus = {a: [r["accept_length"] for r in res["requests"]] for a, res in arms.items()}
     phase_tau = {a: [round(statistics.fmean(t[s:e]), 4) for s, e in bounds] for a, t in taus.items()}
-    out: dict = {"window": window, "phases": [{"phase": stream[s]["phase"], "domain": stream[s]["domain"],
+    out: dict = {"window": window, "phases": [{"phase": stream[s]["phase"], "domain": phase_label(stream, s, e, shift),
                                                "requests": e - s} for s, e in bounds],
                  "phase_tau": phase_tau,
                  "tokens_per_s": {a: res["tokens_per_s"] for a, res in arms.items()},
@@ -334,7 +342,7 @@ def plot(arms: dict, stream: list[dict], window: int, path: Path, title: str) ->
     for s, _ in phase_bounds(stream)[1:]:
         ax.axvline(s + 0.5, color="grey", linestyle=":", linewidth=1)
     for s, e in phase_bounds(stream):
-        ax.text((s + e) / 2, 1.0, stream[s]["domain"], ha="center", va="bottom", fontsize=8, color="grey")
+        ax.text((s + e) / 2, 1.0, phase_label(stream, s, e, "smooth" if "smooth" in title else "sharp"), ha="center", va="bottom", fontsize=8, color="grey")
     ax.set_xlabel("request number")
     ax.set_ylabel(f"accept length (trailing mean of {window} requests)")
     ax.set_title(title)
