@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trainer-device", default=None, help="default cpu embedded; sglang: cuda:1 with two or more GPUs, else cuda:0")
     ap.add_argument("--train-objective", choices=("kl", "kl_rejected", "accept"), default="kl")
     ap.add_argument("--train-lr", type=float, default=None,
-                    help="trainer learning rate (default 1e-4 from a random head, 1e-5 from a pretrained one)")
+                    help="trainer learning rate (default 1e-3 from a random head, 3e-4 from a pretrained one)")
     ap.add_argument("--checkpoint-dir", default=None, help="trainer checkpoints; a restart resumes from the newest")
     ap.add_argument("--trainer-config", default=None, metavar="JSON",
                     help='trainer settings (TrainerConfig fields), e.g. \'{"checkpoint_every": 1, "tokens_per_step": 512}\'')

@@ -63,7 +63,10 @@ MIN_SEQUENCE_TOKENS = 3
 @dataclass
 class TrainerConfig:
     objective: str = "kl"  # "kl" | "kl_rejected" | "accept" (see losses.draft_loss)
-    lr: float | None = None  # None: 1e-4 from a random head, 1e-5 from a pretrained one (Aurora)
+    # None: 1e-3 from a random head, 3e-4 from a pretrained one. Aurora uses 1e-4 / 1e-5 on GPUs, where the
+    # trainer takes many steps per request; on CPU it takes ~0.1 (benchmarks/README.md, traffic shift), and
+    # a day-0 head's accept length over the third of three 48-request phases was 1.115 at 1e-4, 1.260 at 1e-3.
+    lr: float | None = None
     clip: float = 2.5  # gradient-norm clip
     weight_decay: float = 0.0  # AdamW
     unroll: int = 5  # TTT unroll steps (weights 0.8**k live in draft_loss); also the guardrail's K
@@ -132,7 +135,7 @@ class TrainerConfig:
     def resolved_lr(self, pretrained: bool) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 1e-5 if pretrained else 1e-4
+        return 3e-4 if pretrained else 1e-3
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainerConfig":
@@ -365,10 +368,26 @@ def simulated_accept_length(head: Eagle3Head, held_out: list[tuple[Sequence, tor
     """Mean simulated accept length of `head` over every valid start of the held-out sequences
     (each paired with the target's argmax per HeadBatch position), teacher-forced TTT unroll of
     `steps`; (mean, number of starts), or None when there is no valid start."""
+    return _mean_of_sums(simulated_tau_sums(head, held_out, steps, group))
+
+
+def _mean_of_sums(sums: Iterable[tuple[float, int]]) -> tuple[float, int] | None:
+    total = count = 0
+    for s, c in sums:
+        total, count = total + s, count + c
+    return (total / count, count) if count else None
+
+
+@torch.no_grad()
+def simulated_tau_sums(head: Eagle3Head, held_out: list[tuple[Sequence, torch.Tensor]], steps: int,
+                       group: int = 8) -> list[tuple[float, int]]:
+    """Per held-out sequence: (sum of the simulated accept length over its valid starts, number of
+    starts). Causal attention makes each sequence's figure independent of its batch-mates, so the
+    trainer can cache the served head's figures per sequence."""
     was_training = head.training
     head.eval()
     device = head.fc.weight.device
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(held_out), group):
         chunk = held_out[i:i + group]
         batch = HeadBatch.from_sequences([s for s, _ in chunk])
@@ -378,10 +397,9 @@ def simulated_accept_length(head: Eagle3Head, held_out: list[tuple[Sequence, tor
         mask = batch.mask.to(device)
         logits = ttt_logits(head, batch.aux.to(device, head.fc.weight.dtype), batch.next_tokens.to(device), steps)
         tau = simulated_tau_per_start(logits, head.hot_ids, tgt.to(device), mask)
-        total += float(tau[mask].sum())
-        count += int(mask.sum())
+        out += zip((tau * mask).sum(1).tolist(), mask.sum(1).tolist())
     head.train(was_training)
-    return (total / count, count) if count else None
+    return out
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -541,6 +559,8 @@ class Trainer:
         self.counters["last_published_version"] = version
         self.stitcher = Stitcher(self.cfg.max_sequence_tokens, self.cfg.rejected_weight)
         self.holdout: deque[tuple[Sequence, torch.Tensor]] = deque(maxlen=self.cfg.holdout_capacity)
+        self._served_sums: dict[int, tuple] = {}  # id(held-out entry) -> (entry, served weights' tau sums)
+        self._served_sums_of: dict | None = None  # the served state those sums belong to
         self.counts = torch.zeros(self.vocab_size, dtype=torch.float64)
         log.info("trainer ready: objective %s lr %g unroll %d, served version %d, head from %s",
                  self.cfg.objective, self.lr, self.cfg.unroll, version, init_head or "the weight store")
@@ -678,11 +698,25 @@ class Trainer:
                     t.copy_(torch.randn(t.shape, generator=gen) * float(t.float().std().clamp(min=1e-3)))
         return state
 
-    def _sim_tau(self, state: dict[str, torch.Tensor]) -> float | None:
-        if not self.holdout:
-            return None
+    def _sim_tau_sums(self, state: dict[str, torch.Tensor], entries: list) -> list[tuple[float, int]]:
+        if not entries:
+            return []
         self.eval_head.load_serving_state(state)
-        res = simulated_accept_length(self.eval_head, list(self.holdout), self.cfg.unroll)
+        return simulated_tau_sums(self.eval_head, entries, self.cfg.unroll)
+
+    def _served_sim_tau(self) -> float | None:
+        """The served weights' simulated tau on the held-out set. Their per-sequence figures are kept
+        until the served weights change, so each round evaluates them only on sequences held out
+        since: the guardrail then costs about one evaluation per round instead of two."""
+        if self._served_sums_of is not self.served_state:
+            self._served_sums, self._served_sums_of = {}, self.served_state
+        entries = list(self.holdout)
+        missing = [e for e in entries if id(e) not in self._served_sums]
+        for e, sums in zip(missing, self._sim_tau_sums(self.served_state, missing)):
+            self._served_sums[id(e)] = (e, sums)  # the entry itself is kept so its id stays unique
+        live = {id(e) for e in entries}
+        self._served_sums = {k: v for k, v in self._served_sums.items() if k in live}
+        res = _mean_of_sums(sums for _, sums in self._served_sums.values())
         return None if res is None else res[0]
 
     def publish_round(self) -> bool:
@@ -705,8 +739,11 @@ class Trainer:
                 if fault is None:  # the training head itself diverged: back to the last sane weights
                     self._load_into_head(self.served_state if _finite(self.served_state) else self.kept[-1][1])
                 return False
-            self.tau_candidate = entry["sim_tau_candidate"] = self._sim_tau(state)
-            self.tau_served = entry["sim_tau_served"] = self._sim_tau(self.served_state)
+            entries = list(self.holdout)
+            candidate_sums = self._sim_tau_sums(state, entries)
+            res = _mean_of_sums(candidate_sums)
+            self.tau_candidate = entry["sim_tau_candidate"] = None if res is None else res[0]
+            self.tau_served = entry["sim_tau_served"] = self._served_sim_tau()
             if self.tau_candidate is not None and self.tau_served is not None \
                     and self.tau_candidate < self.tau_served - self.cfg.margin:
                 self.counters["refused"] += 1
@@ -720,6 +757,9 @@ class Trainer:
         self.counters["publishes"] += 1
         self.counters["last_published_version"] = version
         self.served_state = state
+        if fault is None or not self.cfg.inject_bypass_guardrail:  # the candidate's figures are now the served ones
+            self._served_sums = {id(e): (e, s) for e, s in zip(entries, candidate_sums)}
+            self._served_sums_of = state
         if _finite(state):  # a rollback never goes back to non-finite weights (bypassed injections)
             self.kept.append((version, state))
         log.info("published version %d (step %d, sim tau %s vs %s)", version, self.counters["train_steps"],

@@ -21,7 +21,8 @@ from aurora_sgl.offline_train import HeadBatch, Sequence, train_head_offline
 from aurora_sgl.sampling import SamplingParams
 from aurora_sgl.signal_ring import SHM_DIR, RingRecord, SignalRing
 from aurora_sgl.trainer import (Stitcher, Trainer, TrainerConfig, TrainerStatus, newest_checkpoint,
-                                save_checkpoint, simulated_accept_length, simulated_tau_per_start)
+                                save_checkpoint, simulated_accept_length, simulated_tau_per_start,
+                                simulated_tau_sums)
 from aurora_sgl.weight_store import WeightStore, layout_of
 
 torch.set_num_threads(1)
@@ -342,13 +343,20 @@ def test_simulated_accept_length_of_a_head_matches_the_naive_loop():
     assert got == pytest.approx(_naive_tau(logits, head.hot_ids, tgt, batch.mask), abs=1e-9)
     assert got > 1.0
     assert simulated_accept_length(head, [], 3) is None
+    # Per-sequence figures do not depend on the batch a sequence was padded into (the trainer caches
+    # the served head's figures per sequence), and they add up to the mean.
+    alone = [simulated_tau_sums(head, [h], 3)[0] for h in held]
+    together = simulated_tau_sums(head, held, 3, group=3)
+    assert [c for _, c in alone] == [c for _, c in together] == batch.mask.sum(1).tolist()
+    assert [s for s, _ in alone] == pytest.approx([s for s, _ in together], abs=1e-9)
+    assert sum(s for s, _ in together) / starts == pytest.approx(got, abs=1e-9)
 
 
 # ---- config and status -----------------------------------------------------------------------
 def test_config_validation():
     cfg = TrainerConfig()
     assert (cfg.objective, cfg.clip, cfg.unroll, cfg.tokens_per_step, cfg.publish_every) == ("kl", 2.5, 5, 1024, 4)
-    assert cfg.resolved_lr(pretrained=False) == 1e-4 and cfg.resolved_lr(pretrained=True) == 1e-5
+    assert cfg.resolved_lr(pretrained=False) == 1e-3 and cfg.resolved_lr(pretrained=True) == 3e-4
     assert TrainerConfig(lr=3e-3).resolved_lr(True) == 3e-3
     assert TrainerConfig(inject=["nan@2", "random@4"]).inject_at() == {2: "nan", 4: "random"}
     for bad, match in (({"objective": "tv"}, "objective"), ({"lr": 0}, "lr"), ({"unroll": 0}, "unroll"),
@@ -488,8 +496,8 @@ def test_trainer_learns_from_served_traffic_and_publishes(make_rig, tmp_path):
 # ---- (2) guardrail -----------------------------------------------------------------------------
 def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_dir, published):
     rig = make_rig(pretrained_dir)
-    # lr left at the pretrained default (1e-5): honest candidates stay close to the served head.
-    rig.start(rig.spec(tokens_per_step=64, publish_every=1, unroll=3, holdout_fraction=0.5,
+    # A small lr (Aurora's pretrained setting): honest candidates stay close to the served head.
+    rig.start(rig.spec(tokens_per_step=64, publish_every=1, unroll=3, holdout_fraction=0.5, lr=1e-5,
                        inject=["nan@2", "random@4"]))
     assert rig.drive(lambda: rig.trainer.attempts >= 6)
     rig.finish()
@@ -511,6 +519,12 @@ def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_di
     served_fc = [st["fc.weight"] for _, st in ours]
     pre = Eagle3Head.load(pretrained_dir, torch.zeros(0))
     assert all((fc - pre.fc.weight).abs().max() < 0.05 for fc in served_fc)
+    # The served weights' figures are cached per held-out sequence: the cache agrees with a fresh pass.
+    tr = rig.trainer
+    assert tr._served_sums and tr._served_sums_of is tr.served_state
+    cached = tr._served_sim_tau()
+    tr.eval_head.load_serving_state(tr.served_state)
+    assert cached == pytest.approx(simulated_accept_length(tr.eval_head, list(tr.holdout), tr.cfg.unroll)[0], abs=1e-9)
 
 
 # ---- bypass + (4) rollback ---------------------------------------------------------------------

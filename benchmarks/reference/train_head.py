@@ -1,6 +1,8 @@
 """Train the offline ("static") EAGLE-3 head for the reference model and ship it with the package.
 
     python benchmarks/reference/train_head.py            # about 10 min on 2 cores
+    python benchmarks/reference/train_head.py --domains code --steps 300 \
+        --out aurora_sgl/reference_heads/code            # the code-only head of the traffic-shift benchmark
 
 Prompts come from the reference model's own *training* domains (standard-library code, GSM8K train
 questions, Shakespeare, docstring chats) -- never from HumanEval, MT-Bench or GSM8K test, which the
@@ -67,7 +69,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--domains", default="code,math,prose",
+                    help="comma-separated subset of code, math, prose (e.g. 'code' for a code-only head)")
     args = ap.parse_args(argv)
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    if not domains or set(domains) - {"code", "math", "prose"}:
+        print(f"error: --domains takes a subset of code, math, prose, got {args.domains!r}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     try:
         prompts = domain_prompts(args.data_dir, args.per_domain, args.seed)
@@ -75,12 +83,12 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     engine = Engine(num_speculative_steps=0, max_running_requests=16)
-    flat = [p for ps in prompts.values() for p in ps]
+    flat = [p for d in domains for p in prompts[d]]
     # Chat prompts already carry the BOS text; plain ones get it from the tokenizer.
     head, info = train_head_offline(engine, flat, max_new_tokens=args.max_new_tokens, steps=args.steps,
                                     batch_size=8, lr=1e-3, unroll=5, seed=args.seed)
     head.save(args.out)
-    info.update(per_domain=args.per_domain, max_new_tokens=args.max_new_tokens, steps=args.steps, seed=args.seed)
+    info.update(domains=domains, per_domain=args.per_domain, max_new_tokens=args.max_new_tokens, steps=args.steps, seed=args.seed)
     (args.out / "training_info.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))
     return 0

@@ -1,0 +1,106 @@
+"""benchmarks/traffic_shift.py keeps working: the --quick run through every arm in process, a run
+against the real server, and one-line CLI errors. Figures are not asserted (benchmarks report them)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server_utils import ServerProcess
+
+from aurora_sgl import reference_head_path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "traffic_shift.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import traffic_shift as ts  # noqa: E402
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_run_through_every_arm(tmp_path):
+    out = tmp_path / "ts.json"
+    res = _run("--quick", "--shift", "return", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    n = 4 * ts.QUICK["requests_per_phase"]  # return stream: three domains, then the first again
+    assert [r["domain"] for r in data["stream"]][::ts.QUICK["requests_per_phase"]] == \
+        ["humaneval", "mt_bench", "gsm8k", "humaneval"]
+    assert set(data["arms"]) == set(ts.ARMS)
+    for arm, res_arm in data["arms"].items():
+        rows = res_arm["requests"]
+        assert [r["index"] for r in rows] == list(range(n))
+        assert all(r["completion_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+        if arm == "nospec":
+            assert all(r["accept_length"] == 1.0 for r in rows)
+        else:
+            assert all(1.0 <= r["accept_length"] <= 5.0 and len(r["accept_per_position"]) == 4 for r in rows)
+    for arm in ("static", "offline"):  # trained heads get drafts accepted
+        assert sum(r["accept_length"] for r in data["arms"][arm]["requests"]) / n > 1.5
+    for arm in ts.ONLINE_ARMS:
+        assert data["arms"][arm]["trainer"]["alive"] and data["arms"][arm]["trainer_steps_per_request"] is not None
+        assert all(r["draft_version"] >= 1 and r["trainer_steps"] is not None for r in data["arms"][arm]["requests"])
+    s = data["summary"]
+    assert set(s["phase_tau"]) == set(ts.ARMS) and all(len(v) == 4 for v in s["phase_tau"].values())
+    for key in ("online_over_static_after_shift", "day0_over_offline"):
+        assert isinstance(s[key], float) and s[key] > 0
+    assert all(len(v) == 3 for v in s["recovery_requests"].values())
+    assert set(s["return_retention"]) == set(ts.ARMS) - {"nospec"}
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "online_over_static_after_shift" in res.stdout
+
+
+def test_drives_a_running_server(tmp_path):
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("".join(json.dumps({"prompt": f"def add_{i}(a, b):\n"}) + "\n" for i in range(3)))
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 7 times 8?"}]}) + "\n")
+    out = tmp_path / "url.json"
+    server = ServerProcess("--no-online", "--speculative-draft-model-path", reference_head_path())
+    try:
+        res = _run("--url", server.url, "--stream", f"{stream},{chat}", "--requests-per-phase", "3",
+                   "--max-tokens", "16", "--window", "2", "--out", str(out), "--no-plot", timeout=120)
+    finally:
+        server.stop()
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = data["arms"]["server"]["requests"]
+    assert [r["domain"] for r in rows] == ["s"] * 3 + ["c"] * 3
+    assert all(r["accept_length"] >= 1.0 and len(r["accept_per_position"]) == 4 and r["draft_version"] == 0
+               for r in rows)
+    assert data["summary"]["phase_tau"]["server"][0] > 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stream", "/nonexistent/a.jsonl"], "stream file not found: /nonexistent/a.jsonl"),
+    (["--arms", "nospec,turbo"], "unknown arm turbo"),
+    (["--trainer-config", "{\"lr\": 5}"], "--trainer-config: lr must be"),
+    (["--requests-per-phase", "0"], "--requests-per-phase must be at least 1"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    res = _run(*args, "--out", str(tmp_path / "x.json"), timeout=60)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+
+
+def test_bad_stream_row_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no prompt here"}\n')
+    res = _run("--stream", str(bad), "--arms", "nospec", "--out", str(tmp_path / "x.json"), timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "bad.jsonl:1" in res.stderr
+
+
+def test_recovery_and_windows_are_measured_from_the_series():
+    assert ts.windowed([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    taus = [3.0] * 4 + [1.0] * 3 + [2.8] * 5  # shift at 4; back within 10% of 3.0 once the window is >= 2.7
+    assert ts.recovery_requests(taus, 4, len(taus), window=2) == 5  # window [2.8, 2.8] ends at request 9
+    assert ts.recovery_requests([3.0] * 4 + [1.0] * 4, 4, 8, window=2) is None
+    stream = ts.build_stream([("a", ["a0", "a1"]), ("b", ["b0"]), ("c", ["c0"])], "smooth", 10, seed=1)
+    doms = [r["domain"] for r in stream]
+    assert len(stream) == 30 and doms[0] == "a" and doms[-1] == "c"
+    assert doms[:10].count("a") > doms[20:].count("a")  # the mixture drifts
