@@ -174,6 +174,9 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards `waiting` for producers on other threads
         self.record_sink: Callable[[list[StepRecord]], None] | None = None
+        # Prompt positions recorded per request: the last this many (None: all). Online training
+        # sets it to what the trainer keeps, so the ring is not filled with positions it drops.
+        self.record_prompt_tokens: int | None = None
         self.before_step: Callable[["Engine"], None] | None = None  # e.g. the weight-store poll
 
     # ---- request intake ---------------------------------------------------------------------
@@ -311,7 +314,10 @@ class Engine:
         for i, (r, n) in enumerate(zip(reqs, lens)):
             if r.finished and not r.output_ids:
                 continue  # max_new_tokens == 0 or EOS first: no continuation to learn from
-            for s in range(0, n, rows):
+            first = 0
+            if self.record_prompt_tokens is not None:
+                first = max(0, len(r.prompt_ids) - self.record_prompt_tokens - starts[i])
+            for s in range(first, n, rows):
                 e = min(n, s + rows)
                 records.append(StepRecord(
                     request_id=r.id, position=starts[i] + s, draft_tokens=none, target_tokens=none,

@@ -20,7 +20,7 @@ from .engine import Engine
 from .flywheel import Flywheel
 from .signal_ring import SignalRing, cleanup_on_signals
 from .spec_io import write_spec
-from .trainer import TrainerStatus, newest_checkpoint
+from .trainer import TrainerConfig, TrainerStatus, newest_checkpoint
 from .weight_store import WeightStore, layout_of
 
 log = logging.getLogger("aurora_sgl.online")
@@ -35,7 +35,10 @@ class OnlineTraining:
                  trainer_config: dict | None = None, ring_records: int = RING_RECORDS):
         if engine.k < 1:
             raise ValueError("online training needs speculation on (--speculative-num-steps >= 1)")
+        # Validates the trainer's settings before any segment exists.
+        kept = TrainerConfig.from_dict(dict(trainer_config or {}, objective=objective)).prompt_tokens
         self.engine = engine
+        engine.record_prompt_tokens = None if kept < 0 else kept
         h = engine.target.config.hidden_size
         aux_dim = len(engine.target.aux_layer_ids) * h
         self.ring = SignalRing.create("aurora_ring", ring_records, engine.k + 1, aux_dim, h, engine.k)

@@ -72,6 +72,11 @@ class TrainerConfig:
     unroll: int = 5  # TTT unroll steps (weights 0.8**k live in draft_loss); also the guardrail's K
     tokens_per_step: int = 1024  # generated tokens per optimizer step (~8 requests)
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
+    # Prompt positions kept per request: the last ones before the first generated token. The head
+    # drafts generated tokens, and on a long prompt the prompt is most of a step's compute (a
+    # 600-token prompt with 64 generated: 10x); with 32 the trainer keeps up with the traffic
+    # (benchmarks/README.md, traffic shift). 0 keeps none; -1 keeps every prompt position.
+    prompt_tokens: int = 32
     publish_every: int = 4  # optimizer steps between publish attempts
     rejected_weight: float = 2.0  # kl_rejected: a position whose draft was rejected weighs 1 + this
     margin: float = 0.05  # publish if sim_tau(candidate) >= sim_tau(served) - margin
@@ -106,6 +111,8 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prompt_tokens, int) or isinstance(self.prompt_tokens, bool) or self.prompt_tokens < -1:
+            raise ValueError(f"prompt_tokens must be an integer >= -1 (-1: all), got {self.prompt_tokens!r}")
         if self.max_sequence_tokens < MIN_SEQUENCE_TOKENS:
             raise ValueError(f"max_sequence_tokens must be at least {MIN_SEQUENCE_TOKENS}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -266,6 +273,11 @@ class _Segment:
         return Sequence(tokens=tokens, aux=aux, final=final, first_generated=0), weights
 
 
+def is_prompt_record(rec: RingRecord) -> bool:
+    """Prompt positions carry no drafts (both backends write -1 draft tokens for them)."""
+    return bool((rec.draft_tokens < 0).all())
+
+
 class Stitcher:
     """Joins consecutive records of one request into sequences.
 
@@ -279,9 +291,13 @@ class Stitcher:
       * or `close_all()` (the trainer calls it when the ring has been idle for a while).
     """
 
-    def __init__(self, max_tokens: int = 512, rejected_weight: float = 2.0):
+    def __init__(self, max_tokens: int = 512, rejected_weight: float = 2.0, prompt_tokens: int = -1):
         self.max_tokens = max_tokens
         self.rejected_weight = rejected_weight
+        self.prompt_tokens = prompt_tokens
+        # Prompt (prefill) records of requests that have not decoded yet, trimmed to the last
+        # `prompt_tokens` positions; they join the request's segment with its first decode record.
+        self._prompt: dict[int, deque[RingRecord]] = {}
         self._open: dict[int, _Segment] = {}
         self._done: deque[tuple[Sequence, torch.Tensor]] = deque()
         self._done_tokens = 0
@@ -303,19 +319,47 @@ class Stitcher:
     def add(self, records: Iterable[RingRecord]) -> None:
         for rec in records:
             self._newest_seq = max(self._newest_seq, rec.seq)
-            rows = rec.input_tokens.numel()
-            if rows == 0:
+            if rec.input_tokens.numel() == 0:
                 continue
-            seg = self._open.get(rec.request_hash)
-            if seg is not None and (seg.next_position != rec.position or seg.length + rows > self.max_tokens - 1):
-                self._close(rec.request_hash)
-                seg = None
-            if seg is None:
-                seg = self._open[rec.request_hash] = _Segment(rec)
-            seg.add(rec)
-        limit = 2 * len(self._open)
+            key = rec.request_hash
+            if self.prompt_tokens >= 0 and is_prompt_record(rec):
+                self._buffer_prompt(key, rec)
+                continue
+            for held in self._prompt.pop(key, ()):
+                self._add_one(held)
+            self._add_one(rec)
+        limit = 2 * (len(self._open) + len(self._prompt))
+        for key in [k for k, q in self._prompt.items() if self._newest_seq - q[-1].seq > limit]:
+            self._flush_prompt(key)  # a request that ended right after its prompt
         for key in [k for k, s in self._open.items() if self._newest_seq - s.last_seq > limit]:
             self._close(key)
+
+    def _buffer_prompt(self, key: int, rec: RingRecord) -> None:
+        held = self._prompt.setdefault(key, deque())
+        if held and held[-1].position + held[-1].input_tokens.numel() != rec.position:
+            held.clear()  # a gap: only the part next to the generated tokens matters
+        held.append(rec)
+        rows = sum(r.input_tokens.numel() for r in held)
+        while held and rows - held[0].input_tokens.numel() >= self.prompt_tokens:
+            rows -= held.popleft().input_tokens.numel()
+        if not held:
+            del self._prompt[key]
+
+    def _flush_prompt(self, key: int) -> None:
+        for held in self._prompt.pop(key, ()):
+            self._add_one(held)
+        if key in self._open:
+            self._close(key)
+
+    def _add_one(self, rec: RingRecord) -> None:
+        rows = rec.input_tokens.numel()
+        seg = self._open.get(rec.request_hash)
+        if seg is not None and (seg.next_position != rec.position or seg.length + rows > self.max_tokens - 1):
+            self._close(rec.request_hash)
+            seg = None
+        if seg is None:
+            seg = self._open[rec.request_hash] = _Segment(rec)
+        seg.add(rec)
 
     def _close(self, key: int) -> None:
         seg = self._open.pop(key)
@@ -325,6 +369,8 @@ class Stitcher:
             self._done_tokens += seg.length
 
     def close_all(self) -> None:
+        for key in list(self._prompt):
+            self._flush_prompt(key)
         for key in list(self._open):
             self._close(key)
 
@@ -557,7 +603,7 @@ class Trainer:
         self.kept: deque[tuple[int, dict]] = deque([(version, served_state)], maxlen=2)
         self.rollback_handled = self.store.last_rollback()
         self.counters["last_published_version"] = version
-        self.stitcher = Stitcher(self.cfg.max_sequence_tokens, self.cfg.rejected_weight)
+        self.stitcher = Stitcher(self.cfg.max_sequence_tokens, self.cfg.rejected_weight, self.cfg.prompt_tokens)
         self.holdout: deque[tuple[Sequence, torch.Tensor]] = deque(maxlen=self.cfg.holdout_capacity)
         self._served_sums: dict[int, tuple] = {}  # id(held-out entry) -> (entry, served weights' tau sums)
         self._served_sums_of: dict | None = None  # the served state those sums belong to

@@ -191,3 +191,18 @@ def test_step_records_describe_each_verify(model, ref_tokenizer, trained_head_di
     assert len(prompt_rows) == len(reqs) == 4
     lens = sorted(len(ref_tokenizer(p)["input_ids"]) for p in PROMPTS[:4])
     assert sorted(prompt_rows.values()) == lens
+
+
+def test_records_keep_only_the_last_prompt_positions_when_asked(model, ref_tokenizer, trained_head_dir):
+    """Chunked prefill (chunks of 5) with record_prompt_tokens = 3: each request's prompt records
+    cover exactly its last 3 prompt positions, the piece containing them included."""
+    eng = _engine(model, ref_tokenizer, 4, draft_model_path=trained_head_dir)
+    eng.record_prompt_tokens = 3
+    records = []
+    eng.record_sink = records.extend
+    outs = eng.generate(PROMPTS[:4], SamplingParams(max_new_tokens=MAX_NEW))
+    plens = {o["meta_info"]["id"]: o["meta_info"]["prompt_tokens"] for o in outs}
+    for rid, plen in plens.items():
+        positions = sorted(p for r in records if r.prefill and r.request_id == rid
+                           for p in range(r.position, r.position + r.num_accepted + 1))
+        assert positions == list(range(max(0, plen - 3), plen)), (rid, plen, positions)

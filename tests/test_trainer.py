@@ -626,3 +626,32 @@ def test_sigterm_exits_zero_promptly(make_rig, tmp_path):
     for name in (rig.ring.name, rig.store.name, rig.status.name):
         assert os.path.exists(os.path.join(SHM_DIR, name))
     assert not math.isnan(s["heartbeat"])
+
+
+def _prompt_rec(seq, position, rows, h=1):
+    rec = _rec(seq, "p", h, position, rows - 1, [-1, -1, -1])
+    rec.draft_tokens = torch.full((K,), -1, dtype=torch.long)
+    return rec
+
+
+@pytest.mark.parametrize("prompt_tokens,first", [(-1, 0), (6, 12), (4, 16), (0, 20)])
+def test_stitching_keeps_the_last_prompt_positions(prompt_tokens, first):
+    """A 20-token prompt in 4-row prefill records, then decoding from position 20: the sequence
+    starts at the earliest prompt record needed to keep `prompt_tokens` positions."""
+    st = Stitcher(max_tokens=64, prompt_tokens=prompt_tokens)
+    st.add([_prompt_rec(i, 4 * i, 4) for i in range(5)])
+    assert st.open_tokens == (20 if prompt_tokens < 0 else 0)  # held until the request decodes
+    st.add([_rec(5, "p", 1, 20, 2, [1, 1, 0]), _rec(6, "p", 1, 23, 0, [0, -1, -1])])
+    st.close_all()
+    (seq, _), = st.take()
+    assert seq.tokens.tolist() == [_tok(p) for p in range(first, 25)]
+
+
+def test_a_request_that_ends_after_its_prompt_still_trains_on_it():
+    st = Stitcher(max_tokens=64, prompt_tokens=6)
+    st.add([_prompt_rec(i, 4 * i, 4) for i in range(3)])
+    st.add([_rec(10 + i, "q", 7, 0, 3, [1, 1, 1]) for i in range(3)])  # others go on; "p" is quiet
+    st.add([_rec(20 + i, "q", 7, 4 * i + 4, 3, [1, 1, 1]) for i in range(4)])
+    st.close_all()
+    starts = sorted(int(s.tokens[0]) - 100 for s, _ in st.take())
+    assert 4 in starts  # p's last 8 prompt positions (4..11) became a sequence
