@@ -70,7 +70,12 @@ class TrainerConfig:
     clip: float = 2.5  # gradient-norm clip
     weight_decay: float = 0.0  # AdamW
     unroll: int = 5  # TTT unroll steps (weights 0.8**k live in draft_loss); also the guardrail's K
-    tokens_per_step: int = 1024  # generated tokens per optimizer step (~8 requests)
+    tokens_per_step: int = 1024  # recorded positions per optimizer step (~10 requests of 32 prompt + 64 generated)
+    # When the ring is empty (the trainer has caught up with the traffic), up to this many extra
+    # steps per fresh step on a sample of the most recent `replay_sequences` training sequences:
+    # idle compute spent on the traffic of the last minutes instead of sleeping.
+    replay_per_step: float = 1.0
+    replay_sequences: int = 64
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
     # Prompt positions kept per request: the last ones before the first generated token. The head
     # drafts generated tokens, and on a long prompt the prompt is most of a step's compute (a
@@ -103,11 +108,12 @@ class TrainerConfig:
         for name in ("clip", "idle_sleep_s", "segment_idle_s", "heartbeat_s"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "rejected_weight", "margin"):
+        for name in ("weight_decay", "rejected_weight", "margin", "replay_per_step"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         for name in ("unroll", "tokens_per_step", "max_sequence_tokens", "publish_every", "holdout_capacity",
-                     "checkpoint_every", "keep_checkpoints", "vocab_refresh_every", "read_batch"):
+                     "checkpoint_every", "keep_checkpoints", "vocab_refresh_every", "read_batch",
+                     "replay_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -164,7 +170,8 @@ class TrainerStatus(SharedSegment):
     without blocking. Words: magic, seq (a seqlock: odd while the trainer writes), then FIELDS."""
 
     FIELDS = ("heartbeat", "train_steps", "loss", "sim_tau_candidate", "sim_tau_served", "publishes", "refused",
-              "rollbacks_seen", "checkpoint_failures", "records_read", "ring_drops_seen", "last_published_version")
+              "rollbacks_seen", "checkpoint_failures", "records_read", "ring_drops_seen", "last_published_version",
+              "replay_steps")
     _FLOAT_FIELDS = {"heartbeat", "loss", "sim_tau_candidate", "sim_tau_served"}
     _MAGIC = 0x5354415431  # "STAT1"
     _WORDS = 2 + len(FIELDS)
@@ -549,7 +556,9 @@ class Trainer:
         self.rng = random.Random(self.cfg.seed)
         self.counters = {name: 0 for name in ("train_steps", "publishes", "refused", "rollbacks_seen",
                                               "checkpoint_failures", "records_read", "ring_drops_seen",
-                                              "last_published_version")}
+                                              "last_published_version", "replay_steps")}
+        self.replay: deque[tuple[Sequence, torch.Tensor]] = deque(maxlen=self.cfg.replay_sequences)
+        self._replay_credit = 0.0
         self.loss = self.tau_candidate = self.tau_served = None
         self.losses: list[float] = []
         self.history: deque[dict] = deque(maxlen=1000)  # one entry per publish attempt
@@ -685,6 +694,11 @@ class Trainer:
                 self.ingest(records)
                 last_record = now
                 continue
+            if self._replay_credit >= 1 and self.replay:
+                self._replay_credit -= 1
+                self.replay_once()
+                self.beat()
+                continue
             if self.stitcher.open_tokens and now - last_record >= self.cfg.segment_idle_s:
                 self.stitcher.close_all()  # the engine is idle: its requests are done
                 continue
@@ -712,6 +726,24 @@ class Trainer:
                 train.append((seq, w))
         if not train:
             return
+        self.replay.extend(train)
+        self._replay_credit = self.cfg.replay_per_step  # replay fills idle time until the next fresh step
+        self._train_on(train)
+
+    def replay_once(self) -> None:
+        """One step on recent sequences already trained on, drawn at random up to a step's tokens."""
+        pool = list(self.replay)
+        self.rng.shuffle(pool)
+        train, tokens = [], 0
+        for seq, w in pool:
+            if tokens >= self.cfg.tokens_per_step:
+                break
+            train.append((seq, w))
+            tokens += len(seq.tokens) - 1
+        self.counters["replay_steps"] += 1
+        self._train_on(train)
+
+    def _train_on(self, train: list[tuple[Sequence, torch.Tensor]]) -> None:
         weights = [w for _, w in train] if self.cfg.objective == "kl_rejected" else None
         batch = HeadBatch.from_sequences([s for s, _ in train], weights)
         if self.device.type != "cpu":
