@@ -476,8 +476,8 @@ def test_trainer_learns_from_served_traffic_and_publishes(make_rig, tmp_path):
     assert s["records_read"] > 0 and s["train_steps"] == len(losses) and s["loss"] == pytest.approx(losses[-1])
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
     assert s["refused"] == 0 and s["publishes"] >= 4
-    # Idle time (the ring empty between waves) went to replay, at most one per fresh step.
-    assert 0 < s["replay_steps"] <= s["train_steps"] - s["replay_steps"], s
+    # Idle time (the ring empty between waves) went to replay, at most three per fresh step.
+    assert 0 < s["replay_steps"] <= 3 * (s["train_steps"] - s["replay_steps"]), s
     assert rig.store.version == 1 + s["publishes"] == s["last_published_version"]
     assert rig.store.verify(rig.store.version)
     version, latest = _store_state(rig.store)
