@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from aurora_sgl.spec_io import read_spec, write_spec
+from aurora_sgl.trainer import TrainerConfig
 
 
 def test_cuda_handles_travel_in_a_private_pickle_beside_the_json(tmp_path):
@@ -69,7 +70,7 @@ def test_sglang_handoff_becomes_a_trainer_spec_the_real_trainer_attaches_to(tmp_
     try:
         trainer.setup()
         assert trainer.counters["last_published_version"] == 1
-        assert trainer.lr == 1e-5  # pretrained: Aurora's fine-tuning rate
+        assert trainer.lr == TrainerConfig().resolved_lr(pretrained=True)  # the fine-tuning rate
         for name, t in head.serving_state().items():
             assert torch.equal(trainer.head.serving_state()[name], t), name
     finally:

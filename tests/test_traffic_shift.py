@@ -22,14 +22,31 @@ def _run(*args, timeout=300):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _own_stream(tmp_path) -> tuple[list[str], list[str]]:
+    """Three small domains written here, for machines without ../shared/datasets."""
+    code = [json.dumps({"prompt": f"def {name}(values):\n    \"\"\"Return the {name} of a list.\"\"\"\n"})
+            for name in ("total", "largest", "smallest", "average", "count", "first", "last", "middle")]
+    chat = [json.dumps({"messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}) for i in range(8)]
+    math = [json.dumps({"prompt": f"Question: Tom has {i + 3} apples and buys {2 * i + 1} more. "
+                                  "How many apples does he have?\nAnswer:"}) for i in range(8)]
+    paths = []
+    for name, rows in (("code", code), ("chat", chat), ("math", math)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+    return ["--stream", ",".join(paths)], ["code", "chat", "math", "code"]
+
+
 def test_quick_run_through_every_arm(tmp_path):
     out = tmp_path / "ts.json"
-    res = _run("--quick", "--shift", "return", "--out", str(out))
+    if ts.DATA.is_dir():  # the default stream: HumanEval, MT-Bench, GSM8K test
+        stream, domains = [], ["humaneval", "mt_bench", "gsm8k", "humaneval"]
+    else:
+        stream, domains = _own_stream(tmp_path)
+    res = _run("--quick", "--shift", "return", *stream, "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     n = 4 * ts.QUICK["requests_per_phase"]  # return stream: three domains, then the first again
-    assert [r["domain"] for r in data["stream"]][::ts.QUICK["requests_per_phase"]] == \
-        ["humaneval", "mt_bench", "gsm8k", "humaneval"]
+    assert [r["domain"] for r in data["stream"]][::ts.QUICK["requests_per_phase"]] == domains
     assert set(data["arms"]) == set(ts.ARMS)
     for arm, res_arm in data["arms"].items():
         rows = res_arm["requests"]
@@ -82,6 +99,8 @@ def test_drives_a_running_server(tmp_path):
     (["--requests-per-phase", "0"], "--requests-per-phase must be at least 1"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
+    if "--stream" not in args:  # a valid stream, so the flag under test is what fails
+        args = [*args, *_own_stream(tmp_path)[0]]
     res = _run(*args, "--out", str(tmp_path / "x.json"), timeout=60)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
