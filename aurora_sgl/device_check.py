@@ -31,10 +31,10 @@ import time
 
 import torch
 
-from . import reference_head_path, reference_model_path
-from .draft_head import Eagle3Head
-from .engine import Engine, StepRecord
-from .sampling import SamplingParams
+from aurora_sgl import reference_head_path, reference_model_path
+from aurora_sgl.engine.draft_head import Eagle3Head
+from aurora_sgl.engine.engine import Engine, StepRecord
+from aurora_sgl.engine.sampling import SamplingParams
 
 ROWS: list[tuple[str, str, str]] = []
 
@@ -45,7 +45,7 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
     for i in range(n):
         ids = tokenizer(rows[i % len(rows)]["text"], add_special_tokens=False)["input_ids"]
         start = (i // len(rows)) * 17
-        out.append(ids[start:start + 16 + (i * 7) % 24])
+        out.append(ids[start : start + 16 + (i * 7) % 24])
     return out
 
 
@@ -67,15 +67,26 @@ def check_engine(device: str, quick: bool) -> tuple[Engine, list, list, Sampling
     if not quick:
         _timed_generate(base, prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
     ref, t_base = _timed_generate(base, prompts, sp)
-    spec = Engine(num_speculative_steps=4, draft_model_path=reference_head_path(), device=device,
-                  max_running_requests=8, model=base.target.hf, tokenizer=base.tokenizer)
+    spec = Engine(
+        num_speculative_steps=4,
+        draft_model_path=reference_head_path(),
+        device=device,
+        max_running_requests=8,
+        model=base.target.hf,
+        tokenizer=base.tokenizer,
+    )
     if not quick:
         _timed_generate(spec, prompts[:2], SamplingParams(max_new_tokens=4))
     out, t_spec = _timed_generate(spec, prompts, sp)
     bad = sum(o["output_ids"] != r["output_ids"] for o, r in zip(out, ref))
     tau = sum(o["meta_info"]["spec_accept_length"] for o in out) / len(out)
-    ROWS.append(("engine lossless (T=0, K=4)", "PASS" if bad == 0 else "FAIL",
-                 f"{n} prompts x {new} tok, {bad} differ; tau {tau:.2f}, speedup {t_base / t_spec:.2f}x"))
+    ROWS.append(
+        (
+            "engine lossless (T=0, K=4)",
+            "PASS" if bad == 0 else "FAIL",
+            f"{n} prompts x {new} tok, {bad} differ; tau {tau:.2f}, speedup {t_base / t_spec:.2f}x",
+        )
+    )
     return base, prompts, [r["output_ids"] for r in ref], sp
 
 
@@ -83,29 +94,37 @@ def check_engine(device: str, quick: bool) -> tuple[Engine, list, list, Sampling
 def _record(i: int, k: int, aux: int, hidden: int, device) -> StepRecord:
     n = 1 + i % (k + 1)
     f = torch.full
-    return StepRecord(request_id=f"r{i % 4}", position=i, draft_tokens=f((k,), i, dtype=torch.long, device=device),
-                      target_tokens=f((k,), i, dtype=torch.long, device=device),
-                      outcome=f((k,), 1, dtype=torch.int8, device=device), num_accepted=n - 1, committed=[],
-                      input_tokens=f((n,), i, dtype=torch.long, device=device),
-                      next_tokens=f((n,), i + 1, dtype=torch.long, device=device),
-                      aux_hidden=f((n, aux), float(i), device=device), final_hidden=f((n, hidden), -float(i), device=device),
-                      draft_version=1)
+    return StepRecord(
+        request_id=f"r{i % 4}",
+        position=i,
+        draft_tokens=f((k,), i, dtype=torch.long, device=device),
+        target_tokens=f((k,), i, dtype=torch.long, device=device),
+        outcome=f((k,), 1, dtype=torch.int8, device=device),
+        num_accepted=n - 1,
+        committed=[],
+        input_tokens=f((n,), i, dtype=torch.long, device=device),
+        next_tokens=f((n,), i + 1, dtype=torch.long, device=device),
+        aux_hidden=f((n, aux), float(i), device=device),
+        final_hidden=f((n, hidden), -float(i), device=device),
+        draft_version=1,
+    )
 
 
 def ipc_child(spec_path: str, versions: int) -> int:
     """The trainer's side: read the ring, publish `versions` versions (version v filled with v)."""
-    from .signal_ring import SignalRing
-    from .spec_io import read_spec
-    from .weight_store import WeightStore
+    from aurora_sgl.transport.handoff import read_handoff
+    from aurora_sgl.transport.signal_ring import SignalRing
+    from aurora_sgl.transport.weight_store import WeightStore
 
-    spec = read_spec(spec_path)
+    spec = read_handoff(spec_path)
     ring, store = SignalRing.attach(spec["ring"]), WeightStore.attach(spec["store"])
     got = []
     deadline = time.monotonic() + 60
     while len(got) < spec["records"] and time.monotonic() < deadline:
         got += ring.read(256)
     ok = len(got) == spec["records"] and all(
-        float(r.aux_hidden.sum()) == r.seq * r.aux_hidden.numel() and int(r.next_tokens[0]) == r.seq + 1 for r in got)
+        float(r.aux_hidden.sum()) == r.seq * r.aux_hidden.numel() and int(r.next_tokens[0]) == r.seq + 1 for r in got
+    )
     state = {n: torch.zeros(s, dtype=d, device=store.device) for n, (s, d) in store.layout.items()}
     for v in range(2, versions + 2):  # version 1 is the parent's
         for t in state.values():
@@ -122,9 +141,9 @@ def check_ipc(device: str, quick: bool) -> None:
     if not device.startswith("cuda") or not torch.cuda.is_available():
         ROWS.append(("CUDA IPC ring + weight store (2 procs)", "skipped", "no CUDA"))
         return
-    from .signal_ring import SignalRing
-    from .spec_io import write_spec
-    from .weight_store import WeightStore, layout_of
+    from aurora_sgl.transport.handoff import write_handoff
+    from aurora_sgl.transport.signal_ring import SignalRing
+    from aurora_sgl.transport.weight_store import WeightStore, layout_of
 
     head = Eagle3Head.load(reference_head_path(), torch.zeros(0), device=device)
     params = list(head.serving_state().values())
@@ -135,10 +154,13 @@ def check_ipc(device: str, quick: bool) -> None:
     store.publish(head.serving_state())
     d = tempfile.mkdtemp(prefix="aurora_check_")
     path = os.path.join(d, "spec.json")
-    write_spec({"ring": ring.spec(), "store": store.spec(), "records": records}, path)
+    write_handoff({"ring": ring.spec(), "store": store.spec(), "records": records}, path)
     ring.write_many([_record(i, k, aux, hidden, device) for i in range(records)])
-    child = subprocess.Popen([sys.executable, "-m", "aurora_sgl.device_check", "--ipc-child", path,
-                              "--versions", str(versions)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "aurora_sgl.device_check", "--ipc-child", path, "--versions", str(versions)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     stream = torch.cuda.Stream(device)
     host_us, gpu_us, wrong, version = [], [], 0, 1
     deadline = time.monotonic() + 120
@@ -169,13 +191,24 @@ def check_ipc(device: str, quick: bool) -> None:
     for name in os.listdir(d):
         os.remove(os.path.join(d, name))
     os.rmdir(d)
-    ROWS.append(("CUDA IPC signal ring (2 procs)", "PASS" if res["ring_ok"] else "FAIL",
-                 f"{res['records']}/{records} records read intact by the child"))
+    ROWS.append(
+        (
+            "CUDA IPC signal ring (2 procs)",
+            "PASS" if res["ring_ok"] else "FAIL",
+            f"{res['records']}/{records} records read intact by the child",
+        )
+    )
     swaps = len(gpu_us)
     ok = swaps >= 1 and wrong == 0 and version == versions + 1
-    detail = (f"{swaps} swaps to v{version}/{versions + 1}, {wrong} wrong tensors; pause host p50 "
-              f"{statistics.median(host_us):.0f} us p99 {sorted(host_us)[int(0.99 * (swaps - 1))]:.0f} us, "
-              f"GPU copy p50 {statistics.median(gpu_us):.0f} us") if swaps else "no swap happened"
+    detail = (
+        (
+            f"{swaps} swaps to v{version}/{versions + 1}, {wrong} wrong tensors; pause host p50 "
+            f"{statistics.median(host_us):.0f} us p99 {sorted(host_us)[int(0.99 * (swaps - 1))]:.0f} us, "
+            f"GPU copy p50 {statistics.median(gpu_us):.0f} us"
+        )
+        if swaps
+        else "no swap happened"
+    )
     ROWS.append(("CUDA IPC weight store swap", "PASS" if ok else "FAIL", detail))
 
 
@@ -185,9 +218,10 @@ def check_capture(device: str) -> None:
     prompt records before the decode records of the step after; on CUDA the in-step captures must
     not wait for the GPU (they return while a long kernel still runs) and the drain skips
     unfinished slots."""
+    from aurora_sgl.transport.signal_ring import SignalRing
+
     from .sglang_backend.capture import CaptureStaging, Sequencer, VerifyStep, drain_in_order
     from .sglang_backend.prefill import PrefillStaging, PrefillStep
-    from .signal_ring import SignalRing
 
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
@@ -198,16 +232,34 @@ def check_capture(device: str) -> None:
     draft = torch.randint(0, 6000, (bs * d,), generator=g)
     predict = torch.randint(0, 6000, (bs * d,), generator=g)
     aux, final = torch.randn(bs * d, adim, generator=g), torch.randn(bs * d, hdim, generator=g)
-    step = VerifyStep(request_ids=[f"r{i}" for i in range(bs)], positions=list(range(bs)),
-                      root_tokens=draft.view(bs, d)[:, 0].to(dev), draft_tokens=draft.view(bs, d).to(dev),
-                      predict=predict.to(dev), accept_lens=acc.to(dev), accept_index=accept_index.to(dev),
-                      aux_hidden=aux.to(dev), final_hidden=final.to(dev), topk=1)
+    step = VerifyStep(
+        request_ids=[f"r{i}" for i in range(bs)],
+        positions=list(range(bs)),
+        root_tokens=draft.view(bs, d)[:, 0].to(dev),
+        draft_tokens=draft.view(bs, d).to(dev),
+        predict=predict.to(dev),
+        accept_lens=acc.to(dev),
+        accept_index=accept_index.to(dev),
+        aux_hidden=aux.to(dev),
+        final_hidden=final.to(dev),
+        topk=1,
+    )
     plens = [40, 17, 3]  # prompt rows of three requests (one prefill batch)
     n = sum(plens)
-    p_ids, p_aux, p_final = torch.randint(0, 6000, (n + 1,), generator=g), torch.randn(n, adim, generator=g), \
-        torch.randn(n, hdim, generator=g)
-    pstep = PrefillStep([f"p{i}" for i in range(3)], [0, 5, 0], plens, p_ids[:n].to(dev), p_ids[1:].to(dev),
-                        p_aux.to(dev), p_final.to(dev))
+    p_ids, p_aux, p_final = (
+        torch.randint(0, 6000, (n + 1,), generator=g),
+        torch.randn(n, adim, generator=g),
+        torch.randn(n, hdim, generator=g),
+    )
+    pstep = PrefillStep(
+        [f"p{i}" for i in range(3)],
+        [0, 5, 0],
+        plens,
+        p_ids[:n].to(dev),
+        p_ids[1:].to(dev),
+        p_aux.to(dev),
+        p_final.to(dev),
+    )
     order = Sequencer()
     staging = CaptureStaging(64, steps, adim, hdim, device=dev, sequencer=order)
     prefill = PrefillStaging(256, steps, adim, hdim, device=dev, sequencer=order)
@@ -239,29 +291,49 @@ def check_capture(device: str) -> None:
         per = steps + 1
         n_prefill = sum((m + per - 1) // per for m in plens)
         precs, recs = precs[:n_prefill], precs[n_prefill:]
-        ok = all(r.request_id.startswith("p") for r in precs) and \
-            torch.equal(torch.cat([r.aux_hidden for r in precs]), p_aux) and \
-            torch.equal(torch.cat([r.next_tokens for r in precs]), p_ids[1:]) and \
-            torch.equal(torch.cat([r.final_hidden for r in precs]), p_final)
-        ok = ok and len(recs) == bs and all(
-            torch.equal(r.aux_hidden, aux[i * d:i * d + int(acc[i])]) and torch.equal(r.final_hidden, final[i * d:i * d + int(acc[i])])
-            and torch.equal(r.next_tokens, predict[i * d:i * d + int(acc[i])]) for i, r in enumerate(recs))
+        ok = (
+            all(r.request_id.startswith("p") for r in precs)
+            and torch.equal(torch.cat([r.aux_hidden for r in precs]), p_aux)
+            and torch.equal(torch.cat([r.next_tokens for r in precs]), p_ids[1:])
+            and torch.equal(torch.cat([r.final_hidden for r in precs]), p_final)
+        )
+        ok = (
+            ok
+            and len(recs) == bs
+            and all(
+                torch.equal(r.aux_hidden, aux[i * d : i * d + int(acc[i])])
+                and torch.equal(r.final_hidden, final[i * d : i * d + int(acc[i])])
+                and torch.equal(r.next_tokens, predict[i * d : i * d + int(acc[i])])
+                for i, r in enumerate(recs)
+            )
+        )
         if cuda:
             ok = ok and "busy: True" in no_wait and "early: 0" in no_wait
     finally:
         reader.close()
         ring.close()
-    ROWS.append(("sglang capture staging", "PASS" if ok else "FAIL",
-                 f"{n} prompt rows + {bs} verify requests exact, in order: {ok}; "
-                 f"both enqueues {enqueue_us:.0f} us; {no_wait}"))
+    ROWS.append(
+        (
+            "sglang capture staging",
+            "PASS" if ok else "FAIL",
+            f"{n} prompt rows + {bs} verify requests exact, in order: {ok}; "
+            f"both enqueues {enqueue_us:.0f} us; {no_wait}",
+        )
+    )
 
 
 # ---- trainer on the device ------------------------------------------------------------------------
 def check_trainer(device: str, quick: bool, base: Engine, prompts, ref, sp: SamplingParams) -> None:
-    from .online import OnlineTraining
+    from aurora_sgl.online.sidecar import OnlineTraining
 
-    engine = Engine(num_speculative_steps=4, device=device, max_running_requests=8, model=base.target.hf,
-                    tokenizer=base.tokenizer, seed=3)  # random head: training has something to learn
+    engine = Engine(
+        num_speculative_steps=4,
+        device=device,
+        max_running_requests=8,
+        model=base.target.hf,
+        tokenizer=base.tokenizer,
+        seed=3,
+    )  # random head: training has something to learn
     cfg = {"lr": 1e-3, "tokens_per_step": 16 if quick else 256, "publish_every": 1, "holdout_fraction": 0.0}
     online = OnlineTraining(engine, model_path=reference_model_path(), trainer_device=device, trainer_config=cfg)
     online.start()
@@ -280,9 +352,14 @@ def check_trainer(device: str, quick: bool, base: Engine, prompts, ref, sp: Samp
         online.close()
     learned = st["train_steps"] >= 1 and st["publishes"] >= 1 and fw["swaps"] >= 1
     ok = alive and bad == 0 and (learned or quick)
-    ROWS.append((f"trainer on {device} + live swaps", "PASS" if ok else "FAIL",
-                 f"{bad} outputs differ; trainer steps {st['train_steps']}, publishes {st['publishes']}, "
-                 f"engine swaps {fw['swaps']}, {time.monotonic() - t0:.0f} s"))
+    ROWS.append(
+        (
+            f"trainer on {device} + live swaps",
+            "PASS" if ok else "FAIL",
+            f"{bad} outputs differ; trainer steps {st['train_steps']}, publishes {st['publishes']}, "
+            f"engine swaps {fw['swaps']}, {time.monotonic() - t0:.0f} s",
+        )
+    )
 
 
 def print_table() -> None:

@@ -15,31 +15,57 @@ log = logging.getLogger("aurora_sgl")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m aurora_sgl.launch_server",
-                                 description="Online speculative decoding server (embedded or SGLang backend).",
-                                 allow_abbrev=False)  # a prefix of an SGLang flag must not match ours
+    ap = argparse.ArgumentParser(
+        prog="python -m aurora_sgl.launch_server",
+        description="Online speculative decoding server (embedded or SGLang backend).",
+        allow_abbrev=False,
+    )  # a prefix of an SGLang flag must not match ours
     ap.add_argument("--model-path", default=None, help="target model directory (default: built-in reference model)")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--backend", choices=("embedded", "sglang"), default="embedded")
-    ap.add_argument("--speculative-num-steps", type=int, default=None,
-                    help="draft tokens per step (0: no speculation; default 4 embedded, 5 sglang)")
-    ap.add_argument("--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)")
-    ap.add_argument("--max-running-requests", type=int, default=None, help="default 16 embedded, SGLang's own for sglang")
-    ap.add_argument("--max-queued-requests", type=int, default=None,
-                    help="embedded: requests waiting for a slot (default 128); beyond running + queued the server "
-                         "answers 503 with Retry-After. sglang: passed to SGLang")
+    ap.add_argument(
+        "--speculative-num-steps",
+        type=int,
+        default=None,
+        help="draft tokens per step (0: no speculation; default 4 embedded, 5 sglang)",
+    )
+    ap.add_argument(
+        "--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)"
+    )
+    ap.add_argument(
+        "--max-running-requests", type=int, default=None, help="default 16 embedded, SGLang's own for sglang"
+    )
+    ap.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="embedded: requests waiting for a slot (default 128); beyond running + queued the server "
+        "answers 503 with Retry-After. sglang: passed to SGLang",
+    )
     ap.add_argument("--context-length", type=int, default=None)
-    ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic")
-    ap.add_argument("--trainer-device", default=None, help="default cpu embedded; sglang: cuda:1 with two or more GPUs, else cuda:0")
+    ap.add_argument(
+        "--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic"
+    )
+    ap.add_argument(
+        "--trainer-device", default=None, help="default cpu embedded; sglang: cuda:1 with two or more GPUs, else cuda:0"
+    )
     ap.add_argument("--train-objective", choices=("kl", "kl_rejected", "accept"), default="kl")
-    ap.add_argument("--train-lr", type=float, default=None,
-                    help="trainer learning rate (default 1e-3 from a random head, 3e-4 from a pretrained one)")
+    ap.add_argument(
+        "--train-lr",
+        type=float,
+        default=None,
+        help="trainer learning rate (default 1e-3 from a random head, 3e-4 from a pretrained one)",
+    )
     ap.add_argument("--checkpoint-dir", default=None, help="trainer checkpoints; a restart resumes from the newest")
-    ap.add_argument("--trainer-config", default=None, metavar="JSON",
-                    help='trainer settings (TrainerConfig fields), e.g. \'{"checkpoint_every": 1, "tokens_per_step": 512}\'')
+    ap.add_argument(
+        "--trainer-config",
+        default=None,
+        metavar="JSON",
+        help='trainer settings (TrainerConfig fields), e.g. \'{"checkpoint_every": 1, "tokens_per_step": 512}\'',
+    )
     ap.add_argument("--device", default=None, help="embedded: cpu (default) or cuda; sglang: passed to SGLang")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for serving (default: all cores but one)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -58,6 +84,7 @@ def resolve_defaults(args) -> None:
     if args.trainer_device is None:
         if sglang:
             import torch
+
             args.trainer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
         else:
             args.trainer_device = "cpu"
@@ -77,6 +104,8 @@ def validate(args) -> str | None:
         return "--port must be between 1 and 65535"
     if args.context_length is not None and args.context_length < 16:
         return "--context-length must be at least 16"
+    if args.api_key is not None and not args.api_key.strip():
+        return "--api-key must not be empty (leave the flag out to serve without a key)"
     if args.model_path and not os.path.isdir(args.model_path):
         return f"--model-path {args.model_path} is not a directory"
     if args.speculative_draft_model_path and not os.path.isdir(args.speculative_draft_model_path):
@@ -100,6 +129,7 @@ def _check_trainer_config(args) -> str | None:
     """Parse --trainer-config into args.trainer_overrides; a bad one fails here, not in a trainer
     that the supervisor would restart over and over."""
     import json
+
     try:
         overrides = json.loads(args.trainer_config)
     except ValueError:
@@ -108,12 +138,31 @@ def _check_trainer_config(args) -> str | None:
         return "--trainer-config must be a JSON object"
     if not args.online:
         return "--trainer-config is only used with --online"
-    from .trainer import TrainerConfig
+    from aurora_sgl.trainer.config import TrainerConfig
+
     try:
         TrainerConfig(**overrides)
     except (TypeError, ValueError) as e:
         return f"--trainer-config: {e}"
     args.trainer_overrides = overrides
+    return None
+
+
+def _check_context_length(args) -> str | None:
+    """A --context-length beyond the model's positions would be clamped without a word: refuse it."""
+    if args.context_length is None:
+        return None
+    from transformers import AutoConfig
+
+    from aurora_sgl import reference_model_path
+
+    try:
+        cfg = AutoConfig.from_pretrained(args.model_path or reference_model_path(), local_files_only=True)
+    except (OSError, ValueError):
+        return None  # the model load that follows reports what is wrong with the model
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit and args.context_length > limit:
+        return f"--context-length {args.context_length} exceeds the model's {limit} positions"
     return None
 
 
@@ -125,6 +174,7 @@ def main(argv=None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(passthrough)} (SGLang flags need --backend sglang)")
     if args.backend == "sglang":
         from .sglang_backend.launcher import preflight
+
         error = preflight()  # before anything imports CUDA state or loads a model
         if error:
             print(f"error: {error}", file=sys.stderr)
@@ -137,27 +187,37 @@ def main(argv=None) -> int:
     if args.backend == "sglang":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from .sglang_backend.launcher import main as sglang_main
+
         return sglang_main(args, passthrough)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from .engine import Engine
+    from aurora_sgl.engine.engine import Engine
 
     # Leave a core for the trainer sidecar on CPU machines.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     draft_path = args.speculative_draft_model_path
     if args.online and args.checkpoint_dir:
-        from .trainer import newest_checkpoint
+        from aurora_sgl.trainer.checkpoints import newest_checkpoint
+
         resume = newest_checkpoint(args.checkpoint_dir)
         if resume:
             log.info("resuming the draft head from checkpoint %s", resume)
             draft_path = resume
     args.resolved_draft_path = draft_path
+    error = _check_context_length(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
-        engine = Engine(args.model_path, draft_model_path=draft_path,
-                        num_speculative_steps=args.speculative_num_steps,
-                        max_running_requests=args.max_running_requests,
-                        context_length=args.context_length, device=args.device)
+        engine = Engine(
+            args.model_path,
+            draft_model_path=draft_path,
+            num_speculative_steps=args.speculative_num_steps,
+            max_running_requests=args.max_running_requests,
+            context_length=args.context_length,
+            device=args.device,
+        )
     except (OSError, ValueError) as e:
         print(f"error: could not load the model: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -169,9 +229,9 @@ def serve(engine, args) -> int:
 
     import uvicorn
 
-    from .async_engine import AsyncEngine
-    from .http_server import create_app
-    from .metrics import Metrics
+    from aurora_sgl.serving.app import create_app
+    from aurora_sgl.serving.async_engine import AsyncEngine
+    from aurora_sgl.serving.metrics import Metrics
 
     metrics = Metrics(engine.k)
     aengine = AsyncEngine(
@@ -182,20 +242,42 @@ def serve(engine, args) -> int:
     model_path = engine.model_path
     online = None
     if args.online:
-        from .online import OnlineTraining
-        online = OnlineTraining(engine, model_path=model_path, objective=args.train_objective,
-                                trainer_device=args.trainer_device, checkpoint_dir=args.checkpoint_dir,
-                                init_head=args.resolved_draft_path,
-                                trainer_config=dict(getattr(args, "trainer_overrides", {}),
-                                                    **({"lr": args.train_lr} if args.train_lr else {})))
+        from aurora_sgl.online.sidecar import OnlineTraining
+        from aurora_sgl.transport.segments import sweep_stale
+
+        sweep_stale()  # segments and files of servers that were SIGKILLed (their cleanup never ran)
+        online = OnlineTraining(
+            engine,
+            model_path=model_path,
+            objective=args.train_objective,
+            trainer_device=args.trainer_device,
+            checkpoint_dir=args.checkpoint_dir,
+            init_head=args.resolved_draft_path,
+            trainer_config=dict(
+                getattr(args, "trainer_overrides", {}), **({"lr": args.train_lr} if args.train_lr else {})
+            ),
+        )
         online.start()
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
-    app = create_app(aengine, metrics, served_model_name=name, model_path=model_path, api_key=args.api_key,
-                     server_args={k: v for k, v in vars(args).items() if k != "api_key"},
-                     flywheel=online.flywheel if online else None, max_queued_requests=args.max_queued_requests,
-                     trainer_state=online.trainer_state if online else None)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=30, access_log=args.log_level == "debug")
+    app = create_app(
+        aengine,
+        metrics,
+        served_model_name=name,
+        model_path=model_path,
+        api_key=args.api_key,
+        server_args={k: v for k, v in vars(args).items() if k != "api_key"},
+        flywheel=online.flywheel if online else None,
+        max_queued_requests=args.max_queued_requests,
+        trainer_state=online.trainer_state if online else None,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+        access_log=args.log_level == "debug",
+    )
     server = uvicorn.Server(config)
 
     async def announce():
@@ -205,10 +287,14 @@ def serve(engine, args) -> int:
             await asyncio.sleep(0.05)
         url = f"http://{args.host}:{args.port}"
         auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
-        print(f"aurora_sgl serving '{name}' at {url}  (OpenAI API under {url}/v1, metrics at {url}/metrics)", flush=True)
-        print(f"try: curl -s {url}/v1/completions{auth} -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{name}\", \"prompt\": \"def add(a, b):\", \"max_tokens\": 32, \"temperature\": 0}}'",
-              flush=True)
+        print(
+            f"aurora_sgl serving '{name}' at {url}  (OpenAI API under {url}/v1, metrics at {url}/metrics)", flush=True
+        )
+        print(
+            f"try: curl -s {url}/v1/completions{auth} -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{name}", "prompt": "def add(a, b):", "max_tokens": 32, "temperature": 0}}\'',
+            flush=True,
+        )
 
     async def main_async():
         aengine.start()

@@ -39,7 +39,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,10 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATASETS = Path(os.environ.get("AURORA_DATASETS", "/work/shared/datasets"))
+from benchmarks.common.paths import datasets_dir  # noqa: E402
+from benchmarks.common.server import ServerProcess  # noqa: E402
+
+DATASETS = datasets_dir()
 NAME = "reference_model"
 SAMPLED_SHARE = 0.2
 
@@ -80,10 +82,11 @@ def _dataset_prompts(rng: random.Random, n: int) -> list[str]:
         with open(DATASETS / "gsm8k" / "test.jsonl") as f:
             out += ["Question: " + json.loads(line)["question"][:400] + "\nAnswer:" for line in f][:n]
         text = (DATASETS / "shakespeare" / "input.txt").read_text()
-        starts = [i for i in range(0, len(text) - 400, 997) if text[i - 2:i] == "\n\n"] if len(text) > 1000 else []
-        out += [text[i:i + 300] for i in starts[:n]]
+        starts = [i for i in range(0, len(text) - 400, 997) if text[i - 2 : i] == "\n\n"] if len(text) > 1000 else []
+        out += [text[i : i + 300] for i in starts[:n]]
     except OSError:  # no shared datasets here: the reference model's own held-out sample
         from aurora_sgl import reference_model_path
+
         rows = [json.loads(line) for line in open(Path(reference_model_path()) / "heldout_sample.jsonl")]
         out = [r["text"][:300] for r in rows]
     rng.shuffle(out)
@@ -93,13 +96,26 @@ def _dataset_prompts(rng: random.Random, n: int) -> list[str]:
 def build_pool(size: int, seed: int = 0) -> list[Item]:
     rng = random.Random(seed)
     prompts = _dataset_prompts(rng, size)
-    routes = [("completions", False), ("completions", True), ("chat", False), ("chat", True),
-              ("generate", False), ("generate", True)]
+    routes = [
+        ("completions", False),
+        ("completions", True),
+        ("chat", False),
+        ("chat", True),
+        ("generate", False),
+        ("generate", True),
+    ]
     pool = []
     for i in range(size):
         route, stream = routes[i % len(routes)]
-        pool.append(Item(route, stream, prompts[i % len(prompts)], max_tokens=rng.choice([16, 32, 48]),
-                         stop=["\n\n"] if i % 5 == 4 and route != "generate" else None))
+        pool.append(
+            Item(
+                route,
+                stream,
+                prompts[i % len(prompts)],
+                max_tokens=rng.choice([16, 32, 48]),
+                stop=["\n\n"] if i % 5 == 4 and route != "generate" else None,
+            )
+        )
     return pool
 
 
@@ -108,13 +124,18 @@ def attach_references(pool: list[Item]) -> None:
     build the prompt."""
     import torch
 
-    from aurora_sgl.engine import Engine
-    from aurora_sgl.sampling import SamplingParams
+    from aurora_sgl.engine.engine import Engine
+    from aurora_sgl.engine.sampling import SamplingParams
+
     torch.set_num_threads(1)
     engine = Engine(num_speculative_steps=0, max_running_requests=16)
     tok = engine.tokenizer
-    texts = [tok.apply_chat_template([{"role": "user", "content": it.prompt}], tokenize=False,
-                                     add_generation_prompt=True) if it.route == "chat" else it.prompt for it in pool]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": it.prompt}], tokenize=False, add_generation_prompt=True)
+        if it.route == "chat"
+        else it.prompt
+        for it in pool
+    ]
     params = [SamplingParams(max_new_tokens=it.max_tokens, stop=tuple(it.stop or ())) for it in pool]
     for it, out in zip(pool, engine.generate(texts, params)):
         it.expected_text, it.expected_ids = out["text"], out["output_ids"]
@@ -169,7 +190,9 @@ async def _request(client: httpx.AsyncClient, url: str, it: Item, temperature: f
     text, ids, done = "", None, False
     async with client.stream("POST", url + path, json=body) as r:
         if r.status_code != 200:
-            raise _HTTPStatus(r.status_code, (await r.aread())[:200].decode(errors="replace"), r.headers.get("retry-after"))
+            raise _HTTPStatus(
+                r.status_code, (await r.aread())[:200].decode(errors="replace"), r.headers.get("retry-after")
+            )
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -201,17 +224,27 @@ async def one_request(client, url: str, it: Item, rng: random.Random, abort_afte
     try:
         coro = _request(client, url, it, temperature, seed)
         text, ids = await (asyncio.wait_for(coro, abort_after) if abort_after else coro)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return Outcome("aborted", time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 -- every failure is a figure, whatever its type
-        return Outcome("failed", time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:300],
-                       http_status=getattr(e, "status", None), retry_after=getattr(e, "retry_after", None))
+        return Outcome(
+            "failed",
+            time.perf_counter() - t0,
+            error=f"{type(e).__name__}: {e}"[:300],
+            http_status=getattr(e, "status", None),
+            retry_after=getattr(e, "retry_after", None),
+        )
     dt = time.perf_counter() - t0
     if sampled:
         return Outcome("ok", dt)
     differs = (ids != it.expected_ids) if ids is not None else (text != it.expected_text)
-    return Outcome("ok", dt, compared=True, differs=differs,
-                   error=f"differs: got {text[:80]!r}, want {it.expected_text[:80]!r}" if differs else None)
+    return Outcome(
+        "ok",
+        dt,
+        compared=True,
+        differs=differs,
+        error=f"differs: got {text[:80]!r}, want {it.expected_text[:80]!r}" if differs else None,
+    )
 
 
 # ---- load -----------------------------------------------------------------------------------------
@@ -227,16 +260,29 @@ def summarize(outcomes: list[Outcome]) -> dict:
     failed = [o for o in outcomes if o.status == "failed"]
     lat = [o.latency_s for o in ok]
     errors = [o.error for o in outcomes if o.error]
-    return {"served": len(ok), "failed": len(failed), "differing_outputs": sum(o.differs for o in ok),
-            "compared_with_target_only": sum(o.compared for o in ok),
-            "aborted_by_client": sum(o.status == "aborted" for o in outcomes),
-            "latency_p50_s": _pct(lat, 0.5), "latency_p99_s": _pct(lat, 0.99),
-            "latency_mean_s": round(statistics.fmean(lat), 4) if lat else None,
-            "first_errors": errors[:5]}
+    return {
+        "served": len(ok),
+        "failed": len(failed),
+        "differing_outputs": sum(o.differs for o in ok),
+        "compared_with_target_only": sum(o.compared for o in ok),
+        "aborted_by_client": sum(o.status == "aborted" for o in outcomes),
+        "latency_p50_s": _pct(lat, 0.5),
+        "latency_p99_s": _pct(lat, 0.99),
+        "latency_mean_s": round(statistics.fmean(lat), 4) if lat else None,
+        "first_errors": errors[:5],
+    }
 
 
-async def drive(url: str, pool: list[Item], concurrency: int, seconds: float, *, seed: int = 0,
-                abort_share: float = 0.0, stop: asyncio.Event | None = None) -> list[Outcome]:
+async def drive(
+    url: str,
+    pool: list[Item],
+    concurrency: int,
+    seconds: float,
+    *,
+    seed: int = 0,
+    abort_share: float = 0.0,
+    stop: asyncio.Event | None = None,
+) -> list[Outcome]:
     """`concurrency` clients, each sending one request after another for `seconds` (or until
     `stop` is set: requests in flight then still finish)."""
     rng = random.Random(seed)
@@ -257,38 +303,16 @@ async def drive(url: str, pool: list[Item], concurrency: int, seconds: float, *,
 
 
 # ---- the server -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """The real server with the reference head at K = 4, its log in the run's work directory."""
 
-
-class Server:
-    """The real server as a subprocess, its log in a file (a pipe nobody reads would fill up)."""
-
-    def __init__(self, *args: str, log_dir: Path, tag: str, startup_timeout: float = 180):
+    def __init__(self, *args: str, log_dir: Path, tag: str, startup_timeout: float = 180, **kwargs):
         from aurora_sgl import reference_head_path
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server_{tag}.log"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "aurora_sgl.launch_server", "--port", str(self.port), "--threads", "1",
-               "--log-level", "warning", "--speculative-num-steps", "4",
-               "--speculative-draft-model-path", reference_head_path(), *args]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited during startup:\n{self.log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become healthy in time")
+
+        head = ["--speculative-num-steps", "4", "--speculative-draft-model-path", reference_head_path()]
+        super().__init__(
+            *head, *args, log_path=log_dir / f"server_{tag}.log", startup_timeout=startup_timeout, **kwargs
+        )
 
     def trainer(self) -> psutil.Process | None:
         with contextlib.suppress(psutil.Error):
@@ -299,8 +323,10 @@ class Server:
 
     def rss_mb(self) -> dict:
         out = {}
-        for name, p in (("server", psutil.Process(self.pid) if self.proc.poll() is None else None),
-                        ("trainer", self.trainer())):
+        for name, p in (
+            ("server", psutil.Process(self.pid) if self.proc.poll() is None else None),
+            ("trainer", self.trainer()),
+        ):
             with contextlib.suppress(psutil.Error):
                 out[name] = round(p.memory_info().rss / 2**20, 1) if p else None
         return out
@@ -309,12 +335,22 @@ class Server:
         s = httpx.get(self.url + "/aurora/stats", timeout=30).json()
         fw, tr = s.get("flywheel") or {}, s.get("trainer") or {}
         info = httpx.get(self.url + "/server_info", timeout=30).json()
-        return {"draft_version": s["draft_version"], "swaps": fw.get("swaps", 0), "rollbacks": fw.get("rollbacks", 0),
-                "refused_versions": fw.get("refused", 0), "ring_written": fw.get("ring_written", 0),
-                "ring_drops": fw.get("ring_drops", 0), "trainer_alive": tr.get("alive"),
-                "trainer_restarts": tr.get("restarts"), "train_steps": tr.get("train_steps"),
-                "publishes": tr.get("publishes"), "checkpoint_failures": tr.get("checkpoint_failures"),
-                "in_flight": info["num_in_flight_requests"]}
+        return {
+            "draft_version": s["draft_version"],
+            "swaps": fw.get("swaps", 0),
+            "rollbacks": fw.get("rollbacks", 0),
+            "refused_versions": fw.get("refused", 0),
+            "last_refused_version": fw.get("last_refused_version", 0),
+            "ring_written": fw.get("ring_written", 0),
+            "ring_drops": fw.get("ring_drops", 0),
+            "trainer_alive": tr.get("alive"),
+            "trainer_restarts": tr.get("restarts"),
+            "train_steps": tr.get("train_steps"),
+            "publishes": tr.get("publishes"),
+            "checkpoint_failures": tr.get("checkpoint_failures"),
+            "step_failures": tr.get("step_failures"),
+            "in_flight": info["num_in_flight_requests"],
+        }
 
     def wait_idle(self, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
@@ -328,15 +364,7 @@ class Server:
         return [f for f in os.listdir("/dev/shm") if f"_{self.pid}_" in f]
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 90) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return super().stop(sig, timeout)
 
 
 def _delta(before: dict, after: dict, *keys: str) -> dict:
@@ -365,17 +393,35 @@ class Bench:
         self.server: Server | None = None
 
     def start_main(self, tag: str = "main") -> Server:
-        self.server = Server("--checkpoint-dir", str(self.ckpt), "--trainer-config", self.args.trainer_config,
-                             "--max-running-requests", str(self.args.max_running), log_dir=self.work, tag=tag)
+        self.server = Server(
+            "--checkpoint-dir",
+            str(self.ckpt),
+            "--trainer-config",
+            self.args.trainer_config,
+            "--max-running-requests",
+            str(self.args.max_running),
+            log_dir=self.work,
+            tag=tag,
+        )
         return self.server
 
     def load(self, seconds: float, *, fault=None, abort_share: float = 0.0, seed: int = 0, stop=None):
         """Traffic for `seconds` with `fault` (a coroutine) running alongside: (outcomes, fault's result)."""
+
         async def both():
             return await asyncio.gather(
-                drive(self.server.url, self.pool, self.args.concurrency, seconds, seed=seed,
-                      abort_share=abort_share, stop=stop),
-                fault if fault is not None else _after(0))
+                drive(
+                    self.server.url,
+                    self.pool,
+                    self.args.concurrency,
+                    seconds,
+                    seed=seed,
+                    abort_share=abort_share,
+                    stop=stop,
+                ),
+                fault if fault is not None else _after(0),
+            )
+
         return asyncio.run(both())
 
     # soak -------------------------------------------------------------------------------------------
@@ -390,22 +436,50 @@ class Bench:
             while time.monotonic() - t0 < seconds:
                 await asyncio.sleep(min(30.0, seconds / 8))
                 st = await asyncio.to_thread(s.stats)
-                samples.append({"t_s": round(time.monotonic() - t0), "rss_mb": s.rss_mb(),
-                                "draft_version": st["draft_version"], "swaps": st["swaps"],
-                                "ring_drops": st["ring_drops"], "train_steps": st["train_steps"]})
+                samples.append(
+                    {
+                        "t_s": round(time.monotonic() - t0),
+                        "rss_mb": s.rss_mb(),
+                        "draft_version": st["draft_version"],
+                        "swaps": st["swaps"],
+                        "ring_drops": st["ring_drops"],
+                        "train_steps": st["train_steps"],
+                    }
+                )
 
         outcomes, _ = self.load(seconds, fault=sample(), seed=1)
         after, rss_end = s.stats(), s.rss_mb()
         trainer = s.trainer()  # the trainer takes no network input: it must hold no inet socket
-        sockets = len(getattr(trainer, "net_connections", getattr(trainer, "connections", lambda **_: []))(kind="inet")) \
-            if trainer else None
+        sockets = (
+            len(getattr(trainer, "net_connections", getattr(trainer, "connections", lambda **_: []))(kind="inet"))
+            if trainer
+            else None
+        )
         srv = [x["rss_mb"].get("server") or 0 for x in samples]
-        return dict(summarize(outcomes), minutes=self.args.soak_minutes, concurrency=self.args.concurrency,
-                    requests_per_s=round(len(outcomes) / seconds, 3),
-                    rss_mb_start=rss_start, rss_mb_end=rss_end, rss_mb_server_max=max(srv) if srv else None,
-                    **_delta(before, after, "swaps", "rollbacks", "refused_versions", "ring_drops", "ring_written",
-                             "train_steps", "publishes", "trainer_restarts"),
-                    draft_version_end=after["draft_version"], trainer_inet_sockets=sockets, samples=samples)
+        return dict(
+            summarize(outcomes),
+            minutes=self.args.soak_minutes,
+            concurrency=self.args.concurrency,
+            requests_per_s=round(len(outcomes) / seconds, 3),
+            rss_mb_start=rss_start,
+            rss_mb_end=rss_end,
+            rss_mb_server_max=max(srv) if srv else None,
+            **_delta(
+                before,
+                after,
+                "swaps",
+                "rollbacks",
+                "refused_versions",
+                "ring_drops",
+                "ring_written",
+                "train_steps",
+                "publishes",
+                "trainer_restarts",
+            ),
+            draft_version_end=after["draft_version"],
+            trainer_inet_sockets=sockets,
+            samples=samples,
+        )
 
     # trainer faults ----------------------------------------------------------------------------------
     def trainer_sigkill(self) -> dict:
@@ -417,13 +491,19 @@ class Bench:
             victim = s.trainer()
             info["killed_pid"] = victim.pid
             os.kill(victim.pid, signal.SIGKILL)
-            info["restart_s"] = await _until(lambda: (t := s.trainer()) is not None and t.pid != victim.pid
-                                             and s.stats()["trainer_alive"], 90)
+            info["restart_s"] = await _until(
+                lambda: (t := s.trainer()) is not None and t.pid != victim.pid and s.stats()["trainer_alive"], 90
+            )
+
         outcomes, _ = self.load(self.args.fault_seconds, fault=fault(), seed=2)
         after = s.stats()
-        return dict(summarize(outcomes), **info, trainer_restarted=info.get("restart_s") is not None,
-                    **_delta(before, after, "trainer_restarts", "swaps", "rollbacks", "train_steps"),
-                    restarted_from=_restart_source(s.log_path))
+        return dict(
+            summarize(outcomes),
+            **info,
+            trainer_restarted=info.get("restart_s") is not None,
+            **_delta(before, after, "trainer_restarts", "swaps", "rollbacks", "train_steps"),
+            restarted_from=_restart_source(s.log_path),
+        )
 
     def trainer_sigstop(self) -> dict:
         s, info = self.server, {}
@@ -437,45 +517,57 @@ class Bench:
             await asyncio.sleep(stop_s)
             st1 = await asyncio.to_thread(s.stats)
             os.kill(victim.pid, signal.SIGCONT)
-            info.update(stopped_s=stop_s, train_steps_while_stopped=(st1["train_steps"] or 0) - (st0["train_steps"] or 0),
-                        ring_drops_while_stopped=st1["ring_drops"] - st0["ring_drops"],
-                        trainer_restarts_while_stopped=(st1["trainer_restarts"] or 0) - (st0["trainer_restarts"] or 0))
+            info.update(
+                stopped_s=stop_s,
+                train_steps_while_stopped=(st1["train_steps"] or 0) - (st0["train_steps"] or 0),
+                ring_drops_while_stopped=st1["ring_drops"] - st0["ring_drops"],
+                trainer_restarts_while_stopped=(st1["trainer_restarts"] or 0) - (st0["trainer_restarts"] or 0),
+            )
             steps = st1["train_steps"] or 0
             info["trainer_trains_again_s"] = await _until(lambda: (s.stats()["train_steps"] or 0) > steps, 120)
+
         outcomes, _ = self.load(stop_s + self.args.fault_seconds / 2 + 3, fault=fault(), seed=3)
         # keep the load up until the trainer has shown it trains again
         return dict(summarize(outcomes), **info, trainer_alive=s.stats()["trainer_alive"])
 
     def corrupt_buffer(self) -> dict:
-        s, info = self.server, {}
-        before = s.stats()
+        """The trainer publishes a version whose bytes were flipped after its checksum was taken
+        (its `corrupt@2` fault): the engine must refuse it and keep serving exact outputs."""
+        fast = json.dumps({"inject": ["corrupt@2"], "tokens_per_step": 256, "publish_every": 1, "margin": 10.0})
+        server = Server(
+            "--trainer-config",
+            fast,
+            "--max-running-requests",
+            str(self.args.max_running),
+            log_dir=self.work,
+            tag="corrupt",
+        )
+        main, self.server = self.server, server
+        info = {}
+        try:
 
-        async def fault():
-            await asyncio.sleep(3)
-            victim = s.trainer()
-            spec_path = victim.cmdline()[victim.cmdline().index("--spec") + 1]
-            store_spec = json.load(open(spec_path))["store"]
-            for _ in range(100):
-                os.kill(victim.pid, signal.SIGSTOP)  # keep the store single-publisher while we write
-                await asyncio.sleep(0.05)  # let the stop land
-                version = publish_corrupt(store_spec)
-                if version is not None:
-                    break
-                os.kill(victim.pid, signal.SIGCONT)  # stopped mid-publish: let it finish, try again
-                await asyncio.sleep(0.05)
-            try:
-                info["corrupted_version"] = version
-                info["refused_s"] = await _until(lambda: s.stats()["refused_versions"] > before["refused_versions"], 30)
-                info["served_version_after"] = (await asyncio.to_thread(s.stats))["draft_version"]
-            finally:
-                os.kill(victim.pid, signal.SIGCONT)
-        outcomes, _ = self.load(self.args.fault_seconds, fault=fault(), seed=4)
-        after = s.stats()
-        return dict(summarize(outcomes), **info,
-                    corrupted_version_refused=info.get("refused_s") is not None
-                    and info.get("served_version_after") != info.get("corrupted_version"),
-                    **_delta(before, after, "refused_versions", "swaps", "rollbacks"),
-                    trainer_alive=after["trainer_alive"])
+            async def fault():
+                info["refused_s"] = await _until(lambda: server.stats()["refused_versions"] > 0, 120)
+                info["served_version_after"] = (await asyncio.to_thread(server.stats))["draft_version"]
+
+            outcomes, _ = self.load(self.args.fault_seconds, fault=fault(), seed=4)
+            after = server.stats()
+            corrupted = after["last_refused_version"]
+            return dict(
+                summarize(outcomes),
+                **info,
+                corrupted_version=corrupted,
+                corrupted_version_refused=info.get("refused_s") is not None
+                and corrupted > 0
+                and info.get("served_version_after") != corrupted,
+                refused_versions=after["refused_versions"],
+                swaps=after["swaps"],
+                rollbacks=after["rollbacks"],
+                trainer_alive=after["trainer_alive"],
+            )
+        finally:
+            server.stop()
+            self.server = main
 
     def checkpoint_fault(self, kind: str) -> dict:
         """A server whose checkpoint directory cannot take writes: full, or read-only."""
@@ -484,8 +576,16 @@ class Bench:
         mechanism = _make_unwritable(target, kind)
         # Publish (and so try to checkpoint) often: every optimizer step, guardrail wide open.
         fast = json.dumps({"checkpoint_every": 1, "tokens_per_step": 256, "publish_every": 1, "margin": 10.0})
-        server = Server("--checkpoint-dir", str(target), "--trainer-config", fast,
-                        "--max-running-requests", str(self.args.max_running), log_dir=self.work, tag=kind)
+        server = Server(
+            "--checkpoint-dir",
+            str(target),
+            "--trainer-config",
+            fast,
+            "--max-running-requests",
+            str(self.args.max_running),
+            log_dir=self.work,
+            tag=kind,
+        )
         main, self.server = self.server, server
         try:
             before = server.stats()
@@ -496,17 +596,25 @@ class Bench:
                 # traffic first); then a trainer crash restarts from the served weights.
                 try:
                     info["first_checkpoint_failure_s"] = await _until(
-                        lambda: (server.stats()["checkpoint_failures"] or 0) > 0, 240)
+                        lambda: (server.stats()["checkpoint_failures"] or 0) > 0, 240
+                    )
                     await asyncio.sleep(self.args.fault_seconds / 4)
                     st = await asyncio.to_thread(server.stats)  # the restarted trainer counts from 0
                     info["checkpoint_failures"], info["publishes"] = st["checkpoint_failures"], st["publishes"]
                     victim = server.trainer()
                     os.kill(victim.pid, signal.SIGKILL)
-                    info["restart_s"] = await _until(lambda: (t := server.trainer()) is not None
-                                                     and t.pid != victim.pid and server.stats()["trainer_alive"], 60)
+                    info["restart_s"] = await _until(
+                        lambda: (
+                            (t := server.trainer()) is not None
+                            and t.pid != victim.pid
+                            and server.stats()["trainer_alive"]
+                        ),
+                        60,
+                    )
                     await asyncio.sleep(self.args.fault_seconds / 4)
                 finally:
                     stop.set()
+
             outcomes, _ = self.load(600, fault=fault(), seed=5, stop=stop)
             after = server.stats()
             files = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
@@ -514,10 +622,15 @@ class Bench:
             server.stop()
             self.server = main
             _undo_unwritable(target, mechanism)
-        return dict(summarize(outcomes), mechanism=mechanism, **info,
-                    trainer_alive_after=after["trainer_alive"],
-                    trainer_restarts=after["trainer_restarts"], files_left_in_checkpoint_dir=files,
-                    **_delta(before, after, "swaps", "train_steps"))
+        return dict(
+            summarize(outcomes),
+            mechanism=mechanism,
+            **info,
+            trainer_alive_after=after["trainer_alive"],
+            trainer_restarts=after["trainer_restarts"],
+            files_left_in_checkpoint_dir=files,
+            **_delta(before, after, "swaps", "train_steps"),
+        )
 
     # client and input faults -------------------------------------------------------------------------
     def client_aborts(self) -> dict:
@@ -530,20 +643,26 @@ class Bench:
         async def probe_once():
             async with httpx.AsyncClient(timeout=120) as c:
                 return await one_request(c, s.url, probe, random.Random(1), None)
+
         got = asyncio.run(probe_once())
-        return dict(summarize(outcomes), slots_freed=drained, drain_s=round(time.monotonic() - t0, 2),
-                    probe_after_exact=got.status == "ok" and not got.differs)
+        return dict(
+            summarize(outcomes),
+            slots_freed=drained,
+            drain_s=round(time.monotonic() - t0, 2),
+            probe_after_exact=got.status == "ok" and not got.differs,
+        )
 
     def hostile_input(self) -> dict:
         """The hand-written hostile cases (tests/test_hostile_input.py), sent again and again next
         to normal traffic: every one must get its 4xx JSON error, and the traffic must not notice."""
         sys.path.insert(0, str(REPO / "tests"))
         from test_hostile_input import HAND_CASES, _chunked
+
         async def achunked():  # an async client needs an async body
             for piece in _chunked(16 << 20):
                 yield piece
 
-        s, stop, res = self.server, asyncio.Event(), {"sent": 0, "as_expected": 0, "bad": [], "max_latency_s": 0.0}
+        s, res = self.server, {"sent": 0, "as_expected": 0, "bad": [], "max_latency_s": 0.0}
 
         async def barrage():
             async with httpx.AsyncClient(timeout=60) as c:
@@ -553,7 +672,9 @@ class Bench:
                         content = achunked() if body == "chunked" else body
                         t0 = time.perf_counter()
                         try:
-                            r = await c.post(s.url + path, content=content, headers={"Content-Type": "application/json"})
+                            r = await c.post(
+                                s.url + path, content=content, headers={"Content-Type": "application/json"}
+                            )
                             ok = r.status_code == status and set(r.json()["error"]) == {"message", "type", "code"}
                         except Exception as e:  # noqa: BLE001
                             ok, r = False, e
@@ -565,17 +686,31 @@ class Bench:
                         if not ok:
                             res["bad"].append(f"{name}: {getattr(r, 'status_code', r)}")
                         await asyncio.sleep(0)
+
         outcomes, _ = self.load(self.args.fault_seconds, fault=barrage(), seed=8)
         healthy = httpx.get(s.url + "/health", timeout=10).status_code == 200
-        return dict(summarize(outcomes), hostile_cases=len(HAND_CASES), hostile_requests_sent=res["sent"],
-                    hostile_answered_as_expected=res["as_expected"], hostile_bad=res["bad"][:10],
-                    hostile_max_latency_s=res["max_latency_s"], hostile_slowest_case=res.get("slowest_case"),
-                    healthy_after=healthy)
+        return dict(
+            summarize(outcomes),
+            hostile_cases=len(HAND_CASES),
+            hostile_requests_sent=res["sent"],
+            hostile_answered_as_expected=res["as_expected"],
+            hostile_bad=res["bad"][:10],
+            hostile_max_latency_s=res["max_latency_s"],
+            hostile_slowest_case=res.get("slowest_case"),
+            healthy_after=healthy,
+        )
 
     def overload(self) -> dict:
         """Running 4 + queued 4 slots, 32 clients: the excess gets 503 + Retry-After at once."""
-        server = Server("--no-online", "--max-running-requests", "4", "--max-queued-requests", "4",
-                        log_dir=self.work, tag="overload")
+        server = Server(
+            "--no-online",
+            "--max-running-requests",
+            "4",
+            "--max-queued-requests",
+            "4",
+            log_dir=self.work,
+            tag="overload",
+        )
         main, self.server = self.server, server
         peak, rss = [0], []
         try:
@@ -588,6 +723,7 @@ class Bench:
                         info = (await c.get(server.url + "/server_info")).json()
                         peak[0] = max(peak[0], info["num_in_flight_requests"])
                         await asyncio.sleep(0.05)
+
             saved = self.args.concurrency
             self.args.concurrency = 32
             try:
@@ -601,11 +737,113 @@ class Bench:
             self.server = main
         rejected = [o for o in outcomes if o.status == "failed" and o.http_status == 503]
         summary = summarize([o for o in outcomes if o not in rejected])
-        return dict(summary, rejected_503=len(rejected),
-                    rejected_with_retry_after=sum(o.retry_after is not None for o in rejected), capacity=8, clients=32, peak_in_flight=peak[0],
-                    rss_mb_start=rss[0], rss_mb_end=rss[1], served_after=retry_after == 200)
+        return dict(
+            summary,
+            rejected_503=len(rejected),
+            rejected_with_retry_after=sum(o.retry_after is not None for o in rejected),
+            capacity=8,
+            clients=32,
+            peak_in_flight=peak[0],
+            rss_mb_start=rss[0],
+            rss_mb_end=rss[1],
+            served_after=retry_after == 200,
+        )
 
     # server SIGTERM and restart ----------------------------------------------------------------------
+    def short_flood(self) -> dict:
+        """Issue 18: a client sending 1-token prompts with 2 new tokens, one after another, next to
+        the normal load. Sequences shorter than the TTT unroll used to kill the trainer at every
+        step until the supervisor gave up; now training goes on."""
+        s = self.server
+        before = s.stats()
+        sent = {"n": 0, "bad": 0}
+
+        async def fault():
+            body = {"input_ids": [5], "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+            t_end = time.monotonic() + self.args.fault_seconds
+            async with httpx.AsyncClient(timeout=60) as c:
+                while time.monotonic() < t_end:
+                    r = await c.post(s.url + "/generate", json=body)
+                    sent["n"] += 1
+                    sent["bad"] += r.status_code != 200
+
+        outcomes, _ = self.load(self.args.fault_seconds, fault=fault(), seed=11)
+        time.sleep(5)  # a crash at the last step would show as a restart within the supervisor's poll
+        after = s.stats()
+        return dict(
+            summarize(outcomes),
+            short_requests=sent["n"],
+            short_requests_failed=sent["bad"],
+            **_delta(before, after, "trainer_restarts", "train_steps", "step_failures"),
+            trainer_alive=after["trainer_alive"],
+        )
+
+    def large_prompt(self) -> dict:
+        """Issue 18: chat requests of 7 M characters (under the body limit) next to the load; /health
+        is polled throughout. Tokenizing them on the event loop froze the server for ~10 s."""
+        s, res = self.server, {"codes": [], "health_s": []}
+
+        async def fault():
+            body = {"messages": [{"role": "user", "content": "x" * 7_000_000}], "max_tokens": 4}
+            done = asyncio.Event()
+
+            async def poll_health():
+                async with httpx.AsyncClient(timeout=60) as c:
+                    while not done.is_set():
+                        t0 = time.monotonic()
+                        await c.get(s.url + "/health")
+                        res["health_s"].append(time.monotonic() - t0)
+                        await asyncio.sleep(0.05)
+
+            async def big():
+                async with httpx.AsyncClient(timeout=120) as c:
+                    for _ in range(3):
+                        r = await c.post(s.url + "/v1/chat/completions", json=body)
+                        res["codes"].append(r.status_code)
+                done.set()
+
+            await asyncio.gather(poll_health(), big())
+
+        outcomes, _ = self.load(self.args.fault_seconds / 2, fault=fault(), seed=12)
+        lat = sorted(res["health_s"])
+        return dict(
+            summarize(outcomes),
+            large_prompt_status=res["codes"],
+            health_polls=len(lat),
+            health_latency_max_s=round(lat[-1], 3) if lat else None,
+            health_latency_p50_s=_pct(lat, 0.5),
+        )
+
+    def pgroup_sigkill(self) -> dict:
+        """Issue 18: SIGKILL of a second online server's whole process group (server and trainer),
+        then a new server: what the killed one left in /dev/shm and the temp dir is swept at startup.
+        The load runs against the main server, which must not notice."""
+        info = {}
+
+        async def fault():
+            victim = await asyncio.to_thread(
+                Server, "--max-running-requests", "4", log_dir=self.work, tag="pgkill_victim", start_new_session=True
+            )
+            await asyncio.sleep(3)
+            pid = victim.pid
+            os.killpg(pid, signal.SIGKILL)
+            await asyncio.to_thread(victim.stop)
+            left = _owned_leftovers(pid)
+            info["left_after_sigkill"] = len(left)
+            successor = await asyncio.to_thread(
+                Server, "--max-running-requests", "4", log_dir=self.work, tag="pgkill_successor"
+            )
+            try:
+                info["left_after_restart"] = len([p for p in left if os.path.exists(p)])
+                async with httpx.AsyncClient(timeout=30) as c:
+                    info["successor_healthy"] = (await c.get(successor.url + "/health")).status_code == 200
+            finally:
+                await asyncio.to_thread(successor.stop)
+            info["successor_left_after_sigterm"] = len(_owned_leftovers(successor.pid))
+
+        outcomes, _ = self.load(self.args.fault_seconds / 2, fault=fault(), seed=13)
+        return dict(summarize(outcomes), **info)
+
     def server_sigterm(self) -> dict:
         s = self.server
         trainer = s.trainer()
@@ -625,9 +863,10 @@ class Bench:
                 info["request_after_sigterm"] = f"HTTP {r.status_code}"
             except httpx.HTTPError as e:
                 info["request_after_sigterm"] = type(e).__name__
+
         outcomes, _ = self.load(600, fault=fault(), seed=10, stop=stop)
         rc = s.proc.wait(timeout=90)
-        s.log.close()
+        s.stop()  # already exited: closes its log
         leftover = s.shm_segments()
         trainer_gone = _gone(trainer)
         newest = _newest_checkpoint(self.ckpt)
@@ -637,15 +876,28 @@ class Bench:
         resolved = httpx.get(restarted.url + "/server_info").json().get("resolved_draft_path")
         after, _ = self.load(self.args.fault_seconds / 2, seed=11)
         after_sum = summarize(after)
-        return {"served": during["served"] + after_sum["served"], "failed": during["failed"] + after_sum["failed"],
-                "differing_outputs": during["differing_outputs"] + after_sum["differing_outputs"],
-                "load_until_sigterm": during, **info, "exit_status": rc,
-                "shm_segments_left": leftover, "trainer_stopped": trainer_gone,
-                "trainer_spec_dir_left": spec_dir is not None and spec_dir.exists(),
-                "newest_checkpoint_before": newest and Path(newest).name,
-                "restart_resumed_from": resolved and Path(resolved).name,
-                "restart_resumed_from_newest_checkpoint": bool(newest) and resolved == newest,
-                "after_restart": after_sum}
+        return {
+            "served": during["served"] + after_sum["served"],
+            "failed": during["failed"] + after_sum["failed"],
+            "differing_outputs": during["differing_outputs"] + after_sum["differing_outputs"],
+            "load_until_sigterm": during,
+            **info,
+            "exit_status": rc,
+            "shm_segments_left": leftover,
+            "trainer_stopped": trainer_gone,
+            "trainer_spec_dir_left": spec_dir is not None and spec_dir.exists(),
+            "newest_checkpoint_before": newest and Path(newest).name,
+            "restart_resumed_from": resolved and Path(resolved).name,
+            "restart_resumed_from_newest_checkpoint": bool(newest) and resolved == newest,
+            "after_restart": after_sum,
+        }
+
+
+def _owned_leftovers(pid: int) -> list[str]:
+    """Shared-memory segments and trainer spec directories named after `pid`."""
+    shm = [f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f"_{pid}_" in f]
+    tmp = tempfile.gettempdir()
+    return shm + [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"aurora_trainer_{pid}_")]
 
 
 def _gone(p: psutil.Process | None, timeout: float = 15) -> bool:
@@ -668,39 +920,18 @@ def _restart_source(log_path: Path) -> str | None:
 
 
 def _newest_checkpoint(root: Path) -> str | None:
-    from aurora_sgl.trainer import newest_checkpoint
+    from aurora_sgl.trainer.checkpoints import newest_checkpoint
+
     return newest_checkpoint(str(root))
-
-
-def publish_corrupt(store_spec: dict) -> int | None:
-    """Publish, as the trainer would, a copy of the served weights whose checksum is taken before
-    a few words are flipped: a version whose bytes no longer match what was published. None (and
-    nothing written) if the stopped trainer was in the middle of a publish."""
-    from aurora_sgl import weight_store as ws
-    store = ws.WeightStore.attach(store_spec)
-    try:
-        h = store._h
-        if int(h[ws._H_GEN0]) & 1 or int(h[ws._H_GEN1]) & 1 or int(h[ws._H_SEQ]) & 1:
-            return None
-        version, active = int(h[ws._H_VERSION]), int(h[ws._H_ACTIVE])
-        b = 1 - active
-        h[ws._H_GEN0 + b] += 1
-        store._words[b][:] = store._words[active]
-        checksum = int(store._words[b].sum())
-        store._words[b][:64] ^= 0x0F0F0F0F  # the flipped bits: corruption after the checksum
-        h[ws._H_GEN0 + b] += 1
-        h[ws._H_SEQ] += 1
-        h[ws._H_VERSION], h[ws._H_ACTIVE], h[ws._H_CHECKSUM] = version + 1, b, checksum
-        h[ws._H_SEQ] += 1
-        return version + 1
-    finally:
-        store.close()
 
 
 def _make_unwritable(target: Path, kind: str) -> str:
     opts = "size=64k" if kind == "checkpoint_full" else "ro,size=1m"
-    if os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)],
-                                            capture_output=True).returncode == 0:
+    if (
+        os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)], capture_output=True).returncode
+        == 0
+    ):
         return f"tmpfs -o {opts}"
     if kind == "checkpoint_unwritable" and os.geteuid() != 0:
         os.chmod(target, 0o500)
@@ -717,17 +948,40 @@ def _undo_unwritable(target: Path, mechanism: str) -> None:
         os.chmod(target, 0o700)
 
 
-SCENARIOS = ("soak", "trainer_sigkill", "trainer_sigstop", "corrupt_buffer", "checkpoint_full",
-             "checkpoint_unwritable", "client_aborts", "hostile_input", "overload", "server_sigterm")
+SCENARIOS = (
+    "soak",
+    "trainer_sigkill",
+    "trainer_sigstop",
+    "corrupt_buffer",
+    "checkpoint_full",
+    "checkpoint_unwritable",
+    "client_aborts",
+    "hostile_input",
+    "overload",
+    "server_sigterm",
+    "short_flood",
+    "large_prompt",
+    "pgroup_sigkill",
+)
 
 
 def _meta(args, pool_size: int, work: Path) -> dict:
-    return {"concurrency": args.concurrency, "max_running_requests": args.max_running,
-            "soak_minutes": args.soak_minutes, "fault_seconds": args.fault_seconds,
-            "sigstop_seconds": args.sigstop_seconds, "pool_prompts": pool_size, "sampled_share": SAMPLED_SHARE,
-            "cpu_count": os.cpu_count(), "server_threads": 1, "trainer_threads": 1, "model": NAME,
-            "speculative_num_steps": 4, "trainer_config": json.loads(args.trainer_config),
-            "logs": str(work) if args.keep_logs else None}
+    return {
+        "concurrency": args.concurrency,
+        "max_running_requests": args.max_running,
+        "soak_minutes": args.soak_minutes,
+        "fault_seconds": args.fault_seconds,
+        "sigstop_seconds": args.sigstop_seconds,
+        "pool_prompts": pool_size,
+        "sampled_share": SAMPLED_SHARE,
+        "cpu_count": os.cpu_count(),
+        "server_threads": 1,
+        "trainer_threads": 1,
+        "model": NAME,
+        "speculative_num_steps": 4,
+        "trainer_config": json.loads(args.trainer_config),
+        "logs": str(work) if args.keep_logs else None,
+    }
 
 
 def _save(args, results: dict) -> None:
@@ -737,10 +991,15 @@ def _save(args, results: dict) -> None:
         return
     old = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
     scenarios = dict(old.get("scenarios", {}), **results["scenarios"])
-    meta = results["meta"] if not old else dict(old.get("meta", {}), **{f"rerun_{k}": results["meta"] for k in results["scenarios"]})
+    meta = (
+        results["meta"]
+        if not old
+        else dict(old.get("meta", {}), **{f"rerun_{k}": results["meta"] for k in results["scenarios"]})
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "scenarios": {k: scenarios[k] for k in SCENARIOS if k in scenarios}},
-                                   indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"meta": meta, "scenarios": {k: scenarios[k] for k in SCENARIOS if k in scenarios}}, indent=2) + "\n"
+    )
 
 
 def run(args) -> dict:
@@ -764,8 +1023,11 @@ def run(args) -> dict:
                 results[name] = getattr(bench, name)()
             results[name]["wall_s"] = round(time.monotonic() - t0, 1)
             r = results[name]
-            print(f"{name}: served {r['served']} failed {r['failed']} differing {r['differing_outputs']} "
-                  f"({r['wall_s']} s)", flush=True)
+            print(
+                f"{name}: served {r['served']} failed {r['failed']} differing {r['differing_outputs']} "
+                f"({r['wall_s']} s)",
+                flush=True,
+            )
             _save(args, {"meta": _meta(args, len(pool), work), "scenarios": results})
     finally:
         if bench.server is not None and bench.server.proc.poll() is None:
@@ -783,8 +1045,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sigstop-seconds", type=float, default=30.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-running", type=int, default=16)
-    ap.add_argument("--trainer-config", default='{"checkpoint_every": 1}',
-                    help="--trainer-config of the main server (JSON)")
+    ap.add_argument(
+        "--trainer-config", default='{"checkpoint_every": 1}', help="--trainer-config of the main server (JSON)"
+    )
     ap.add_argument("--pool-size", type=int, default=48)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--keep-logs", action="store_true")

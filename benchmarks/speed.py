@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aurora_sgl import reference_head_path, reference_model_path  # noqa: E402
-from aurora_sgl.engine import Engine  # noqa: E402
-from aurora_sgl.prompts import PromptFileError, load_prompts  # noqa: E402
-from aurora_sgl.sampling import SamplingParams  # noqa: E402
+from aurora_sgl.engine.engine import Engine  # noqa: E402
+from aurora_sgl.engine.sampling import SamplingParams  # noqa: E402
+from aurora_sgl.training.prompts import PromptFileError, load_prompts  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_peers import assisted_settings, load_draft_lm, run_hf, warm_up_online  # noqa: E402
@@ -42,12 +42,18 @@ from speed_server import Server, measure  # noqa: E402
 
 DRAFT_LM = Path(__file__).resolve().parent / "reference" / "draft_lm"
 
-DATA = Path(os.environ.get("AURORA_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+from benchmarks.common.paths import datasets_dir  # noqa: E402
+
+DATA = datasets_dir()
 
 
 def benchmark_prompts(tokenizer, per_domain: int, skip: int = 0) -> list[str]:
     """`per_domain` prompts from each dataset, after its first `skip` (the warm-up takes later ones)."""
-    files = [DATA / "humaneval" / "HumanEval.jsonl.gz", DATA / "gsm8k" / "test.jsonl", DATA / "mt_bench" / "question.jsonl"]
+    files = [
+        DATA / "humaneval" / "HumanEval.jsonl.gz",
+        DATA / "gsm8k" / "test.jsonl",
+        DATA / "mt_bench" / "question.jsonl",
+    ]
     out = []
     for f in files:
         out += load_prompts(f, tokenizer, limit=skip + per_domain)[skip:]
@@ -61,8 +67,11 @@ def run_engine(engine, prompts, max_new, concurrency):
     dt = time.perf_counter() - t0
     tokens = sum(len(o["output_ids"]) for o in outs)
     taus = [o["meta_info"]["spec_accept_length"] for o in outs if o["meta_info"]["spec_verify_ct"]]
-    return {"outputs": [o["output_ids"] for o in outs], "tok_s": tokens / dt,
-            "tau": statistics.mean(taus) if taus else 1.0}
+    return {
+        "outputs": [o["output_ids"] for o in outs],
+        "tok_s": tokens / dt,
+        "tau": statistics.mean(taus) if taus else 1.0,
+    }
 
 
 def step_costs(engine, reps: int = 200) -> dict:
@@ -76,19 +85,22 @@ def step_costs(engine, reps: int = 200) -> dict:
     target_macs = layers * (h * (qd + 2 * kvd) + qd * h + 3 * h * i) + h * cfg.vocab_size
     head_kvd = hc.num_key_value_heads * hc.head_dim
     head_qd = hc.num_attention_heads * hc.head_dim
-    draft_macs = (2 * h * (head_qd + 2 * head_kvd) + head_qd * h + 3 * h * hc.intermediate_size
-                  + h * hc.draft_vocab_size)  # chained steps skip fc; the first pays it once per step
+    draft_macs = (
+        2 * h * (head_qd + 2 * head_kvd) + head_qd * h + 3 * h * hc.intermediate_size + h * hc.draft_vocab_size
+    )  # chained steps skip fc; the first pays it once per step
     fc_macs = len(hc.aux_layer_ids) * hc.target_hidden_size * h
     slots = torch.zeros(1, dtype=torch.long)
     pos = torch.tensor([[256]])
     tok = torch.tensor([[5]])
     hid = torch.randn(1, 1, h)
     with torch.no_grad():
+
         def t_target():
             engine.target.forward(tok, pos, slots, (0, 1))
 
         def t_draft():
             engine.head.logits(engine.head.forward_cached(hid, tok, pos, engine.head_k, engine.head_v, slots, (0, 1)))
+
         times = {}
         for name, fn in (("target", t_target), ("draft", t_draft)):
             for _ in range(20):
@@ -99,24 +111,37 @@ def step_costs(engine, reps: int = 200) -> dict:
                 fn()
                 samples.append(time.perf_counter() - t0)
             times[name] = statistics.median(samples)
-    return {"target_step_macs": target_macs, "draft_step_macs": draft_macs, "draft_fc_macs": fc_macs,
-            "draft_over_target_flops": round((draft_macs + fc_macs) / target_macs, 4),
-            "target_step_ms": round(times["target"] * 1e3, 3), "draft_step_ms": round(times["draft"] * 1e3, 3),
-            "draft_over_target_time": round(times["draft"] / times["target"], 4)}
+    return {
+        "target_step_macs": target_macs,
+        "draft_step_macs": draft_macs,
+        "draft_fc_macs": fc_macs,
+        "draft_over_target_flops": round((draft_macs + fc_macs) / target_macs, 4),
+        "target_step_ms": round(times["target"] * 1e3, 3),
+        "draft_step_ms": round(times["draft"] * 1e3, 3),
+        "draft_over_target_time": round(times["draft"] / times["target"], 4),
+    }
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a few prompts and tokens (under a minute; what the test runs)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a few prompts and tokens (under a minute; what the test runs)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--per-domain", type=int, default=None, help="prompts per dataset (default 8, quick 1)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 128, quick 16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every system (servers too)")
     ap.add_argument("--head", default=reference_head_path(), help="offline-trained EAGLE-3 head")
-    ap.add_argument("--draft-lm", type=Path, default=DRAFT_LM, help="assistant model for transformers' assisted generation")
+    ap.add_argument(
+        "--draft-lm", type=Path, default=DRAFT_LM, help="assistant model for transformers' assisted generation"
+    )
     ap.add_argument("--prompt-lookup-tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens")
-    ap.add_argument("--online-warmup", type=int, default=None,
-                    help="warm-up requests for the online head, from the same datasets (default 96, quick 3)")
+    ap.add_argument(
+        "--online-warmup",
+        type=int,
+        default=None,
+        help="warm-up requests for the online head, from the same datasets (default 96, quick 3)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="measure every system this many times, interleaved")
     args = ap.parse_args(argv)
     for name in ("per_domain", "max_new_tokens", "online_warmup", "rounds", "threads", "prompt_lookup_tokens"):
@@ -124,13 +149,16 @@ def parse_args(argv):
         if value is not None and value < (0 if name == "online_warmup" else 1):
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if not (args.draft_lm / "config.json").is_file():
-        ap.error(f"--draft-lm {args.draft_lm} has no config.json (train it: python benchmarks/reference/train_draft_lm.py)")
+        ap.error(
+            f"--draft-lm {args.draft_lm} has no config.json (train it: python benchmarks/reference/train_draft_lm.py)"
+        )
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()  # assisted generation warns about its own internal generation_config use
     torch.set_num_threads(args.threads)
     per_domain = args.per_domain or (1 if args.quick else 8)
@@ -156,24 +184,39 @@ def main(argv=None) -> int:
         draft = load_draft_lm(args.draft_lm)
         engines = {0: base}
         for k in ks:
-            engines[k] = Engine(num_speculative_steps=k, draft_model_path=args.head, max_running_requests=16,
-                                model=hf, tokenizer=tok)
-        online_engine = Engine(num_speculative_steps=online_k, draft_model_path=args.head, max_running_requests=16,
-                               model=hf, tokenizer=tok)
-        online = warm_up_online(online_engine, warm_prompts, max_new, model_path=reference_model_path(),
-                                init_head=args.head, wave=16) if warm_prompts else {"warmup_requests": 0}
+            engines[k] = Engine(
+                num_speculative_steps=k, draft_model_path=args.head, max_running_requests=16, model=hf, tokenizer=tok
+            )
+        online_engine = Engine(
+            num_speculative_steps=online_k, draft_model_path=args.head, max_running_requests=16, model=hf, tokenizer=tok
+        )
+        online = (
+            warm_up_online(
+                online_engine, warm_prompts, max_new, model_path=reference_model_path(), init_head=args.head, wave=16
+            )
+            if warm_prompts
+            else {"warmup_requests": 0}
+        )
         print(f"online head after warm-up: {online}", flush=True)
         for s in servers.values():
             s.wait_ready()
 
-        systems = [(("hf_generate", 0, 1), lambda: run_hf(hf, tok, prompts, max_new)),
-                   (("hf_assisted", 0, 1), lambda: run_hf(hf, tok, prompts, max_new, assistant_model=draft)),
-                   (("hf_prompt_lookup", 0, 1),
-                    lambda: run_hf(hf, tok, prompts, max_new, prompt_lookup_num_tokens=args.prompt_lookup_tokens))]
+        systems = [
+            (("hf_generate", 0, 1), lambda: run_hf(hf, tok, prompts, max_new)),
+            (("hf_assisted", 0, 1), lambda: run_hf(hf, tok, prompts, max_new, assistant_model=draft)),
+            (
+                ("hf_prompt_lookup", 0, 1),
+                lambda: run_hf(hf, tok, prompts, max_new, prompt_lookup_num_tokens=args.prompt_lookup_tokens),
+            ),
+        ]
         for k, eng in engines.items():
             for c in concs:
-                systems.append((("aurora_k0" if k == 0 else "aurora_eagle3", k, c),
-                                lambda eng=eng, c=c: run_engine(eng, prompts, max_new, c)))
+                systems.append(
+                    (
+                        ("aurora_k0" if k == 0 else "aurora_eagle3", k, c),
+                        lambda eng=eng, c=c: run_engine(eng, prompts, max_new, c),
+                    )
+                )
         for c in concs:
             systems.append((("aurora_online", online_k, c), lambda c=c: run_engine(online_engine, prompts, max_new, c)))
         for c in concs:  # K = 0 and K = 4 back to back at each concurrency
@@ -195,16 +238,31 @@ def main(argv=None) -> int:
     costs = step_costs(engines[ks[-1]], reps=20 if args.quick else 200)
     rows = summarize_rows(runs)
     ratios = compute_ratios(rows, ks, concs, online_k)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    result = {"commit": commit, "quick": args.quick, "prompts": len(prompts), "max_new_tokens": max_new,
-              "threads": args.threads, "rounds": args.rounds, "best_k": ratios.pop("_best_k"), "rows": rows,
-              "ratios": ratios, "mismatches_total": sum(r["mismatches"] for r in rows),
-              "hf_assisted": {"draft_lm": str(args.draft_lm.relative_to(Path(__file__).resolve().parents[1]))
-                              if args.draft_lm.resolve().is_relative_to(Path(__file__).resolve().parents[1])
-                              else str(args.draft_lm), **assisted_settings(draft)},
-              "hf_prompt_lookup_num_tokens": args.prompt_lookup_tokens, "online": online,
-              "step_costs": costs, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    result = {
+        "commit": commit,
+        "quick": args.quick,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "best_k": ratios.pop("_best_k"),
+        "rows": rows,
+        "ratios": ratios,
+        "mismatches_total": sum(r["mismatches"] for r in rows),
+        "hf_assisted": {
+            "draft_lm": str(args.draft_lm.relative_to(Path(__file__).resolve().parents[1]))
+            if args.draft_lm.resolve().is_relative_to(Path(__file__).resolve().parents[1])
+            else str(args.draft_lm),
+            **assisted_settings(draft),
+        },
+        "hf_prompt_lookup_num_tokens": args.prompt_lookup_tokens,
+        "online": online,
+        "step_costs": costs,
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print_table(rows)
@@ -216,10 +274,14 @@ def summarize_rows(runs: dict[tuple, list[dict]]) -> list[dict]:
     """One row per system: medians over rounds; mismatches: the worst round."""
     rows = []
     for (system, k, c), results in runs.items():
-        row = {"system": system, "k": k, "concurrency": c,
-               "tok_s": round(statistics.median(x["tok_s"] for x in results), 2),
-               "tau": round(statistics.median(x.get("tau", x.get("tokens_per_target_forward", 1.0)) for x in results), 3),
-               "mismatches": max(x["mismatches"] for x in results)}
+        row = {
+            "system": system,
+            "k": k,
+            "concurrency": c,
+            "tok_s": round(statistics.median(x["tok_s"] for x in results), 2),
+            "tau": round(statistics.median(x.get("tau", x.get("tokens_per_target_forward", 1.0)) for x in results), 3),
+            "mismatches": max(x["mismatches"] for x in results),
+        }
         for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
             if key in results[0]:
                 row[key] = round(statistics.median(x[key] for x in results), 2)
@@ -229,8 +291,9 @@ def summarize_rows(runs: dict[tuple, list[dict]]) -> list[dict]:
     hf = next(r["tok_s"] for r in rows if r["system"] == "hf_generate")
     for row in rows:  # vs transformers greedy at c = 1, and vs our K = 0 on the same path and concurrency
         path = "server" if row["system"] == "server" else "aurora_k0"
-        k0 = next(r["tok_s"] for r in rows if r["system"] == path and r["k"] == 0
-                  and r["concurrency"] == row["concurrency"])
+        k0 = next(
+            r["tok_s"] for r in rows if r["system"] == path and r["k"] == 0 and r["concurrency"] == row["concurrency"]
+        )
         row["over_hf_c1"] = round(row["tok_s"] / hf, 3)
         row["over_k0"] = round(row["tok_s"] / k0, 3)
     return rows
@@ -239,6 +302,7 @@ def summarize_rows(runs: dict[tuple, list[dict]]) -> list[dict]:
 def compute_ratios(rows, ks, concs, online_k) -> dict:
     def get(system, k, c, field="tok_s"):
         return next(r[field] for r in rows if r["system"] == system and r["k"] == k and r["concurrency"] == c)
+
     hf = get("hf_generate", 0, 1)
     k0 = get("aurora_k0", 0, 1)
     best_k = max(ks, key=lambda k: get("aurora_eagle3", k, 1))
@@ -253,26 +317,36 @@ def compute_ratios(rows, ks, concs, online_k) -> dict:
         "spec_over_hf_assisted_c1": round(get("aurora_eagle3", best_k, 1) / get("hf_assisted", 0, 1), 3),
         "online_over_k0_c1": round(get("aurora_online", online_k, 1) / k0, 3),
         "online_over_offline_c1": round(get("aurora_online", online_k, 1) / get("aurora_eagle3", online_k, 1), 3),
-        "online_over_offline_tau": round(get("aurora_online", online_k, 1, "tau") / get("aurora_eagle3", online_k, 1, "tau"), 3),
+        "online_over_offline_tau": round(
+            get("aurora_online", online_k, 1, "tau") / get("aurora_eagle3", online_k, 1, "tau"), 3
+        ),
         "_best_k": best_k,
     }
     for c in concs:  # what speculation does to the latency a client sees, through HTTP
         ratios[f"server_tpot_p50_k{online_k}_over_k0_c{c}"] = round(
-            get("server", online_k, c, "tpot_p50_ms") / get("server", 0, c, "tpot_p50_ms"), 3)
+            get("server", online_k, c, "tpot_p50_ms") / get("server", 0, c, "tpot_p50_ms"), 3
+        )
         ratios[f"server_ttft_p50_k{online_k}_over_k0_c{c}"] = round(
-            get("server", online_k, c, "ttft_p50_ms") / get("server", 0, c, "ttft_p50_ms"), 3)
+            get("server", online_k, c, "ttft_p50_ms") / get("server", 0, c, "ttft_p50_ms"), 3
+        )
     ratios["server_k0_over_inprocess_k0_c1"] = round(get("server", 0, 1) / k0, 3)
     return ratios
 
 
 def print_table(rows) -> None:
-    print(f"\n{'system':<17}{'k':>3}{'conc':>6}{'tok/s':>10}{'tau':>7}{'mism':>6}{'x hf':>7}{'x k0':>7}"
-          f"{'ttft p50':>10}{'p99':>9}{'tpot p50':>10}{'p99':>9}")
+    print(
+        f"\n{'system':<17}{'k':>3}{'conc':>6}{'tok/s':>10}{'tau':>7}{'mism':>6}{'x hf':>7}{'x k0':>7}"
+        f"{'ttft p50':>10}{'p99':>9}{'tpot p50':>10}{'p99':>9}"
+    )
     for r in rows:
-        lat = "".join(f"{r[key]:>{w}.1f}" if key in r else " " * w for key, w in
-                      (("ttft_p50_ms", 10), ("ttft_p99_ms", 9), ("tpot_p50_ms", 10), ("tpot_p99_ms", 9)))
-        print(f"{r['system']:<17}{r['k']:>3}{r['concurrency']:>6}{r['tok_s']:>10.1f}{r['tau']:>7.2f}{r['mismatches']:>6}"
-              f"{r['over_hf_c1']:>7.2f}{r['over_k0']:>7.2f}{lat}")
+        lat = "".join(
+            f"{r[key]:>{w}.1f}" if key in r else " " * w
+            for key, w in (("ttft_p50_ms", 10), ("ttft_p99_ms", 9), ("tpot_p50_ms", 10), ("tpot_p99_ms", 9))
+        )
+        print(
+            f"{r['system']:<17}{r['k']:>3}{r['concurrency']:>6}{r['tok_s']:>10.1f}{r['tau']:>7.2f}{r['mismatches']:>6}"
+            f"{r['over_hf_c1']:>7.2f}{r['over_k0']:>7.2f}{lat}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def count_forwards(model):
 
 def encode_like_engine(tokenizer, prompt: str) -> torch.Tensor:
     # Chat prompts are rendered with the BOS already in the text; plain ones get it from the tokenizer.
-    return tokenizer(prompt, return_tensors="pt", add_special_tokens=not prompt.startswith(tokenizer.bos_token)).input_ids
+    return tokenizer(
+        prompt, return_tensors="pt", add_special_tokens=not prompt.startswith(tokenizer.bos_token)
+    ).input_ids
 
 
 def run_hf(model, tokenizer, prompts, max_new, **generate_kwargs) -> dict:
@@ -42,11 +44,12 @@ def run_hf(model, tokenizer, prompts, max_new, **generate_kwargs) -> dict:
         t0 = time.perf_counter()
         for p in prompts:
             ids = encode_like_engine(tokenizer, p)
-            g = model.generate(ids, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                               **generate_kwargs)
-            seq = g[0, ids.shape[1]:].tolist()
+            g = model.generate(
+                ids, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id, **generate_kwargs
+            )
+            seq = g[0, ids.shape[1] :].tolist()
             if tokenizer.eos_token_id in seq:
-                seq = seq[:seq.index(tokenizer.eos_token_id)]
+                seq = seq[: seq.index(tokenizer.eos_token_id)]
             outs.append(seq)
             tokens += len(seq)
         dt = time.perf_counter() - t0
@@ -55,6 +58,7 @@ def run_hf(model, tokenizer, prompts, max_new, **generate_kwargs) -> dict:
 
 def load_draft_lm(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
+
     draft = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return draft
 
@@ -64,20 +68,28 @@ def assisted_settings(draft) -> dict:
     else transformers' global defaults (resolved the way its candidate generator does)."""
     cfg = draft.generation_config
     defaults = cfg._get_default_generation_params() if hasattr(cfg, "_get_default_generation_params") else {}
-    return {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else defaults.get(k) for k in ASSISTED_DEFAULTS}
+    return {
+        k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else defaults.get(k) for k in ASSISTED_DEFAULTS
+    }
 
 
-def warm_up_online(engine, prompts, max_new, *, model_path, init_head, wave: int, trainer_config=None,
-                   trainer_threads: int = 1) -> dict:
+def warm_up_online(
+    engine, prompts, max_new, *, model_path, init_head, wave: int, trainer_config=None, trainer_threads: int = 1
+) -> dict:
     """Serve `prompts` (the warm-up traffic) on `engine` with the real trainer sidecar learning from
     them and the flywheel hot-swapping its versions in, then stop the trainer. The engine keeps the
     last version it swapped in: the measurement that follows uses that head *frozen*, so the
     trainer's CPU use does not land in the timings of any system."""
-    from aurora_sgl.online import OnlineTraining
-    from aurora_sgl.sampling import SamplingParams
+    from aurora_sgl.engine.sampling import SamplingParams
+    from aurora_sgl.online.sidecar import OnlineTraining
 
-    online = OnlineTraining(engine, model_path=model_path, init_head=init_head, trainer_config=trainer_config,
-                            trainer_threads=trainer_threads)
+    online = OnlineTraining(
+        engine,
+        model_path=model_path,
+        init_head=init_head,
+        trainer_config=trainer_config,
+        trainer_threads=trainer_threads,
+    )
     online.start()
     taus = []
     t0 = time.perf_counter()
@@ -88,7 +100,7 @@ def warm_up_online(engine, prompts, max_new, *, model_path, init_head, wave: int
             raise RuntimeError("the trainer sidecar did not finish its setup within 180 s")
         engine.max_running = wave
         for w in range(0, len(prompts), wave):
-            res = engine.generate(prompts[w:w + wave], SamplingParams(max_new_tokens=max_new))
+            res = engine.generate(prompts[w : w + wave], SamplingParams(max_new_tokens=max_new))
             taus += [o["meta_info"]["spec_accept_length"] for o in res if o["meta_info"]["spec_verify_ct"]]
         # Let the trainer finish what the warm-up gave it, then take its newest version through the
         # flywheel's own between-steps hook, as the next request would.
@@ -98,13 +110,19 @@ def warm_up_online(engine, prompts, max_new, *, model_path, init_head, wave: int
     finally:
         online.close()
     first, last = taus[:wave], taus[-wave:]
-    return {"warmup_requests": len(prompts), "warmup_seconds": round(time.perf_counter() - t0, 1),
-            "init": "offline head" if init_head else "random (day-0)", "measured": "frozen after warm-up",
-            "draft_version": engine.draft_version, "swaps": online.flywheel.swaps,
-            "trainer_steps": int(state.get("train_steps", 0)), "publishes": int(state.get("publishes", 0)),
-            "refused": int(state.get("refused", 0)),
-            "tau_first_wave": round(sum(first) / max(1, len(first)), 3),
-            "tau_last_wave": round(sum(last) / max(1, len(last)), 3)}
+    return {
+        "warmup_requests": len(prompts),
+        "warmup_seconds": round(time.perf_counter() - t0, 1),
+        "init": "offline head" if init_head else "random (day-0)",
+        "measured": "frozen after warm-up",
+        "draft_version": engine.draft_version,
+        "swaps": online.flywheel.swaps,
+        "trainer_steps": int(state.get("train_steps", 0)),
+        "publishes": int(state.get("publishes", 0)),
+        "refused": int(state.get("refused", 0)),
+        "tau_first_wave": round(sum(first) / max(1, len(first)), 3),
+        "tau_last_wave": round(sum(last) / max(1, len(last)), 3),
+    }
 
 
 def _wait(cond, timeout_s: float) -> bool:
@@ -118,9 +136,11 @@ def _wait(cond, timeout_s: float) -> bool:
 
 def _wait_quiet(online, quiet_s: float, timeout_s: float) -> None:
     """Until the trainer's records-read and step counters stay unchanged for `quiet_s`."""
+
     def counters():
         st = online.trainer_state()
         return st.get("records_read"), st.get("train_steps"), st.get("publishes")
+
     last, since = counters(), time.monotonic()
     deadline = since + timeout_s
     while time.monotonic() < deadline and time.monotonic() - since < quiet_s:

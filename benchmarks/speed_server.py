@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,61 +19,17 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.common.server import ServerProcess  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One launch_server process: started by the constructor, `wait_ready()` blocks until /health
-    answers (so several can start at once), `stop()` ends it."""
-
-    def __init__(self, k: int, head: str | None, threads: int, max_running: int = 16):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="aurora_speed_server_", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "aurora_sgl.launch_server", "--port", str(self.port), "--threads", str(threads),
-               "--speculative-num-steps", str(k), "--max-running-requests", str(max_running), "--no-online",
-               "--log-level", "warning"]
-        if k and head:
-            cmd += ["--speculative-draft-model-path", str(head)]
-        # The server imports aurora_sgl from this checkout, like the benchmark itself.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                   HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, startup_s: float = 180) -> None:
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited during startup:\n{self._log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {startup_s:.0f} s:\n{self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-2000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-            os.unlink(self.log.name)
+def Server(k: int, head: str | None, threads: int, max_running: int = 16) -> ServerProcess:  # noqa: N802
+    """One launch_server process with a fixed head (`--no-online`), started without waiting:
+    `wait_ready()` blocks until /health answers (so several can start at once), `stop()` ends it."""
+    args = ["--speculative-num-steps", str(k), "--max-running-requests", str(max_running), "--no-online"]
+    if k and head:
+        args += ["--speculative-draft-model-path", str(head)]
+    return ServerProcess(*args, threads=threads, wait=False)
 
 
 async def _stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_new: int) -> dict:
@@ -99,18 +51,24 @@ async def _stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_new:
                 last = now
                 ids, meta = chunk["output_ids"], chunk["meta_info"]
     n = len(ids)
-    return {"ids": ids, "tau": meta.get("spec_accept_length") if meta.get("spec_verify_ct") else None,
-            "ttft": (first - t0) if first else float("nan"),
-            "tpot": (last - first) / (n - 1) if n > 1 else float("nan"), "tokens": n}
+    return {
+        "ids": ids,
+        "tau": meta.get("spec_accept_length") if meta.get("spec_verify_ct") else None,
+        "ttft": (first - t0) if first else float("nan"),
+        "tpot": (last - first) / (n - 1) if n > 1 else float("nan"),
+        "tokens": n,
+    }
 
 
 async def _closed_loop(url: str, prompts: list[str], max_new: int, concurrency: int) -> tuple[list[dict], float]:
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
         async def one(p):
             async with gate:
                 return await _stream_one(client, url, p, max_new)
+
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(p) for p in prompts))
         return list(results), time.perf_counter() - t0
@@ -127,7 +85,12 @@ def measure(url: str, prompts: list[str], max_new: int, concurrency: int) -> dic
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results]
     taus = [r["tau"] for r in results if r["tau"] is not None]
-    return {"outputs": [r["ids"] for r in results], "tok_s": sum(r["tokens"] for r in results) / wall,
-            "tau": sum(taus) / len(taus) if taus else 1.0,
-            "ttft_p50_ms": _ms(ttft, 50), "ttft_p99_ms": _ms(ttft, 99),
-            "tpot_p50_ms": _ms(tpot, 50), "tpot_p99_ms": _ms(tpot, 99)}
+    return {
+        "outputs": [r["ids"] for r in results],
+        "tok_s": sum(r["tokens"] for r in results) / wall,
+        "tau": sum(taus) / len(taus) if taus else 1.0,
+        "ttft_p50_ms": _ms(ttft, 50),
+        "ttft_p99_ms": _ms(ttft, 99),
+        "tpot_p50_ms": _ms(tpot, 50),
+        "tpot_p99_ms": _ms(tpot, 99),
+    }

@@ -27,14 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aurora_sgl import reference_head_path  # noqa: E402
-from aurora_sgl.engine import Engine  # noqa: E402
-from aurora_sgl.flywheel import Flywheel  # noqa: E402
-from aurora_sgl.sampling import SamplingParams  # noqa: E402
-from aurora_sgl.signal_ring import SignalRing  # noqa: E402
-from aurora_sgl.weight_store import WeightStore, layout_of  # noqa: E402
+from aurora_sgl.engine.engine import Engine  # noqa: E402
+from aurora_sgl.engine.sampling import SamplingParams  # noqa: E402
+from aurora_sgl.online.flywheel import Flywheel  # noqa: E402
+from aurora_sgl.transport.signal_ring import SignalRing  # noqa: E402
+from aurora_sgl.transport.weight_store import WeightStore, layout_of  # noqa: E402
 
-PROMPTS = ["def parse(line):\n", "Question: A farmer has 12 cows and buys 7 more. How many cows?\nAnswer:",
-           "KING LEAR:\n", "import re\n\n\ndef tokens(text):\n"]
+PROMPTS = [
+    "def parse(line):\n",
+    "Question: A farmer has 12 cows and buys 7 more. How many cows?\nAnswer:",
+    "KING LEAR:\n",
+    "import re\n\n\ndef tokens(text):\n",
+]
 
 
 def publisher(spec: dict, state: dict, interval_s: float, stop) -> None:
@@ -63,8 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--publish-interval-ms", type=float, default=5.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    engine = Engine(num_speculative_steps=4, draft_model_path=reference_head_path(),
-                    max_running_requests=args.concurrency)
+    engine = Engine(
+        num_speculative_steps=4, draft_model_path=reference_head_path(), max_running_requests=args.concurrency
+    )
     h = engine.target.config.hidden_size
     ring = SignalRing.create("aurora_bench_ring", 4096, 8, 3 * h, h, engine.k)
     store = WeightStore.create("aurora_bench_store", layout_of(engine.head.serving_state()))
@@ -77,6 +82,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         write_many(records)
         write_time[0] += time.perf_counter() - t0
+
     ring.write_many = timed_write
 
     ctx = mp.get_context("spawn")
@@ -93,8 +99,11 @@ def main(argv=None) -> int:
         while flywheel.swaps < args.swaps:
             reqs = [r for r in reqs if not r.finished]
             while len(reqs) < args.concurrency:
-                reqs.append(engine.add_request(PROMPTS[len(reqs) % len(PROMPTS)],
-                                               SamplingParams(max_new_tokens=96, ignore_eos=True)))
+                reqs.append(
+                    engine.add_request(
+                        PROMPTS[len(reqs) % len(PROMPTS)], SamplingParams(max_new_tokens=96, ignore_eos=True)
+                    )
+                )
             t0 = time.perf_counter()
             records = engine.step()
             step_time += time.perf_counter() - t0
@@ -106,11 +115,17 @@ def main(argv=None) -> int:
         ring.close()
         store.close()
     pauses_ms = [p * 1e3 for p in flywheel.swap_pauses]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     result = {
-        "commit": commit, "swaps": flywheel.swaps, "steps": steps, "concurrency": args.concurrency,
-        "threads": args.threads, "refused": flywheel.refused, "failed_copies": flywheel.failed_copies,
+        "commit": commit,
+        "swaps": flywheel.swaps,
+        "steps": steps,
+        "concurrency": args.concurrency,
+        "threads": args.threads,
+        "refused": flywheel.refused,
+        "failed_copies": flywheel.failed_copies,
         "swap_pause_ms_p50": round(statistics.median(pauses_ms), 4),
         "swap_pause_ms_p99": round(percentile(pauses_ms, 0.99), 4),
         "swap_pause_ms_max": round(max(pauses_ms), 4),

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -44,9 +43,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("AURORA_DATASETS", REPO.parent / "shared" / "datasets"))
-DEFAULT_STREAM = [DATA / "humaneval" / "HumanEval.jsonl.gz", DATA / "mt_bench" / "question.jsonl",
-                  DATA / "gsm8k" / "test.jsonl"]
+from benchmarks.common.paths import datasets_dir  # noqa: E402
+
+DATA = datasets_dir()
+DEFAULT_STREAM = [
+    DATA / "humaneval" / "HumanEval.jsonl.gz",
+    DATA / "mt_bench" / "question.jsonl",
+    DATA / "gsm8k" / "test.jsonl",
+]
 STATIC_HEAD = REPO / "aurora_sgl" / "reference_heads" / "code"
 ARMS = ("nospec", "static", "offline", "day0", "online_static")
 ONLINE_ARMS = ("day0", "online_static")
@@ -105,25 +109,40 @@ def build_stream(domains: list[tuple[str, list[str]]], shift: str, per_phase: in
 def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict:
     import torch
 
-    from aurora_sgl import reference_head_path, reference_model_path
-    from aurora_sgl.engine import Engine
-    from aurora_sgl.sampling import SamplingParams
+    from aurora_sgl import reference_model_path
+    from aurora_sgl.engine.engine import Engine
+    from aurora_sgl.engine.sampling import SamplingParams
 
     head = {"static": args.static_head, "online_static": args.static_head, "offline": args.offline_head}.get(arm)
     k = 0 if arm == "nospec" else args.k
-    engine = Engine(num_speculative_steps=k, max_running_requests=args.concurrency, draft_model_path=head,
-                    model=hf, tokenizer=tokenizer, seed=args.seed)
+    engine = Engine(
+        num_speculative_steps=k,
+        max_running_requests=args.concurrency,
+        draft_model_path=head,
+        model=hf,
+        tokenizer=tokenizer,
+        seed=args.seed,
+    )
     online = None
     if arm in ONLINE_ARMS:
-        from aurora_sgl.online import OnlineTraining
-        online = OnlineTraining(engine, model_path=reference_model_path(), objective=args.objective,
-                                init_head=head, trainer_config=args.trainer_config, trainer_threads=1)
+        from aurora_sgl.online.sidecar import OnlineTraining
+
+        online = OnlineTraining(
+            engine,
+            model_path=reference_model_path(),
+            objective=args.objective,
+            init_head=head,
+            trainer_config=args.trainer_config,
+            trainer_threads=1,
+        )
         online.start()
         if not online.wait_for_trainer(120):
             online.close()
             raise RuntimeError("the trainer did not start within 120 s")
-    params = [SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + r["index"])
-              for r in stream]
+    params = [
+        SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + r["index"])
+        for r in stream
+    ]
     rows: list[dict | None] = [None] * len(stream)
     in_flight: dict[str, tuple[int, object, float]] = {}
     nxt = 0
@@ -143,15 +162,26 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                 del in_flight[rid]
                 meta = req.meta_info()
                 steps = online.trainer_state()["train_steps"] if online else None
-                rows[i] = _row(stream[i], meta["spec_accept_length"] if k else 1.0, meta["spec_accept_per_position"],
-                               meta["completion_tokens"], meta["prompt_tokens"], now - t0, meta["draft_version"],
-                               steps, now - t_start)
+                rows[i] = _row(
+                    stream[i],
+                    meta["spec_accept_length"] if k else 1.0,
+                    meta["spec_accept_per_position"],
+                    meta["completion_tokens"],
+                    meta["prompt_tokens"],
+                    now - t0,
+                    meta["draft_version"],
+                    steps,
+                    now - t_start,
+                )
                 bar.update(1)
         wall = time.perf_counter() - t_start
         extra = {}
         if online is not None:
-            extra = {"trainer": online.trainer_state(), "flywheel": online.flywheel.stats(),
-                     "trainer_config": dict(args.trainer_config or {}, objective=args.objective)}
+            extra = {
+                "trainer": online.trainer_state(),
+                "flywheel": online.flywheel.stats(),
+                "trainer_config": dict(args.trainer_config or {}, objective=args.objective),
+            }
     finally:
         bar.close()
         if online is not None:
@@ -162,18 +192,33 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
 
 
 def _row(item, tau, per_pos, completion, prompt, latency, version, steps, t) -> dict:
-    return {"index": item["index"], "phase": item["phase"], "domain": item["domain"], "accept_length": tau,
-            "accept_per_position": per_pos, "completion_tokens": completion, "prompt_tokens": prompt,
-            "latency_s": round(latency, 4), "tokens_per_s": round(completion / latency, 2) if latency > 0 else None,
-            "draft_version": version, "trainer_steps": steps, "finished_at_s": round(t, 3)}
+    return {
+        "index": item["index"],
+        "phase": item["phase"],
+        "domain": item["domain"],
+        "accept_length": tau,
+        "accept_per_position": per_pos,
+        "completion_tokens": completion,
+        "prompt_tokens": prompt,
+        "latency_s": round(latency, 4),
+        "tokens_per_s": round(completion / latency, 2) if latency > 0 else None,
+        "draft_version": version,
+        "trainer_steps": steps,
+        "finished_at_s": round(t, 3),
+    }
 
 
 def _arm_result(rows, wall, head, extra) -> dict:
     tokens = sum(r["completion_tokens"] for r in rows)
     steps = rows[-1]["trainer_steps"] if rows and rows[-1]["trainer_steps"] is not None else None
-    return {"head": str(head) if head else None, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
-            "trainer_steps_per_request": round(steps / len(rows), 4) if steps is not None else None,
-            **extra, "requests": rows}
+    return {
+        "head": str(head) if head else None,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 2),
+        "trainer_steps_per_request": round(steps / len(rows), 4) if steps is not None else None,
+        **extra,
+        "requests": rows,
+    }
 
 
 # ---- running against a server -----------------------------------------------------------------------
@@ -190,11 +235,17 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
         sem = asyncio.Semaphore(args.concurrency)
         t_start = time.perf_counter()
         async with httpx.AsyncClient(base_url=args.url, timeout=600, headers=headers) as client:
+
             async def one(item):
                 async with sem:
-                    body = {"text": item["prompt"], "sampling_params": {
-                        "max_new_tokens": args.max_tokens, "temperature": args.temperature,
-                        "seed": args.seed + item["index"]}}
+                    body = {
+                        "text": item["prompt"],
+                        "sampling_params": {
+                            "max_new_tokens": args.max_tokens,
+                            "temperature": args.temperature,
+                            "seed": args.seed + item["index"],
+                        },
+                    }
                     t0 = time.perf_counter()
                     resp = await client.post("/generate", json=body)
                     now = time.perf_counter()
@@ -202,9 +253,17 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                         raise RuntimeError(f"{args.url}/generate answered {resp.status_code}: {resp.text[:200]}")
                     meta = resp.json()["meta_info"]
                     tau = meta.get("spec_accept_length") or 1.0
-                    rows[item["index"]] = _row(item, tau, meta.get("spec_accept_per_position"),
-                                               meta.get("completion_tokens", 0), meta.get("prompt_tokens", 0),
-                                               now - t0, meta.get("draft_version"), None, now - t_start)
+                    rows[item["index"]] = _row(
+                        item,
+                        tau,
+                        meta.get("spec_accept_per_position"),
+                        meta.get("completion_tokens", 0),
+                        meta.get("prompt_tokens", 0),
+                        now - t0,
+                        meta.get("draft_version"),
+                        None,
+                        now - t_start,
+                    )
                     bar.update(1)
 
             await asyncio.gather(*(one(item) for item in stream))
@@ -220,14 +279,17 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
 def _progress(total: int, arm: str):
     try:
         from tqdm import tqdm
+
         return tqdm(total=total, desc=f"{arm:>13}", unit="req", file=sys.stderr, leave=True)
     except ImportError:  # a plain counter keeps the script usable without tqdm
+
         class _Quiet:
             def update(self, n):
                 pass
 
             def close(self):
                 pass
+
         return _Quiet()
 
 
@@ -243,15 +305,16 @@ def windowed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def recovery_requests(taus: list[float], shift_at: int, end: int, window: int,
-                      tolerance: float = RECOVERY_TOLERANCE) -> int | None:
+def recovery_requests(
+    taus: list[float], shift_at: int, end: int, window: int, tolerance: float = RECOVERY_TOLERANCE
+) -> int | None:
     """Requests after the shift at `shift_at` until the trailing window (wholly after the shift)
     is back within `tolerance` of the last pre-shift window; None if not before `end`."""
     if shift_at < window:
         return None
-    before = statistics.fmean(taus[shift_at - window:shift_at])
+    before = statistics.fmean(taus[shift_at - window : shift_at])
     for i in range(shift_at + window - 1, end):
-        if statistics.fmean(taus[i - window + 1:i + 1]) >= (1 - tolerance) * before:
+        if statistics.fmean(taus[i - window + 1 : i + 1]) >= (1 - tolerance) * before:
             return i - shift_at + 1
     return None
 
@@ -281,13 +344,21 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
     bounds = phase_bounds(stream)
     taus = {a: [r["accept_length"] for r in res["requests"]] for a, res in arms.items()}
     phase_tau = {a: [round(statistics.fmean(t[s:e]), 4) for s, e in bounds] for a, t in taus.items()}
-    out: dict = {"window": window, "phases": [{"phase": stream[s]["phase"], "domain": phase_label(stream, s, e, shift),
-                                               "requests": e - s} for s, e in bounds],
-                 "phase_tau": phase_tau,
-                 "tokens_per_s": {a: res["tokens_per_s"] for a, res in arms.items()},
-                 "speedup_over_nospec": {a: _ratio(res["tokens_per_s"], arms["nospec"]["tokens_per_s"])
-                                         for a, res in arms.items()} if "nospec" in arms else None,
-                 "trainer_steps_per_request": {a: res.get("trainer_steps_per_request") for a, res in arms.items()}}
+    out: dict = {
+        "window": window,
+        "phases": [
+            {"phase": stream[s]["phase"], "domain": phase_label(stream, s, e, shift), "requests": e - s}
+            for s, e in bounds
+        ],
+        "phase_tau": phase_tau,
+        "tokens_per_s": {a: res["tokens_per_s"] for a, res in arms.items()},
+        "speedup_over_nospec": {
+            a: _ratio(res["tokens_per_s"], arms["nospec"]["tokens_per_s"]) for a, res in arms.items()
+        }
+        if "nospec" in arms
+        else None,
+        "trainer_steps_per_request": {a: res.get("trainer_steps_per_request") for a, res in arms.items()},
+    }
     after = slice(1, None)
 
     def mean_after(a):
@@ -296,7 +367,7 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
     out["online_over_static_after_shift"] = _ratio(mean_after("online_static"), mean_after("static"))
     n = len(stream)
     w = min(window, n)
-    last = {a: statistics.fmean(t[n - w:]) for a, t in taus.items()}
+    last = {a: statistics.fmean(t[n - w :]) for a, t in taus.items()}
     out["last_window_tau"] = {a: round(v, 4) for a, v in last.items()}
     # "offline": the head trained offline on the reference corpus; the static code-only head too.
     out["day0_over_offline"] = _ratio(last.get("day0"), last.get("offline"))
@@ -304,8 +375,11 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
     if shift != "smooth":
         shifts = [s for s, _ in bounds[1:]]
         ends = [e for _, e in bounds[1:]]
-        out["recovery_requests"] = {a: [recovery_requests(t, s, e, window) for s, e in zip(shifts, ends)]
-                                    for a, t in taus.items() if a != "nospec"}
+        out["recovery_requests"] = {
+            a: [recovery_requests(t, s, e, window) for s, e in zip(shifts, ends)]
+            for a, t in taus.items()
+            if a != "nospec"
+        }
         # The issue's measure compares with the old domain's level, which a harder new domain never
         # reaches whatever the head; this one compares with where the arm ends the phase.
         out["settle_requests"] = {}
@@ -314,22 +388,32 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
                 continue
             settle = []
             for s, e in zip(shifts, ends):
-                final = statistics.fmean(t[max(s, e - window):e])
-                settle.append(next((i - s + 1 for i in range(s + window - 1, e)
-                                    if statistics.fmean(t[i - window + 1:i + 1]) >= (1 - RECOVERY_TOLERANCE) * final),
-                                   None))
+                final = statistics.fmean(t[max(s, e - window) : e])
+                settle.append(
+                    next(
+                        (
+                            i - s + 1
+                            for i in range(s + window - 1, e)
+                            if statistics.fmean(t[i - window + 1 : i + 1]) >= (1 - RECOVERY_TOLERANCE) * final
+                        ),
+                        None,
+                    )
+                )
             out["settle_requests"][a] = settle
     if shift == "return" and len(bounds) >= 2:
         (s1, e1), (sr, er) = bounds[0], bounds[-1]
-        out["return_retention"] = {a: _ratio(statistics.fmean(t[sr:min(er, sr + window)]),
-                                             statistics.fmean(t[max(s1, e1 - window):e1]))
-                                   for a, t in taus.items() if a != "nospec"}
+        out["return_retention"] = {
+            a: _ratio(statistics.fmean(t[sr : min(er, sr + window)]), statistics.fmean(t[max(s1, e1 - window) : e1]))
+            for a, t in taus.items()
+            if a != "nospec"
+        }
     return out
 
 
 def plot(arms: dict, stream: list[dict], window: int, path: Path, title: str) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -342,7 +426,15 @@ def plot(arms: dict, stream: list[dict], window: int, path: Path, title: str) ->
     for s, _ in phase_bounds(stream)[1:]:
         ax.axvline(s + 0.5, color="grey", linestyle=":", linewidth=1)
     for s, e in phase_bounds(stream):
-        ax.text((s + e) / 2, 1.0, phase_label(stream, s, e, "smooth" if "smooth" in title else "sharp"), ha="center", va="bottom", fontsize=8, color="grey")
+        ax.text(
+            (s + e) / 2,
+            1.0,
+            phase_label(stream, s, e, "smooth" if "smooth" in title else "sharp"),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
     ax.set_xlabel("request number")
     ax.set_ylabel(f"accept length (trailing mean of {window} requests)")
     ax.set_title(title)
@@ -361,10 +453,19 @@ def print_table(summary: dict, arms: dict) -> None:
     print("-" * len(head))
     for a, taus in summary["phase_tau"].items():
         spr = summary["trainer_steps_per_request"].get(a)
-        print(f"{a:>13} | " + " | ".join(f"{t:>10.3f}" for t in taus)
-              + f" | {arms[a]['tokens_per_s']:>6.1f} | {spr if spr is not None else '-':>9}")
-    for key in ("online_over_static_after_shift", "day0_over_offline", "day0_over_static", "recovery_requests",
-                "settle_requests", "return_retention"):
+        print(
+            f"{a:>13} | "
+            + " | ".join(f"{t:>10.3f}" for t in taus)
+            + f" | {arms[a]['tokens_per_s']:>6.1f} | {spr if spr is not None else '-':>9}"
+        )
+    for key in (
+        "online_over_static_after_shift",
+        "day0_over_offline",
+        "day0_over_static",
+        "recovery_requests",
+        "settle_requests",
+        "return_retention",
+    ):
         if key in summary:
             print(f"{key}: {json.dumps(summary[key])}")
 
@@ -373,8 +474,12 @@ def print_table(summary: dict, arms: dict) -> None:
 def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python benchmarks/traffic_shift.py", description=__doc__.splitlines()[0])
     ap.add_argument("--shift", choices=SHIFTS, default="sharp")
-    ap.add_argument("--stream", default=None, help="comma-separated prompt files, one per phase (default: "
-                    "HumanEval, MT-Bench, GSM8K test from ../shared/datasets)")
+    ap.add_argument(
+        "--stream",
+        default=None,
+        help="comma-separated prompt files, one per phase (default: "
+        "HumanEval, MT-Bench, GSM8K test from ../shared/datasets)",
+    )
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     ap.add_argument("--requests-per-phase", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -430,7 +535,7 @@ def validate(args) -> None:
             raise UsageError("--trainer-config must be a JSON object")
     if args.lr is not None:
         cfg["lr"] = args.lr
-    from aurora_sgl.trainer import TrainerConfig  # imports torch: after the cheap checks
+    from aurora_sgl.trainer.config import TrainerConfig  # imports torch: after the cheap checks
 
     try:
         TrainerConfig.from_dict(dict(cfg, objective=args.objective))
@@ -438,7 +543,11 @@ def validate(args) -> None:
         raise UsageError(f"--trainer-config: {e}") from None
     args.trainer_config = cfg
     args.offline_head = args.offline_head or reference_head_path()
-    for arm, head in (("static", args.static_head), ("online_static", args.static_head), ("offline", args.offline_head)):
+    for arm, head in (
+        ("static", args.static_head),
+        ("online_static", args.static_head),
+        ("offline", args.offline_head),
+    ):
         if arm in args.arms and not (Path(head) / "config.json").is_file():
             raise UsageError(f"the {arm} arm's head {head} has no config.json")
     out = Path(args.out)
@@ -448,8 +557,12 @@ def validate(args) -> None:
 
 def _commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -467,7 +580,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from aurora_sgl import reference_model_path
-    from aurora_sgl.prompts import PromptFileError, load_prompts
+    from aurora_sgl.training.prompts import PromptFileError, load_prompts
 
     torch.set_num_threads(1)  # the trainer sidecar gets the other core
     tokenizer = AutoTokenizer.from_pretrained(reference_model_path())
@@ -482,21 +595,36 @@ def main(argv=None) -> int:
     if args.url:
         arms[args.url_arm] = run_arm_url(args.url_arm, stream, args)
     else:
-        from aurora_sgl.target import load_hf_causal_lm
+        from aurora_sgl.engine.target import load_hf_causal_lm
+
         hf = load_hf_causal_lm(reference_model_path(), "cpu", torch.float32)
         for arm in args.arms:
             arms[arm] = run_arm_inprocess(arm, stream, args, hf, tokenizer)
     summary = summarize(arms, stream, args.window, args.shift)
     result = {
-        "commit": _commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": round(time.time() - t0, 1),
-        "config": {"shift": args.shift, "stream": [str(p) for p in args.stream_paths], "arms": args.arms,
-                   "requests_per_phase": args.requests_per_phase, "max_tokens": args.max_tokens,
-                   "temperature": args.temperature, "seed": args.seed, "concurrency": args.concurrency,
-                   "k": args.k, "window": args.window, "objective": args.objective,
-                   "trainer_config": args.trainer_config, "static_head": args.static_head,
-                   "offline_head": args.offline_head, "url": args.url, "quick": args.quick,
-                   "torch_threads": 1, "cpu_count": os.cpu_count()},
+        "config": {
+            "shift": args.shift,
+            "stream": [str(p) for p in args.stream_paths],
+            "arms": args.arms,
+            "requests_per_phase": args.requests_per_phase,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "concurrency": args.concurrency,
+            "k": args.k,
+            "window": args.window,
+            "objective": args.objective,
+            "trainer_config": args.trainer_config,
+            "static_head": args.static_head,
+            "offline_head": args.offline_head,
+            "url": args.url,
+            "quick": args.quick,
+            "torch_threads": 1,
+            "cpu_count": os.cpu_count(),
+        },
         "unique_prompts": {d: len({r["prompt_index"] for r in stream if r["domain"] == d}) for d, _ in domains},
         "stream": [{k: r[k] for k in ("index", "phase", "domain", "prompt_index")} for r in stream],
         "summary": summary,

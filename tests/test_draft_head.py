@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aurora_sgl.draft_head import ARCHITECTURE, Eagle3Config, Eagle3Head
+from aurora_sgl.engine.draft_head import ARCHITECTURE, Eagle3Config, Eagle3Head
 
 H, V, VD, KVH, HEADS, INTER = 32, 60, 24, 2, 4, 48
 
@@ -21,13 +21,22 @@ def _logits(head, seed=5):
     aux = torch.randn(1, 7, 3 * H, generator=g)
     toks = torch.randint(0, V, (1, 7), generator=g)
     kc = torch.zeros(1, KVH, 16, H // HEADS)
-    h = head.forward_cached(aux, toks, torch.arange(7).unsqueeze(0), kc, torch.zeros_like(kc), torch.zeros(1, dtype=torch.long))
+    h = head.forward_cached(
+        aux, toks, torch.arange(7).unsqueeze(0), kc, torch.zeros_like(kc), torch.zeros(1, dtype=torch.long)
+    )
     return head.logits(h)
 
 
 def _config():
-    return Eagle3Config(hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=KVH,
-                        vocab_size=V, draft_vocab_size=VD, aux_layer_ids=[1, 3, 4])
+    return Eagle3Config(
+        hidden_size=H,
+        intermediate_size=INTER,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KVH,
+        vocab_size=V,
+        draft_vocab_size=VD,
+        aux_layer_ids=[1, 3, 4],
+    )
 
 
 def test_save_load_roundtrip_gives_identical_logits(tmp_path):
@@ -73,13 +82,26 @@ def _sglang_named_tensors(seed=11):
 
 def _write_handbuilt(path, tensors):
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": H,
-        "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KVH,
-        "num_hidden_layers": 1, "vocab_size": V, "draft_vocab_size": VD, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 4]},
-    }))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLMEagle3"],
+                "model_type": "llama",
+                "hidden_size": H,
+                "intermediate_size": INTER,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": KVH,
+                "num_hidden_layers": 1,
+                "vocab_size": V,
+                "draft_vocab_size": VD,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "max_position_embeddings": 2048,
+                "tie_word_embeddings": False,
+                "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 4]},
+            }
+        )
+    )
     save_file(tensors, str(path / "model.safetensors"))
 
 
@@ -105,6 +127,7 @@ def test_handbuilt_sglang_checkpoint_loads_like_our_own(tmp_path):
     # And saving it again reproduces the checkpoint's tensors.
     loaded.save(tmp_path / "again")
     from safetensors.torch import load_file
+
     again = load_file(str(tmp_path / "again" / "model.safetensors"))
     for name, t in tensors.items():
         if name != "embed_tokens.weight":

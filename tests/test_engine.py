@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from aurora_sgl.engine import OUTCOME_ACCEPTED, OUTCOME_NOT_REACHED, Engine, PromptTooLong
-from aurora_sgl.sampling import SamplingParams, probs_from_logits
-
-from conftest import MAX_NEW, PROMPTS  # noqa: E402
+from aurora_sgl.engine.engine import Engine, PromptTooLong
+from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
+from aurora_sgl.records import Outcome
+from helpers import MAX_NEW, PROMPTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,9 @@ def hf_greedy(model, ref_tokenizer):
     for p in PROMPTS:
         ids = ref_tokenizer(p, return_tensors="pt").input_ids
         gen = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=ref_tokenizer.pad_token_id)
-        seq = gen[0, ids.shape[1]:].tolist()
+        seq = gen[0, ids.shape[1] :].tolist()
         if ref_tokenizer.eos_token_id in seq:
-            seq = seq[:seq.index(ref_tokenizer.eos_token_id)]
+            seq = seq[: seq.index(ref_tokenizer.eos_token_id)]
         outs.append(seq)
     return outs
 
@@ -43,8 +43,13 @@ def _engine(model, tok, k, **kw):
 def test_greedy_is_lossless_for_every_k(model, ref_tokenizer, hf_greedy, trained_head_dir, head, concurrency):
     taus = []
     for k in range(0, 7):
-        eng = _engine(model, ref_tokenizer, k, max_running_requests=concurrency,
-                      draft_model_path=trained_head_dir if head == "trained" else None)
+        eng = _engine(
+            model,
+            ref_tokenizer,
+            k,
+            max_running_requests=concurrency,
+            draft_model_path=trained_head_dir if head == "trained" else None,
+        )
         outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
         for prompt, out, ref in zip(PROMPTS, outs, hf_greedy):
             assert out["output_ids"] == ref, (k, prompt)
@@ -102,8 +107,13 @@ def test_sampling_matches_target_distribution(model, ref_tokenizer, trained_head
     params = dict(max_new_tokens=2, temperature=0.9, top_k=3, ignore_eos=True)
     prompt = PROMPTS[0]
     exact = _exact_two_token_dist(model, ref_tokenizer, prompt, SamplingParams(**params))
-    eng = _engine(model, ref_tokenizer, 3, max_running_requests=16,
-                  draft_model_path=trained_head_dir if head == "trained" else None)
+    eng = _engine(
+        model,
+        ref_tokenizer,
+        3,
+        max_running_requests=16,
+        draft_model_path=trained_head_dir if head == "trained" else None,
+    )
     n = 900
     outs = eng.generate([prompt] * n, [SamplingParams(seed=s, **params) for s in range(n)])
     counts = {}
@@ -131,13 +141,13 @@ def test_stop_conditions(model, ref_tokenizer, hf_greedy):
     assert out["output_ids"] == ref[:5] and out["meta_info"]["finish_reason"] == "length"
     # stop token id: the 4th greedy token
     out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW, stop_token_ids=(ref[3],)))[0]
-    assert out["output_ids"] == ref[:ref.index(ref[3])] and out["meta_info"]["finish_reason"] == "stop"
+    assert out["output_ids"] == ref[: ref.index(ref[3])] and out["meta_info"]["finish_reason"] == "stop"
     # stop string: text of tokens 5..7 of the greedy output
     full = ref_tokenizer.decode(ref, skip_special_tokens=True)
     stop = ref_tokenizer.decode(ref[5:7], skip_special_tokens=True)
     if stop.strip():
         out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW, stop=[stop]))[0]
-        assert out["text"] == full[:full.index(stop)]
+        assert out["text"] == full[: full.index(stop)]
         assert out["meta_info"]["matched_stop"] == stop
     # max_new_tokens = 0 returns nothing
     out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=0))[0]
@@ -175,17 +185,17 @@ def test_step_records_describe_each_verify(model, ref_tokenizer, trained_head_di
     prompt_rows = {}
     for r in records:
         if r.prefill:  # prompt context, in pieces of at most K + 1 rows, no drafts
-            assert r.aux_hidden.shape[0] == r.num_accepted + 1 <= 5 and bool((r.outcome == OUTCOME_NOT_REACHED).all())
+            assert r.aux_hidden.shape[0] == r.num_accepted + 1 <= 5 and bool((r.outcome == Outcome.NOT_REACHED).all())
             prompt_rows[r.request_id] = prompt_rows.get(r.request_id, 0) + r.num_accepted + 1
             continue
         acc = r.num_accepted
-        assert int((r.outcome == OUTCOME_ACCEPTED).sum()) == acc
+        assert int((r.outcome == Outcome.ACCEPTED).sum()) == acc
         assert r.aux_hidden.shape == (acc + 1, 3 * h) and r.final_hidden.shape == (acc + 1, h)
         assert torch.equal(r.input_tokens[1:], r.draft_tokens[:acc])
         if acc < 4:
-            assert r.outcome[acc] == 0 and bool((r.outcome[acc + 1:] == OUTCOME_NOT_REACHED).all())
+            assert r.outcome[acc] == 0 and bool((r.outcome[acc + 1 :] == Outcome.NOT_REACHED).all())
             assert r.target_tokens[acc] != r.draft_tokens[acc]
-        assert r.committed == r.next_tokens.tolist()[:len(r.committed)]
+        assert r.committed == r.next_tokens.tolist()[: len(r.committed)]
     assert any(r.num_accepted > 0 for r in records if not r.prefill)
     reqs = {r.request_id for r in records}
     assert len(prompt_rows) == len(reqs) == 4
@@ -203,6 +213,10 @@ def test_records_keep_only_the_last_prompt_positions_when_asked(model, ref_token
     outs = eng.generate(PROMPTS[:4], SamplingParams(max_new_tokens=MAX_NEW))
     plens = {o["meta_info"]["id"]: o["meta_info"]["prompt_tokens"] for o in outs}
     for rid, plen in plens.items():
-        positions = sorted(p for r in records if r.prefill and r.request_id == rid
-                           for p in range(r.position, r.position + r.num_accepted + 1))
+        positions = sorted(
+            p
+            for r in records
+            if r.prefill and r.request_id == rid
+            for p in range(r.position, r.position + r.num_accepted + 1)
+        )
         assert positions == list(range(max(0, plen - 3), plen)), (rid, plen, positions)

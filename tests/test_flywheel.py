@@ -5,13 +5,14 @@ import threading
 
 import pytest
 import torch
-from conftest import MAX_NEW, PROMPTS
 
-from aurora_sgl.engine import Engine, StepRecord
-from aurora_sgl.flywheel import Flywheel
-from aurora_sgl.sampling import SamplingParams
-from aurora_sgl.signal_ring import SignalRing
-from aurora_sgl.weight_store import WeightStore, layout_of
+from aurora_sgl.engine.engine import Engine
+from aurora_sgl.engine.sampling import SamplingParams
+from aurora_sgl.online.flywheel import Flywheel
+from aurora_sgl.records import StepRecord
+from aurora_sgl.transport.signal_ring import SignalRing
+from aurora_sgl.transport.weight_store import WeightStore, layout_of
+from helpers import MAX_NEW, PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,9 @@ def closing():
 
 
 def _setup(closing, tiny_model, tok, head_dir=None, ring_capacity=None, **kw):
-    eng = Engine(model=tiny_model, tokenizer=tok, num_speculative_steps=3, max_running_requests=8,
-                 draft_model_path=head_dir)
+    eng = Engine(
+        model=tiny_model, tokenizer=tok, num_speculative_steps=3, max_running_requests=8, draft_model_path=head_dir
+    )
     store = WeightStore.create("aurora_test_store", layout_of(eng.head.serving_state()))
     ring = None
     if ring_capacity:
@@ -55,6 +57,7 @@ def test_1000_swaps_during_generation_never_mix_versions(closing, tiny_model, re
             fill = (i % 997) * 1e-3
             state = {k: (torch.full_like(v, fill) if v.is_floating_point() else v) for k, v in base.items()}
             fills[store.publish(state)] = fill
+
     seen = set()
     original_swap = fw._swap
 
@@ -71,6 +74,7 @@ def test_1000_swaps_during_generation_never_mix_versions(closing, tiny_model, re
         assert values.numel() == 1, "live parameters mix two versions"
         assert values[0] == torch.tensor(fills[eng.draft_version], dtype=values.dtype)
         seen.add(eng.draft_version)
+
     restored = [0]
     fw._swap = checked_swap
     t = threading.Thread(target=publisher, daemon=True)
@@ -150,14 +154,32 @@ def _serve(fw, eng, n, accepted):
     """n verify steps of the serving version that accepted `accepted` drafts each: what the engine
     hands the flywheel after its steps, and the hook it calls before the next one."""
     z = torch.zeros(0, dtype=torch.long)
-    fw.record_sink([StepRecord("r", 0, z, z, z.to(torch.int8), accepted, [], z, z, torch.zeros(0, 1),
-                               torch.zeros(0, 1), eng.draft_version) for _ in range(n)])
+    fw.record_sink(
+        [
+            StepRecord(
+                "r",
+                0,
+                z,
+                z,
+                z.to(torch.int8),
+                accepted,
+                [],
+                z,
+                z,
+                torch.zeros(0, 1),
+                torch.zeros(0, 1),
+                eng.draft_version,
+            )
+            for _ in range(n)
+        ]
+    )
     fw.before_step(eng)
 
 
 @pytest.mark.parametrize("old_on_new_traffic,kept", [(2, True), (4, False)])
-def test_a_suspect_version_is_judged_on_the_same_traffic(closing, tiny_model, ref_tokenizer, tiny_head_dir,
-                                                         old_on_new_traffic, kept):
+def test_a_suspect_version_is_judged_on_the_same_traffic(
+    closing, tiny_model, ref_tokenizer, tiny_head_dir, old_on_new_traffic, kept
+):
     """Version 1 is measured on easy traffic (tau 4); version 2 then serves tau 2. Version 1 comes
     back for one window: if it also drafts tau 2 on this traffic, the traffic changed, not the
     weights, and version 2 returns; if it still drafts tau 4, version 2 is rolled back."""

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_utils import ServerProcess
 
 from aurora_sgl import reference_head_path
+from benchmarks.common.server import ServerProcess
 
 RUNNING, QUEUED = 2, 2
 TIMEOUT_S = 60  # "bounded time": every answer, good or bad, well inside this
@@ -21,8 +21,17 @@ PROBE = {"prompt": "def add(a, b):\n", "max_tokens": 24, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--speculative-num-steps", "4", "--speculative-draft-model-path", reference_head_path(),
-                      "--max-running-requests", str(RUNNING), "--max-queued-requests", str(QUEUED), "--no-online")
+    s = ServerProcess(
+        "--speculative-num-steps",
+        "4",
+        "--speculative-draft-model-path",
+        reference_head_path(),
+        "--max-running-requests",
+        str(RUNNING),
+        "--max-queued-requests",
+        str(QUEUED),
+        "--no-online",
+    )
     s.probe_text = httpx.post(s.url + "/v1/completions", json=PROBE, timeout=TIMEOUT_S).json()["choices"][0]["text"]
     yield s
     s.stop()
@@ -58,10 +67,14 @@ HAND_CASES = [
     ("oversized body", "/v1/completions", b'{"prompt": "' + b"a" * (9 << 20) + b'"}', 413),
     ("oversized chunked body", "/v1/completions", "chunked", 413),
     ("huge max_tokens", "/v1/completions", b'{"prompt": "x", "max_tokens": 1000000000}', 400),
-    ("max_tokens past 64 bits", "/v1/completions", b'{"prompt": "x", "max_tokens": 100000000000000000000000}', 422),
+    ("max_tokens past 64 bits", "/v1/completions", b'{"prompt": "x", "max_tokens": 100000000000000000000000}', 400),
     ("huge max_new_tokens", "/generate", b'{"text": "x", "sampling_params": {"max_new_tokens": 99999999}}', 400),
-    ("huge chat max_completion_tokens", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10000000}', 400),
+    (
+        "huge chat max_completion_tokens",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10000000}',
+        400,
+    ),
     ("negative temperature", "/v1/completions", b'{"prompt": "x", "temperature": -0.5}', 400),
     ("NaN top_p", "/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400),
     ("infinite temperature", "/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400),
@@ -74,16 +87,79 @@ HAND_CASES = [
     ("lone surrogate", "/v1/completions", b'{"prompt": "\\ud800"}', 400),
     ("deeply nested JSON", "/v1/completions", b'{"prompt": "x", "user": ' + NESTED + b"}", 400),
     ("deeply nested prompt", "/v1/completions", b'{"prompt": ' + NESTED + b"}", 400),
-    ("thousands of stop strings", "/v1/completions",
-     json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(5000)]}).encode(), 400),
-    ("one enormous stop string", "/generate", json.dumps({"text": "x", "sampling_params": {"stop": "z" * 100_000}}).encode(), 400),
+    (
+        "thousands of stop strings",
+        "/v1/completions",
+        json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(5000)]}).encode(),
+        400,
+    ),
+    (
+        "one enormous stop string",
+        "/generate",
+        json.dumps({"text": "x", "sampling_params": {"stop": "z" * 100_000}}).encode(),
+        400,
+    ),
     ("prompt longer than the context", "/v1/completions", json.dumps({"prompt": "word " * 5000}).encode(), 400),
     ("input_ids longer than the context", "/generate", json.dumps({"input_ids": [5] * 3000}).encode(), 400),
-    ("chat longer than the context", "/v1/chat/completions",
-     json.dumps({"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 4}).encode(), 400),
-    ("non-string text part", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400),
+    (
+        "chat longer than the context",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 4}).encode(),
+        400,
+    ),
+    (
+        "non-string text part",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+        400,
+    ),
     ("batch beyond capacity", "/generate", json.dumps({"text": ["x"] * 500}).encode(), 400),
+    # Issue 18: parameters the server does not honour are refused by name, never ignored.
+    ("best_of", "/v1/completions", b'{"prompt": "x", "best_of": 3}', 400),
+    ("logit_bias", "/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 10}}', 400),
+    (
+        "frequency_penalty",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}',
+        400,
+    ),
+    (
+        "tools",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], '
+        b'"tools": [{"type": "function", "function": {"name": "f"}}]}',
+        400,
+    ),
+    (
+        "image part",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"type": "text", '
+        b'"text": "what is this"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}',
+        400,
+    ),
+    (
+        "part without a type",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}',
+        400,
+    ),
+    # One rule, one code, whatever the route.
+    ("seed past 64 bits", "/v1/completions", b'{"prompt": "x", "seed": 18446744073709551616}', 400),
+    ("native seed past 64 bits", "/generate", b'{"text": "x", "sampling_params": {"seed": 18446744073709551616}}', 400),
+    ("input id 2**63", "/generate", b'{"input_ids": [9223372036854775808]}', 400),
+    ("input id 2**70", "/generate", b'{"input_ids": [1180591620717411303424]}', 400),
+    (
+        "stop token out of the vocabulary",
+        "/generate",
+        b'{"text": "x", "sampling_params": {"stop_token_ids": [10000000]}}',
+        400,
+    ),
+    (
+        "100000 stop tokens",
+        "/v1/completions",
+        json.dumps({"prompt": "x", "stop_token_ids": [5] * 100_000}).encode(),
+        400,
+    ),
     ("JSON array body", "/v1/chat/completions", b"[]", 400),
     ("empty body", "/v1/completions", b"", 400),
     ("unknown route", "/v1/engines", b"{}", 404),
@@ -108,38 +184,86 @@ def test_tiny_temperature_is_greedy_not_nan(server):
 
 
 # ---- property-based: arbitrary mixes of valid and hostile fields -------------------------------
-junk = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
-                 st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 prompt_text = st.text(max_size=60)  # any code points, lone surrogates included (sent escaped)
 max_tokens = st.one_of(st.integers(-3, 6), st.integers(2049, 2**66), junk)
 sampling = {
-    "max_tokens": max_tokens, "temperature": st.one_of(st.floats(-1, 3), junk), "top_p": st.one_of(st.floats(-1, 2), junk),
-    "top_k": st.one_of(st.integers(-3, 10_000), junk), "n": st.one_of(st.integers(-1, 20), junk),
+    "max_tokens": max_tokens,
+    "temperature": st.one_of(st.floats(-1, 3), junk),
+    "top_p": st.one_of(st.floats(-1, 2), junk),
+    "top_k": st.one_of(st.integers(-3, 10_000), junk),
+    "n": st.one_of(st.integers(-1, 20), junk),
     "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=80), junk),
-    "stop_token_ids": st.one_of(st.lists(st.integers(-2, 7000), max_size=5), junk), "seed": st.one_of(st.integers(-5, 2**64), junk),
-    "stream": st.one_of(st.booleans(), junk), "ignore_eos": st.one_of(st.booleans(), junk),
-    "model": st.one_of(st.just("reference_model"), junk), "logprobs": junk, "echo": junk,
+    "stop_token_ids": st.one_of(st.lists(st.integers(-2, 7000), max_size=5), junk),
+    "seed": st.one_of(st.integers(-5, 2**64), junk),
+    "stream": st.one_of(st.booleans(), junk),
+    "ignore_eos": st.one_of(st.booleans(), junk),
+    "model": st.one_of(st.just("reference_model"), junk),
+    "logprobs": junk,
+    "echo": junk,
 }
 completion = st.fixed_dictionaries(
-    {"prompt": st.one_of(prompt_text, st.lists(prompt_text, max_size=3), st.lists(st.integers(-5, 7000), max_size=8), junk)},
-    optional=sampling)
-message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant"]), junk),
-                                 "content": st.one_of(prompt_text, st.lists(st.dictionaries(
-                                     st.sampled_from(["type", "text"]), st.one_of(st.just("text"), junk)), max_size=2), junk)})
-chat = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=3), junk),
-                              "max_tokens": st.one_of(st.integers(-3, 6), st.integers(2049, 2**66), junk)},
-                             optional={k: v for k, v in sampling.items() if k != "max_tokens"})
+    {
+        "prompt": st.one_of(
+            prompt_text, st.lists(prompt_text, max_size=3), st.lists(st.integers(-5, 7000), max_size=8), junk
+        )
+    },
+    optional=sampling,
+)
+message = st.fixed_dictionaries(
+    {
+        "role": st.one_of(st.sampled_from(["user", "system", "assistant"]), junk),
+        "content": st.one_of(
+            prompt_text,
+            st.lists(st.dictionaries(st.sampled_from(["type", "text"]), st.one_of(st.just("text"), junk)), max_size=2),
+            junk,
+        ),
+    }
+)
+chat = st.fixed_dictionaries(
+    {
+        "messages": st.one_of(st.lists(message, max_size=3), junk),
+        "max_tokens": st.one_of(st.integers(-3, 6), st.integers(2049, 2**66), junk),
+    },
+    optional={k: v for k, v in sampling.items() if k != "max_tokens"},
+)
 native = st.fixed_dictionaries(
-    {}, optional={"text": st.one_of(prompt_text, st.lists(prompt_text, max_size=3), junk),
-                  "input_ids": st.one_of(st.lists(st.integers(-5, 7000), max_size=8), junk),
-                  "stream": st.one_of(st.booleans(), junk),
-                  "sampling_params": st.one_of(st.fixed_dictionaries({}, optional={
-                      "max_new_tokens": max_tokens, "temperature": sampling["temperature"], "top_p": sampling["top_p"],
-                      "top_k": sampling["top_k"], "stop": sampling["stop"], "seed": sampling["seed"],
-                      "regex": st.one_of(st.none(), st.text(max_size=4)), "min_p": junk}), junk)})
-bodies = st.one_of(st.tuples(st.just("/v1/completions"), completion), st.tuples(st.just("/v1/chat/completions"), chat),
-                   st.tuples(st.just("/generate"), native))
+    {},
+    optional={
+        "text": st.one_of(prompt_text, st.lists(prompt_text, max_size=3), junk),
+        "input_ids": st.one_of(st.lists(st.integers(-5, 7000), max_size=8), junk),
+        "stream": st.one_of(st.booleans(), junk),
+        "sampling_params": st.one_of(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "max_new_tokens": max_tokens,
+                    "temperature": sampling["temperature"],
+                    "top_p": sampling["top_p"],
+                    "top_k": sampling["top_k"],
+                    "stop": sampling["stop"],
+                    "seed": sampling["seed"],
+                    "regex": st.one_of(st.none(), st.text(max_size=4)),
+                    "min_p": junk,
+                },
+            ),
+            junk,
+        ),
+    },
+)
+bodies = st.one_of(
+    st.tuples(st.just("/v1/completions"), completion),
+    st.tuples(st.just("/v1/chat/completions"), chat),
+    st.tuples(st.just("/generate"), native),
+)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -147,8 +271,9 @@ bodies = st.one_of(st.tuples(st.just("/v1/completions"), completion), st.tuples(
 def test_property_any_body_gets_json_and_never_a_500(server, case):
     path, body = case
     raw = json.dumps(body, allow_nan=True).encode()  # NaN / Infinity literals and \ud800 escapes on purpose
-    with httpx.stream("POST", server.url + path, content=raw, timeout=TIMEOUT_S,
-                      headers={"Content-Type": "application/json"}) as r:
+    with httpx.stream(
+        "POST", server.url + path, content=raw, timeout=TIMEOUT_S, headers={"Content-Type": "application/json"}
+    ) as r:
         data = r.read()
     assert r.status_code in (200, 400, 404, 413, 422), (r.status_code, data[:300])
     if r.status_code != 200:
@@ -214,9 +339,13 @@ def test_admission_control_answers_503_with_retry_after(server):
 # ---- security ------------------------------------------------------------------------------------
 def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
     import psutil
+
     s = ServerProcess("--api-key", "sekret", "--speculative-num-steps", "2", "--no-online")
     try:
         auth = {"Authorization": "Bearer sekret"}
+        for scheme in ("bearer", "BEARER", "Bearer"):  # the scheme is case-insensitive (RFC 9110)
+            r = httpx.get(s.url + "/v1/models", headers={"Authorization": f"{scheme} sekret"})
+            assert r.status_code == 200, scheme
         schema = httpx.get(s.url + "/openapi.json", headers=auth).json()
         routes = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
         routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")]
@@ -229,22 +358,73 @@ def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
                 else:
                     assert r.status_code == 401, (method, path, r.status_code)
                     assert r.json()["error"]["type"] == "authentication_error"
-        listening = [c.laddr for c in psutil.Process(s.proc.pid).net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN]
+        listening = [
+            c.laddr for c in psutil.Process(s.proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        ]
         assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
     finally:
         s.stop()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--max-queued-requests", "-1"], "--max-queued-requests must be at least 0"),
-    (["--trainer-config", "[1, 2]"], "--trainer-config must be a JSON object"),
-    (["--trainer-config", '{"checkpoint_every": 0}'], "checkpoint_every must be a positive integer"),
-    (["--trainer-config", '{"no_such_setting": 1}'], "no_such_setting"),
-    (["--no-online", "--trainer-config", "{}"], "--trainer-config is only used with --online"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-queued-requests", "-1"], "--max-queued-requests must be at least 0"),
+        (["--trainer-config", "[1, 2]"], "--trainer-config must be a JSON object"),
+        (["--trainer-config", '{"checkpoint_every": 0}'], "checkpoint_every must be a positive integer"),
+        (["--trainer-config", '{"no_such_setting": 1}'], "no_such_setting"),
+        (["--no-online", "--trainer-config", "{}"], "--trainer-config is only used with --online"),
+        (["--api-key", ""], "--api-key must not be empty"),
+        (["--no-online", "--context-length", "4096"], "exceeds the model's 2048 positions"),
+    ],
+)
 def test_cli_refuses_bad_admission_and_trainer_settings(argv, message, capsys):
     from aurora_sgl.launch_server import main
+
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_refusals_name_what_they_refuse(server):
+    def post(path, body):
+        r = httpx.post(server.url + path, json=body, timeout=TIMEOUT_S)
+        _assert_error(r, 400)
+        return r.json()["error"]
+
+    assert "best_of" in post("/v1/completions", {"prompt": "x", "best_of": 2})["message"]
+    err = post("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert "messages[0].content[0]" in err["message"] and "image_url" in err["message"]
+    assert (
+        "stop_token_ids" in post("/generate", {"text": "x", "sampling_params": {"stop_token_ids": [10**7]}})["message"]
+    )
+    # Neutral values of fields OpenAI clients send are not refusals.
+    ok = {"prompt": "x", "max_tokens": 2, "best_of": 1, "frequency_penalty": 0, "logit_bias": {}, "temperature": 0}
+    assert httpx.post(server.url + "/v1/completions", json=ok, timeout=TIMEOUT_S).status_code == 200
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server):
+    # Issue 18: 7 M characters (under the body limit) were tokenized on the event loop for ~10 s.
+    body = {"messages": [{"role": "user", "content": "x" * 7_000_000}], "max_tokens": 4}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+    _assert_error(r, 400)
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "7000000 characters" in err["message"], err
+    r = httpx.post(server.url + "/generate", json={"text": "y" * 7_000_000}, timeout=TIMEOUT_S)
+    _assert_error(r, 400)
+    assert "characters" in r.json()["error"]["message"]
+    _assert_healthy(server)
+
+
+def test_usage_counts_the_prompt_once_and_models_retrieve_works(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    one = client.completions.create(model="reference_model", prompt="def add(a, b):", max_tokens=2, temperature=0)
+    four = client.completions.create(model="reference_model", prompt="def add(a, b):", max_tokens=2, temperature=0, n=4)
+    assert four.usage.prompt_tokens == one.usage.prompt_tokens
+    assert four.usage.completion_tokens == 4 * one.usage.completion_tokens
+    card = client.models.retrieve("reference_model")
+    assert card.id == "reference_model"
+    r = httpx.get(server.url + "/v1/models/no-such-model", timeout=10)
+    _assert_error(r, 404)

@@ -3,13 +3,20 @@ with its KV cache; the objectives must match their definitions."""
 
 import torch
 
-from aurora_sgl.draft_head import Eagle3Config, Eagle3Head
-from aurora_sgl.losses import draft_loss, ttt_logits
+from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
+from aurora_sgl.training.losses import draft_loss, ttt_logits
 
 
 def _head(vocab=50, hidden=32, draft_vocab=20, seed=0):
-    cfg = Eagle3Config(hidden_size=hidden, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=vocab, draft_vocab_size=draft_vocab, aux_layer_ids=[0, 1, 2])
+    cfg = Eagle3Config(
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        draft_vocab_size=draft_vocab,
+        aux_layer_ids=[0, 1, 2],
+    )
     torch.manual_seed(seed)
     emb = torch.nn.Embedding(vocab, hidden)
     head = Eagle3Head(cfg, emb).double()
@@ -32,11 +39,11 @@ def test_ttt_unroll_matches_serving_drafts():
         vc = torch.zeros_like(kc)
         slots = torch.zeros(1, dtype=torch.long)
         pos = torch.arange(last + 1).unsqueeze(0)
-        h = head.forward_cached(aux[:, :last + 1], nxt[:, :last + 1], pos, kc, vc, slots)[:, -1:]
+        h = head.forward_cached(aux[:, : last + 1], nxt[:, : last + 1], pos, kc, vc, slots)[:, -1:]
         for k in range(steps):
             if k:
                 p = torch.tensor([[last + k]])
-                h = head.forward_cached(h, nxt[:, last + k:last + k + 1], p, kc, vc, slots)
+                h = head.forward_cached(h, nxt[:, last + k : last + k + 1], p, kc, vc, slots)
             torch.testing.assert_close(head.logits(h)[0, 0], unrolled[k][0, last + k], rtol=1e-9, atol=1e-9)
 
 
@@ -58,7 +65,7 @@ def test_kl_objective_matches_naive_definition():
                 p = torch.softmax(target[b, t, head.hot_ids], -1)
                 q = torch.softmax(lg[b, t], -1)
                 terms.append(float((p * (p.log() - q.log())).sum()))
-        naive += 0.8 ** k * sum(terms) / len(terms)
+        naive += 0.8**k * sum(terms) / len(terms)
     assert abs(float(loss) - naive) < 1e-9
 
 
@@ -93,3 +100,18 @@ def test_rejected_weighting_changes_only_kl_rejected():
     weighted, _ = draft_loss(lg, target, head.hot_ids, mask, "kl_rejected", position_weight=w)
     assert float(plain) == float(same)
     assert float(plain) != float(weighted)
+
+
+def test_ttt_unroll_on_sequences_shorter_than_the_unroll():
+    # A 2-position batch with 5 unroll steps (a request of one prompt token and two generated ones)
+    # crashed the trainer; causality means each step's logits on the short batch are the first
+    # positions of the same computation on a longer one.
+    head = _head()
+    gen = torch.Generator().manual_seed(3)
+    aux = torch.randn(1, 9, 3 * 32, generator=gen, dtype=torch.float64)
+    nxt = torch.randint(0, 50, (1, 9), generator=gen)
+    long = ttt_logits(head, aux, nxt, 5)
+    for t in (1, 2, 4):
+        short = ttt_logits(head, aux[:, :t], nxt[:, :t], 5)
+        for k in range(5):
+            torch.testing.assert_close(short[k], long[k][:, :t], rtol=1e-9, atol=1e-9)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from aurora_sgl import reference_head_path, reference_model_path
-from aurora_sgl.engine import Engine
-from aurora_sgl.sampling import SamplingParams
+from aurora_sgl.engine.engine import Engine
+from aurora_sgl.engine.sampling import SamplingParams
 
 MAX_NEW = 24
 
@@ -22,23 +22,25 @@ def _prompts(tok, per_domain=17):
         ids = tok(by_domain[domain], add_special_tokens=False)["input_ids"]
         for j in range(per_domain):
             start = j * 23
-            prompts.append(ids[start:start + 12 + (j * 7) % 40])
+            prompts.append(ids[start : start + 12 + (j * 7) % 40])
     return prompts[:50]
 
 
 @pytest.fixture(scope="module")
 def setup(ref_tokenizer):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(reference_model_path(), dtype=torch.float32).eval()
     prompts = _prompts(ref_tokenizer)
     refs = []
     for p in prompts:
         with torch.no_grad():
-            out = model.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False,
-                                 pad_token_id=ref_tokenizer.pad_token_id)
-        seq = out[0, len(p):].tolist()
+            out = model.generate(
+                torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=ref_tokenizer.pad_token_id
+            )
+        seq = out[0, len(p) :].tolist()
         if ref_tokenizer.eos_token_id in seq:
-            seq = seq[:seq.index(ref_tokenizer.eos_token_id)]
+            seq = seq[: seq.index(ref_tokenizer.eos_token_id)]
         refs.append(seq)
     return model, prompts, refs
 
@@ -50,8 +52,14 @@ def test_reference_greedy_lossless(setup, ref_tokenizer, head, concurrency):
     assert len(prompts) == 50
     taus = {}
     for k in range(1, 7):
-        eng = Engine(model=model, tokenizer=ref_tokenizer, num_speculative_steps=k, max_running_requests=concurrency,
-                     draft_model_path=reference_head_path() if head == "trained" else None, prefill_chunk_size=32)
+        eng = Engine(
+            model=model,
+            tokenizer=ref_tokenizer,
+            num_speculative_steps=k,
+            max_running_requests=concurrency,
+            draft_model_path=reference_head_path() if head == "trained" else None,
+            prefill_chunk_size=32,
+        )
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW))
         bad = [i for i, (o, r) in enumerate(zip(outs, refs)) if o["output_ids"] != r]
         assert not bad, (k, bad[:5])

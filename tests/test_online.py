@@ -5,14 +5,17 @@ import json
 import os
 import signal
 import stat
+import tempfile
 import time
 
-from server_utils import ServerProcess
+import httpx
 
 from aurora_sgl import reference_head_path, reference_model_path
-from aurora_sgl.engine import Engine
-from aurora_sgl.online import OnlineTraining
-from aurora_sgl.sampling import SamplingParams
+from aurora_sgl.engine.engine import Engine
+from aurora_sgl.engine.sampling import SamplingParams
+from aurora_sgl.online.sidecar import OnlineTraining
+from aurora_sgl.serving.native_routes import training_health
+from benchmarks.common.server import ServerProcess
 
 MAX_NEW = 48
 WAVE = 8
@@ -23,7 +26,7 @@ def _code_prompts(tok, n):
     text = next(r["text"] for r in rows if r["domain"] == "code")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     step = max(1, (len(ids) - 40) // n)
-    return [ids[i * step:i * step + 16 + (i % 5) * 4] for i in range(n)]
+    return [ids[i * step : i * step + 16 + (i % 5) * 4] for i in range(n)]
 
 
 def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp_path):
@@ -32,17 +35,21 @@ def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp
     sp = SamplingParams(max_new_tokens=MAX_NEW)
     reference = [o["output_ids"] for o in base.generate(prompts, sp)]
 
-    engine = Engine(num_speculative_steps=4, max_running_requests=WAVE, model=base.target.hf,
-                    tokenizer=base.tokenizer, seed=3)  # random head: day 0
-    online = OnlineTraining(engine, model_path=reference_model_path(), checkpoint_dir=str(tmp_path / "ckpt"),
-                            trainer_config={"lr": 1e-3, "tokens_per_step": 512, "publish_every": 2,
-                                            "checkpoint_every": 1})
+    engine = Engine(
+        num_speculative_steps=4, max_running_requests=WAVE, model=base.target.hf, tokenizer=base.tokenizer, seed=3
+    )  # random head: day 0
+    online = OnlineTraining(
+        engine,
+        model_path=reference_model_path(),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        trainer_config={"lr": 1e-3, "tokens_per_step": 512, "publish_every": 2, "checkpoint_every": 1},
+    )
     online.start()
     try:
         assert online.wait_for_trainer(120)
         taus, outs = [], []
         for w in range(0, 200, WAVE):
-            res = engine.generate(prompts[w:w + WAVE], sp)
+            res = engine.generate(prompts[w : w + WAVE], sp)
             outs += [o["output_ids"] for o in res]
             taus += [o["meta_info"]["spec_accept_length"] for o in res]
         assert outs == reference[:200]  # lossless throughout, whatever the trainer published
@@ -74,22 +81,35 @@ def test_injected_nan_and_random_versions_cost_nothing(ref_tokenizer, tmp_path):
     base = Engine(num_speculative_steps=0, max_running_requests=WAVE)
     sp = SamplingParams(max_new_tokens=MAX_NEW)
     reference = [o["output_ids"] for o in base.generate(prompts, sp)]
-    engine = Engine(num_speculative_steps=4, max_running_requests=WAVE, model=base.target.hf,
-                    tokenizer=base.tokenizer, draft_model_path=reference_head_path())
-    online = OnlineTraining(engine, model_path=reference_model_path(), init_head=reference_head_path(),
-                            trainer_config={"tokens_per_step": 256, "publish_every": 8,
-                                            "inject": ["nan@1", "random@2"], "inject_bypass_guardrail": True})
+    engine = Engine(
+        num_speculative_steps=4,
+        max_running_requests=WAVE,
+        model=base.target.hf,
+        tokenizer=base.tokenizer,
+        draft_model_path=reference_head_path(),
+    )
+    online = OnlineTraining(
+        engine,
+        model_path=reference_model_path(),
+        init_head=reference_head_path(),
+        trainer_config={
+            "tokens_per_step": 256,
+            "publish_every": 8,
+            "inject": ["nan@1", "random@2"],
+            "inject_bypass_guardrail": True,
+        },
+    )
     online.start()
     try:
         assert online.wait_for_trainer(120)
         taus, outs = [], []
         for w in range(0, len(prompts), WAVE):
-            res = engine.generate(prompts[w:w + WAVE], sp)
+            res = engine.generate(prompts[w : w + WAVE], sp)
             outs += [o["output_ids"] for o in res]
             taus += [o["meta_info"]["spec_accept_length"] for o in res]
             if online.flywheel.rollbacks and w >= 48:
                 break
-        assert outs == reference[:len(outs)]
+        assert outs == reference[: len(outs)]
         fw = online.flywheel
         assert fw.refused >= 1 and fw.rollbacks >= 1, fw.stats()
         start, end = sum(taus[:WAVE]) / WAVE, sum(taus[-WAVE:]) / WAVE
@@ -108,3 +128,51 @@ def test_server_segments_are_private_and_removed_on_sigterm():
     finally:
         s.stop(signal.SIGTERM)
     assert not [f for f in os.listdir("/dev/shm") if f"_{s.proc.pid}_" in f]
+
+
+def test_training_health_tells_degraded_training_from_a_healthy_one():
+    now = 1000.0
+    assert training_health(None, now) == ("off", None)
+    assert training_health({"alive": True, "heartbeat": 0.0, "restarts": 0}, now) == ("starting", None)
+    assert training_health({"alive": True, "heartbeat": now - 1, "restarts": 0}, now) == ("ok", None)
+    stale, why = training_health({"alive": True, "heartbeat": now - 600, "restarts": 0}, now)
+    assert stale == "degraded" and "600 s" in why
+    assert training_health({"alive": False, "heartbeat": now, "restarts": 2}, now)[0] == "degraded"
+    gave_up, why = training_health({"alive": False, "gave_up": True, "restarts": 5}, now)
+    assert gave_up == "degraded" and "5 times" in why
+
+
+def _leftovers(pid: int) -> list[str]:
+    shm = [f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f"_{pid}_" in f]
+    tmp = tempfile.gettempdir()
+    return shm + [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"aurora_trainer_{pid}_")]
+
+
+def test_sigkilled_server_leftovers_are_swept_by_the_next_server():
+    # Issue 18: SIGKILL of the server's process group left /dev/shm segments (86 MB of ring) and the
+    # trainer's spec directory behind for good. The next server removes what a dead owner left.
+    s = ServerProcess("--speculative-num-steps", "2", "--online", start_new_session=True)
+    try:
+        health = httpx.get(s.url + "/health", timeout=10)
+        assert health.status_code == 200 and health.json()["training"] in ("starting", "ok")
+        assert health.headers["x-aurora-training"] == health.json()["training"]
+        assert httpx.head(s.url + "/health", timeout=10).status_code == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and httpx.get(s.url + "/health").json()["training"] != "ok":
+            time.sleep(0.2)
+        metrics = httpx.get(s.url + "/metrics", timeout=10).text
+        assert "aurora_trainer_alive 1.0" in metrics and "aurora_trainer_restarts 0.0" in metrics
+        assert "aurora_trainer_positions_per_recorded_position" in metrics
+        left = _leftovers(s.pid)
+        assert len(left) == 4, left  # ring, weight store, trainer status, the trainer's spec directory
+    finally:
+        os.killpg(s.pid, signal.SIGKILL)
+        s.stop()
+    assert all(os.path.exists(p) for p in left)  # nothing cleaned up after SIGKILL ...
+    s2 = ServerProcess("--speculative-num-steps", "2", "--online")
+    try:
+        assert not any(os.path.exists(p) for p in left)  # ... until the next server started
+        assert len(_leftovers(s2.pid)) == 4
+    finally:
+        s2.stop(signal.SIGTERM)
+    assert _leftovers(s2.pid) == []

@@ -19,16 +19,23 @@ MODEL = Path(reference_model_path())
 @pytest.fixture(scope="module")
 def model():
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
 
 
 def test_loads_offline_in_a_fresh_process():
-    code = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"m = AutoModelForCausalLM.from_pretrained({str(MODEL)!r}); t = AutoTokenizer.from_pretrained({str(MODEL)!r})\n"
-            "print(m.config.model_type, len(t))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                              "HOME": str(Path.home())})
+    code = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(MODEL)!r}); t = AutoTokenizer.from_pretrained({str(MODEL)!r})\n"
+        "print(m.config.model_type, len(t))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "llama"
 
@@ -37,7 +44,9 @@ def test_size_and_tokenizer(ref_tokenizer):
     assert (MODEL / "model.safetensors").stat().st_size <= 40e6
     cfg = json.loads((MODEL / "config.json").read_text())
     assert 4000 <= cfg["vocab_size"] <= 8200 and cfg["architectures"] == ["LlamaForCausalLM"]
-    chat = ref_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = ref_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|bos|><|user|>\nhi\n<|assistant|>\n"
     ids = ref_tokenizer("hello")["input_ids"]
     assert ids[0] == ref_tokenizer.bos_token_id
@@ -47,7 +56,7 @@ def _greedy(model, tok, prompt, n=32):
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_greedy_is_deterministic_and_domains_differ(model, ref_tokenizer):
@@ -72,8 +81,9 @@ def test_heldout_loss_below_stated_bound(model, ref_tokenizer):
 
 
 def test_draft_step_is_at_most_a_quarter_of_target_flops(model):
-    from aurora_sgl.draft_head import Eagle3Config
-    from aurora_sgl.engine import DEFAULT_DRAFT_VOCAB
+    from aurora_sgl.engine.draft_head import Eagle3Config
+    from aurora_sgl.engine.engine import DEFAULT_DRAFT_VOCAB
+
     c = model.config
     h, i, lay = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     hd = h // c.num_attention_heads
@@ -85,9 +95,19 @@ def test_draft_step_is_at_most_a_quarter_of_target_flops(model):
 
 
 def test_training_script_rejects_missing_dataset_dir(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reference" / "train_target.py"),
-                          "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "m")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "reference" / "train_target.py"),
+            "--data-dir",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "not found" in lines[0] and "nope" in lines[0]

@@ -26,9 +26,22 @@ FAST_TRAINER = json.dumps({"checkpoint_every": 1, "tokens_per_step": 256, "publi
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    args = rel.build_parser().parse_args([
-        "--soak-minutes", os.environ.get("AURORA_SOAK_MINUTES", "0.5"), "--fault-seconds", "12", "--sigstop-seconds", "5", "--concurrency", "4",
-        "--pool-size", "12", "--trainer-config", FAST_TRAINER])
+    args = rel.build_parser().parse_args(
+        [
+            "--soak-minutes",
+            os.environ.get("AURORA_SOAK_MINUTES", "0.5"),
+            "--fault-seconds",
+            "12",
+            "--sigstop-seconds",
+            "5",
+            "--concurrency",
+            "4",
+            "--pool-size",
+            "12",
+            "--trainer-config",
+            FAST_TRAINER,
+        ]
+    )
     pool = rel.build_pool(args.pool_size)
     rel.attach_references(pool)
     b = rel.Bench(args, pool, tmp_path_factory.mktemp("reliability"))

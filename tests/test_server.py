@@ -13,19 +13,31 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from server_utils import ServerProcess
 
 from aurora_sgl import reference_head_path, reference_model_path
+from benchmarks.common.server import ServerProcess
 
 NAME = "reference_model"
-PROMPTS = ["def add(a, b):\n", "Question: Sam has 5 pens and buys 3 more. How many pens does he have?\nAnswer:",
-           "KING HENRY:\n", "import os\nimport sys\n\n\ndef main():\n", "The json module"]
+PROMPTS = [
+    "def add(a, b):\n",
+    "Question: Sam has 5 pens and buys 3 more. How many pens does he have?\nAnswer:",
+    "KING HENRY:\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "The json module",
+]
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--speculative-num-steps", "4", "--speculative-draft-model-path", reference_head_path(),
-                      "--max-running-requests", "16", "--no-online")
+    s = ServerProcess(
+        "--speculative-num-steps",
+        "4",
+        "--speculative-draft-model-path",
+        reference_head_path(),
+        "--max-running-requests",
+        "16",
+        "--no-online",
+    )
     yield s
     s.stop()
 
@@ -34,6 +46,7 @@ def server():
 def greedy_reference():
     """Target-only greedy text from transformers itself, per prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(reference_model_path())
     model = AutoModelForCausalLM.from_pretrained(reference_model_path(), dtype=torch.float32).eval()
 
@@ -41,22 +54,26 @@ def greedy_reference():
         ids = tok(prompt, return_tensors="pt", add_special_tokens=not prompt.startswith(tok.bos_token)).input_ids
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        seq = out[0, ids.shape[1]:].tolist()
+        seq = out[0, ids.shape[1] :].tolist()
         if tok.eos_token_id in seq:
-            seq = seq[:seq.index(tok.eos_token_id)]
+            seq = seq[: seq.index(tok.eos_token_id)]
         return tok.decode(seq, skip_special_tokens=True)
+
     ref.tokenizer = tok
     return ref
 
 
 def test_openai_completions_equal_target_only(server, greedy_reference):
     from openai import OpenAI
+
     client = OpenAI(base_url=server.url + "/v1", api_key="none")
     assert [m.id for m in client.models.list().data] == [NAME]
     for p in PROMPTS:
         r = client.completions.create(model=NAME, prompt=p, max_tokens=40, temperature=0)
         assert r.choices[0].text == greedy_reference(p, 40)
-        assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert (
+            r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        )
     # batch of prompts and n > 1
     r = client.completions.create(model=NAME, prompt=PROMPTS[:2], max_tokens=10, temperature=0, n=2)
     assert len(r.choices) == 4 and r.choices[0].text == r.choices[1].text
@@ -64,14 +81,18 @@ def test_openai_completions_equal_target_only(server, greedy_reference):
 
 def test_openai_chat_and_streaming(server, greedy_reference):
     from openai import OpenAI
+
     client = OpenAI(base_url=server.url + "/v1", api_key="none")
     msgs = [{"role": "user", "content": "What is 7 times 8?"}]
     r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=30, temperature=0)
     prompt = greedy_reference.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert r.choices[0].message.content == greedy_reference(prompt, 30)
     assert r.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=30, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=msgs, max_tokens=30, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
@@ -86,7 +107,7 @@ def test_openai_chat_and_streaming(server, greedy_reference):
     stop = full[10:14]
     if stop.strip():
         r = client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=40, temperature=0, stop=[stop])
-        assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
 def _sse_events(lines):
@@ -98,20 +119,37 @@ def _sse_events(lines):
 
 
 def test_native_generate_and_sse(server, greedy_reference):
-    r = httpx.post(server.url + "/generate", json={"text": PROMPTS[1], "sampling_params": {"max_new_tokens": 40, "temperature": 0}})
+    r = httpx.post(
+        server.url + "/generate", json={"text": PROMPTS[1], "sampling_params": {"max_new_tokens": 40, "temperature": 0}}
+    )
     body = r.json()
     assert body["text"] == greedy_reference(PROMPTS[1], 40)
     meta = body["meta_info"]
-    for key in ("prompt_tokens", "completion_tokens", "spec_verify_ct", "spec_accept_length", "spec_accept_rate", "draft_version"):
+    for key in (
+        "prompt_tokens",
+        "completion_tokens",
+        "spec_verify_ct",
+        "spec_accept_length",
+        "spec_accept_rate",
+        "draft_version",
+    ):
         assert key in meta
     assert meta["spec_accept_length"] >= 1.0 and meta["spec_verify_ct"] > 0
     ids = greedy_reference.tokenizer(PROMPTS[1])["input_ids"]
-    r2 = httpx.post(server.url + "/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 40, "temperature": 0}})
+    r2 = httpx.post(
+        server.url + "/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 40, "temperature": 0}}
+    )
     assert r2.json()["output_ids"] == body["output_ids"]
-    batch = httpx.post(server.url + "/generate", json={"text": PROMPTS[:3], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()
+    batch = httpx.post(
+        server.url + "/generate", json={"text": PROMPTS[:3], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    ).json()
     assert isinstance(batch, list) and len(batch) == 3
-    with httpx.stream("POST", server.url + "/generate", timeout=60,
-                      json={"text": PROMPTS[1], "stream": True, "sampling_params": {"max_new_tokens": 40, "temperature": 0}}) as s:
+    with httpx.stream(
+        "POST",
+        server.url + "/generate",
+        timeout=60,
+        json={"text": PROMPTS[1], "stream": True, "sampling_params": {"max_new_tokens": 40, "temperature": 0}},
+    ) as s:
         events = _sse_events(s.iter_lines())
     assert events[-1] == "[DONE]"
     texts = [json.loads(e)["text"] for e in events[:-1]]
@@ -149,14 +187,26 @@ def test_service_routes(server):
 
 def test_metrics_parse_and_count(server):
     before = _metrics(server)
-    httpx.post(server.url + "/generate", json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
+    httpx.post(
+        server.url + "/generate", json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+    )
     after = _metrics(server)
     assert after["aurora_requests_total"] >= before.get("aurora_requests_total", 0) + 1
     assert after["aurora_generation_tokens_total"] > before.get("aurora_generation_tokens_total", 0)
-    for name in ("aurora_time_to_first_token_seconds_count", "aurora_time_per_output_token_seconds_count",
-                 "aurora_spec_accept_length_count", "aurora_spec_accept_rate_count", "aurora_draft_version",
-                 "aurora_trainer_steps", "aurora_trainer_loss", "aurora_ring_drops", "aurora_draft_swaps",
-                 "aurora_draft_rollbacks", "aurora_last_swap_pause_seconds", "aurora_prompt_tokens_total"):
+    for name in (
+        "aurora_time_to_first_token_seconds_count",
+        "aurora_time_per_output_token_seconds_count",
+        "aurora_spec_accept_length_count",
+        "aurora_spec_accept_rate_count",
+        "aurora_draft_version",
+        "aurora_trainer_steps",
+        "aurora_trainer_loss",
+        "aurora_ring_drops",
+        "aurora_draft_swaps",
+        "aurora_draft_rollbacks",
+        "aurora_last_swap_pause_seconds",
+        "aurora_prompt_tokens_total",
+    ):
         assert name in after, name
     assert "aurora_spec_accept_rate_per_position" in after
 
@@ -195,6 +245,7 @@ def test_concurrent_streams_with_disconnects(server, greedy_reference):
         if i % 3:
             assert text == expected[p], i
     import time
+
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         info = httpx.get(server.url + "/server_info").json()
@@ -204,24 +255,27 @@ def test_concurrent_streams_with_disconnects(server, greedy_reference):
     assert info["num_running_requests"] == 0 and info["num_waiting_requests"] == 0
 
 
-@pytest.mark.parametrize("path,body,status", [
-    ("/v1/completions", b"{not json", 400),
-    ("/v1/completions", b'{"prompt": "x", "temperature": "hot"}', 422),
-    ("/v1/completions", b'{"prompt": 5}', 422),
-    ("/v1/completions", b'{"prompt": "x", "top_p": 3}', 400),
-    ("/v1/completions", b'{"prompt": "x", "temperature": -1}', 400),
-    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400),
-    ("/v1/completions", b'{"prompt": "x", "max_tokens": -5}', 400),
-    ("/v1/completions", b'{"prompt": "x", "n": 100}', 400),
-    ("/v1/completions", b'{"prompt": "x", "model": "gpt-4"}', 404),
-    ("/v1/chat/completions", b'{"messages": []}', 422),
-    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 422),
-    ("/generate", b'{"sampling_params": {"max_new_tokens": 3}}', 400),
-    ("/generate", b'{"text": "x", "sampling_params": {"temperature": "hot"}}', 400),
-    ("/generate", b'{"text": "x", "sampling_params": {"regex": "[a-z]+"}}', 400),
-    ("/generate", b'{"input_ids": [1, 999999]}', 400),
-    ("/generate", b'[1, 2]', 400),
-])
+@pytest.mark.parametrize(
+    "path,body,status",
+    [
+        ("/v1/completions", b"{not json", 400),
+        ("/v1/completions", b'{"prompt": "x", "temperature": "hot"}', 422),
+        ("/v1/completions", b'{"prompt": 5}', 422),
+        ("/v1/completions", b'{"prompt": "x", "top_p": 3}', 400),
+        ("/v1/completions", b'{"prompt": "x", "temperature": -1}', 400),
+        ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": -5}', 400),
+        ("/v1/completions", b'{"prompt": "x", "n": 100}', 400),
+        ("/v1/completions", b'{"prompt": "x", "model": "gpt-4"}', 404),
+        ("/v1/chat/completions", b'{"messages": []}', 422),
+        ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 422),
+        ("/generate", b'{"sampling_params": {"max_new_tokens": 3}}', 400),
+        ("/generate", b'{"text": "x", "sampling_params": {"temperature": "hot"}}', 400),
+        ("/generate", b'{"text": "x", "sampling_params": {"regex": "[a-z]+"}}', 400),
+        ("/generate", b'{"input_ids": [1, 999999]}', 400),
+        ("/generate", b"[1, 2]", 400),
+    ],
+)
 def test_errors_are_openai_shaped(server, path, body, status):
     r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -255,13 +309,22 @@ def test_api_key_and_sigterm_drain():
             r = httpx.post(s.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert httpx.get(s.url + "/metrics").status_code == 401
-        ok = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
-                        headers={"Authorization": "Bearer sekret"})
+        ok = httpx.post(
+            s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers={"Authorization": "Bearer sekret"}
+        )
         assert ok.status_code == 200
         # A stream in flight when SIGTERM arrives still completes.
-        with httpx.stream("POST", s.url + "/generate", timeout=60, headers={"Authorization": "Bearer sekret"},
-                          json={"text": "def f(x):", "stream": True,
-                                "sampling_params": {"max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}) as r:
+        with httpx.stream(
+            "POST",
+            s.url + "/generate",
+            timeout=60,
+            headers={"Authorization": "Bearer sekret"},
+            json={
+                "text": "def f(x):",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 64, "ignore_eos": True, "temperature": 0},
+            },
+        ) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             s.proc.send_signal(signal.SIGTERM)
@@ -275,10 +338,13 @@ def test_api_key_and_sigterm_drain():
 
 
 def test_batch_with_one_bad_prompt_is_refused_whole(server):
-    r = httpx.post(server.url + "/generate", json={"text": ["ok prompt", "word " * 5000],
-                                                   "sampling_params": {"max_new_tokens": 64, "ignore_eos": True}})
+    r = httpx.post(
+        server.url + "/generate",
+        json={"text": ["ok prompt", "word " * 5000], "sampling_params": {"max_new_tokens": 64, "ignore_eos": True}},
+    )
     assert r.status_code == 400
     import time
+
     time.sleep(0.5)
     info = httpx.get(server.url + "/server_info").json()
     assert info["num_running_requests"] == 0 and info["num_waiting_requests"] == 0

@@ -32,12 +32,12 @@ from sglang.srt.speculative.eagle_worker_common import _compact_accept_to_front 
 from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2  # noqa: E402
 
 from aurora_sgl import reference_head_path, reference_model_path  # noqa: E402
-from aurora_sgl.draft_head import Eagle3Head  # noqa: E402
+from aurora_sgl.engine.draft_head import Eagle3Head  # noqa: E402
 from aurora_sgl.sglang_backend import plugin  # noqa: E402
 from aurora_sgl.sglang_backend.capture import CaptureStaging  # noqa: E402
 from aurora_sgl.sglang_backend.swap import DraftSwapper  # noqa: E402
-from aurora_sgl.signal_ring import SignalRing  # noqa: E402
-from aurora_sgl.weight_store import WeightStore, layout_of  # noqa: E402
+from aurora_sgl.transport.signal_ring import SignalRing  # noqa: E402
+from aurora_sgl.transport.weight_store import WeightStore, layout_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,10 +92,13 @@ def test_load_plugins_discovers_entry_point_and_whitelist_disables(tmp_path):
     p = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["disabled"] == {"verify_wrapped": False, "verify_ours": False, "ingest_ours": False,
-                               "prefill_ours": False}
-    assert out["enabled"] == {"verify_wrapped": True, "verify_ours": True, "ingest_ours": True,
-                              "prefill_ours": True}
+    assert out["disabled"] == {
+        "verify_wrapped": False,
+        "verify_ours": False,
+        "ingest_ours": False,
+        "prefill_ours": False,
+    }
+    assert out["enabled"] == {"verify_wrapped": True, "verify_ours": True, "ingest_ours": True, "prefill_ours": True}
 
 
 # ---- capture --------------------------------------------------------------------------------------
@@ -126,24 +129,52 @@ def _step(topk: int, seed: int):
     reqs = [Req(f"req-{i}", "", [1, 2, 3], SamplingParams(max_new_tokens=8)) for i in range(bs)]
     seq_lens = torch.tensor([10, 20, 30])
     verify = EagleVerifyInput(
-        draft_token=draft, custom_mask=None, positions=None, retrieve_index=None, retrieve_next_token=None,
-        retrieve_next_sibling=None, retrieve_cum_len=None, spec_steps=steps, topk=topk, draft_token_num=d,
-        capture_hidden_mode=CaptureHiddenMode.FULL, seq_lens_sum=int(seq_lens.sum()), seq_lens_cpu=seq_lens)
-    batch = ScheduleBatch(reqs=reqs, device="cpu", forward_mode=ForwardMode.TARGET_VERIFY,
-                          seq_lens=seq_lens, seq_lens_cpu=seq_lens, spec_info=verify)
+        draft_token=draft,
+        custom_mask=None,
+        positions=None,
+        retrieve_index=None,
+        retrieve_next_token=None,
+        retrieve_next_sibling=None,
+        retrieve_cum_len=None,
+        spec_steps=steps,
+        topk=topk,
+        draft_token_num=d,
+        capture_hidden_mode=CaptureHiddenMode.FULL,
+        seq_lens_sum=int(seq_lens.sum()),
+        seq_lens_cpu=seq_lens,
+    )
+    batch = ScheduleBatch(
+        reqs=reqs,
+        device="cpu",
+        forward_mode=ForwardMode.TARGET_VERIFY,
+        seq_lens=seq_lens,
+        seq_lens_cpu=seq_lens,
+        spec_info=verify,
+    )
     result = GenerationBatchResult(
         logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=aux, last_hidden_states=final),
-        next_token_ids=predict, accept_lens=accept_lens, accept_index=accept_index,
-        speculative_num_draft_tokens=d)
+        next_token_ids=predict,
+        accept_lens=accept_lens,
+        accept_index=accept_index,
+        speculative_num_draft_tokens=d,
+    )
     worker = EAGLEWorkerV2.__new__(EAGLEWorkerV2)  # the real class; only the attributes the hook reads
     worker.topk, worker.speculative_num_steps, worker.speculative_num_draft_tokens = topk, steps, d
     expected = []
     for i in range(bs):
-        rows = accept_index[i, :int(accept_lens[i])]
+        rows = accept_index[i, : int(accept_lens[i])]
         nxt = predict_raw[rows]
-        expected.append({"id": f"req-{i}", "position": int(seq_lens[i]), "accepted": len(rows) - 1,
-                         "next": nxt, "input": torch.cat([draft[i * d:i * d + 1], nxt[:-1]]),
-                         "aux": aux_raw[rows], "final": final[rows]})
+        expected.append(
+            {
+                "id": f"req-{i}",
+                "position": int(seq_lens[i]),
+                "accepted": len(rows) - 1,
+                "next": nxt,
+                "input": torch.cat([draft[i * d : i * d + 1], nxt[:-1]]),
+                "aux": aux_raw[rows],
+                "final": final[rows],
+            }
+        )
     return worker, batch, result, expected
 
 
@@ -179,8 +210,8 @@ def test_capture_hook_writes_exactly_the_accepted_rows(topk):
 # ---- the real EAGLE-3 draft module on CPU -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def sgl_draft_factory():
-    import torch.distributed as dist
     import sglang.srt.layers.rotary_embedding.base as rope_base
+    import torch.distributed as dist
     from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3
     from sglang.srt.runtime_context import get_context
     from sglang.srt.server_args import ServerArgs
@@ -207,6 +238,7 @@ def sgl_draft_factory():
 
 def _load_with_sglang(model, ckpt_dir: Path):
     from safetensors.torch import load_file
+
     model.load_weights(load_file(str(ckpt_dir / "model.safetensors")).items())
     return model
 
@@ -214,7 +246,7 @@ def _load_with_sglang(model, ckpt_dir: Path):
 def test_trainer_checkpoint_loads_into_sglang_eagle3_class(sgl_draft_factory, tmp_path):
     """A checkpoint written by the trainer fills every parameter of SGLang's LlamaForCausalLMEagle3
     (but the shared embedding) through its own load_weights, and its d2t becomes the hot map."""
-    from aurora_sgl.trainer import save_checkpoint
+    from aurora_sgl.trainer.checkpoints import save_checkpoint
 
     head = Eagle3Head.load(reference_head_path(), torch.zeros(0))
     path = save_checkpoint(head, tmp_path / "ckpt", 7, {"steps": 7}, keep=2)
@@ -228,10 +260,13 @@ def test_trainer_checkpoint_loads_into_sglang_eagle3_class(sgl_draft_factory, tm
     assert unfilled == []
     sd = head.serving_state()
     a = "model.layers.0"
-    assert torch.equal(params[f"{a}.self_attn.qkv_proj.weight"],
-                       torch.cat([sd[f"midlayer.self_attn.{x}_proj.weight"] for x in "qkv"]))
-    assert torch.equal(params[f"{a}.mlp.gate_up_proj.weight"],
-                       torch.cat([sd["midlayer.mlp.gate_proj.weight"], sd["midlayer.mlp.up_proj.weight"]]))
+    assert torch.equal(
+        params[f"{a}.self_attn.qkv_proj.weight"], torch.cat([sd[f"midlayer.self_attn.{x}_proj.weight"] for x in "qkv"])
+    )
+    assert torch.equal(
+        params[f"{a}.mlp.gate_up_proj.weight"],
+        torch.cat([sd["midlayer.mlp.gate_proj.weight"], sd["midlayer.mlp.up_proj.weight"]]),
+    )
     assert torch.equal(params["lm_head.weight"], sd["lm_head.weight"])
     assert torch.equal(model.get_hot_token_id(), head.hot_ids)
 
@@ -270,7 +305,9 @@ def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_fac
         assert swapper.mode == "plan" and swapper.skipped == []
         rt = plugin.Runtime(staging=None, ring=None, store=store, swapper=swapper, leader=True, handoff_dir=None)
         plugin.set_runtime(rt)
-        bad = {n: (t.clone().fill_(float("nan")) if t.is_floating_point() else t) for n, t in new.serving_state().items()}
+        bad = {
+            n: (t.clone().fill_(float("nan")) if t.is_floating_point() else t) for n, t in new.serving_state().items()
+        }
         store.publish(bad)  # version 2: refused by the leader's poll, the trainer is told
         assert plugin._after_pull(["req"], None) is None and rt.counters["refused"] == 1
         assert store.last_rollback() == 2
@@ -297,27 +334,65 @@ def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_fac
 # ---- launcher ---------------------------------------------------------------------------------------
 def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_path):
     from sglang.srt.server_args import prepare_server_args
+
     from aurora_sgl.launch_server import build_parser, resolve_defaults
     from aurora_sgl.sglang_backend.launcher import build_server_args
 
     model = reference_model_path()
-    ours = ["--backend", "sglang", "--model-path", model, "--port", "31234", "--mem-fraction-static", "0.7",
-            "--speculative-draft-model-path", reference_head_path(), "--trainer-device", "cuda:1"]
+    ours = [
+        "--backend",
+        "sglang",
+        "--model-path",
+        model,
+        "--port",
+        "31234",
+        "--mem-fraction-static",
+        "0.7",
+        "--speculative-draft-model-path",
+        reference_head_path(),
+        "--trainer-device",
+        "cuda:1",
+    ]
     args, passthrough = build_parser().parse_known_args(ours)
     resolve_defaults(args)
     assert passthrough == ["--mem-fraction-static", "0.7"]
     got = build_server_args(args, passthrough, args.speculative_draft_model_path)
-    want = prepare_server_args([
-        "--model-path", model, "--speculative-algorithm", "EAGLE3",
-        "--speculative-draft-model-path", reference_head_path(), "--speculative-num-steps", "5",
-        "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "6", "--host", "127.0.0.1",
-        "--port", "31234", "--log-level", "info", "--mem-fraction-static", "0.7"])
+    want = prepare_server_args(
+        [
+            "--model-path",
+            model,
+            "--speculative-algorithm",
+            "EAGLE3",
+            "--speculative-draft-model-path",
+            reference_head_path(),
+            "--speculative-num-steps",
+            "5",
+            "--speculative-eagle-topk",
+            "1",
+            "--speculative-num-draft-tokens",
+            "6",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "31234",
+            "--log-level",
+            "info",
+            "--mem-fraction-static",
+            "0.7",
+        ]
+    )
     assert got == want
-    assert (got.speculative_algorithm, got.speculative_num_steps, got.speculative_eagle_topk,
-            got.speculative_num_draft_tokens, got.mem_fraction_static) == ("EAGLE3", 5, 1, 6, 0.7)
+    assert (
+        got.speculative_algorithm,
+        got.speculative_num_steps,
+        got.speculative_eagle_topk,
+        got.speculative_num_draft_tokens,
+        got.mem_fraction_static,
+    ) == ("EAGLE3", 5, 1, 6, 0.7)
     # overridable: an explicit topk leaves SGLang's own draft-token default alone
-    args, passthrough = build_parser().parse_known_args(ours[:-2] + ["--speculative-num-steps", "3",
-                                                                      "--speculative-eagle-topk", "4"])
+    args, passthrough = build_parser().parse_known_args(
+        ours[:-2] + ["--speculative-num-steps", "3", "--speculative-eagle-topk", "4"]
+    )
     resolve_defaults(args)
     got = build_server_args(args, passthrough, reference_head_path())
     assert (got.speculative_num_steps, got.speculative_eagle_topk) == (3, 4)
@@ -326,14 +401,20 @@ def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_
 def test_sglang_backend_without_cuda_is_one_line_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    p = subprocess.run([sys.executable, "-m", "aurora_sgl.launch_server", "--backend", "sglang"],
-                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    p = subprocess.run(
+        [sys.executable, "-m", "aurora_sgl.launch_server", "--backend", "sglang"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "CUDA" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_embedded_backend_still_rejects_unknown_flags():
     from aurora_sgl.launch_server import main
+
     with pytest.raises(SystemExit) as e:
         main(["--mem-fraction-static", "0.7"])
     assert e.value.code == 2

@@ -27,8 +27,8 @@ from sglang.srt.speculative.spec_info import SpeculativeAlgorithm  # noqa: E402
 from aurora_sgl.sglang_backend import plugin  # noqa: E402
 from aurora_sgl.sglang_backend.capture import CaptureStaging, Sequencer  # noqa: E402
 from aurora_sgl.sglang_backend.prefill import PrefillStaging, keep_plan  # noqa: E402
-from aurora_sgl.signal_ring import SignalRing  # noqa: E402
-from aurora_sgl.trainer import Stitcher  # noqa: E402
+from aurora_sgl.trainer.stitcher import Stitcher  # noqa: E402
+from aurora_sgl.transport.signal_ring import SignalRing  # noqa: E402
 
 H, A, K = 8, 24, 3  # hidden, aux (3H), draft steps: ring records hold K + 1 rows
 
@@ -55,6 +55,7 @@ def _real_prefill(result):
         except _DraftForwardReached:
             pass
         return result
+
     return run
 
 
@@ -63,25 +64,38 @@ def _prefill_batch(parts, seed, chunked=None):
     Returns the batch, the result, and per request the rows the ring must receive."""
     g = torch.Generator().manual_seed(seed)
     reqs = [Req(rid, "", prompt, SamplingParams(max_new_tokens=8)) for rid, prompt, _, _ in parts]
-    ids = torch.cat([torch.tensor(p[s:s + n]) for _, p, s, n in parts])
+    ids = torch.cat([torch.tensor(p[s : s + n]) for _, p, s, n in parts])
     total = ids.numel()
     aux, final = torch.randn(total, A, generator=g), torch.randn(total, H, generator=g)
     sampled = torch.randint(500, 600, (len(parts),), generator=g)
     chunked_req = next((r for r in reqs if r.rid == chunked), None)
-    batch = ScheduleBatch(reqs=reqs, device="cpu", forward_mode=ForwardMode.EXTEND, input_ids=ids,
-                          prefix_lens=[s for _, _, s, _ in parts], extend_lens=[n for *_, n in parts],
-                          chunked_req=chunked_req, seq_lens=torch.tensor([s + n for _, _, s, n in parts]))
+    batch = ScheduleBatch(
+        reqs=reqs,
+        device="cpu",
+        forward_mode=ForwardMode.EXTEND,
+        input_ids=ids,
+        prefix_lens=[s for _, _, s, _ in parts],
+        extend_lens=[n for *_, n in parts],
+        chunked_req=chunked_req,
+        seq_lens=torch.tensor([s + n for _, _, s, n in parts]),
+    )
     if chunked_req is not None:
         _, p, s, n = next(x for x in parts if x[0] == chunked)
         batch.chunked_req_next_prompt_token = p[s + n]
     result = GenerationBatchResult(
         logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=aux, last_hidden_states=final),
-        next_token_ids=sampled)
+        next_token_ids=sampled,
+    )
     expected, at = {}, 0
     for i, (rid, p, s, n) in enumerate(parts):
         tail = p[s + n] if rid == chunked else int(sampled[i])
-        expected[rid] = {"positions": list(range(s, s + n)), "input": p[s:s + n], "next": p[s + 1:s + n] + [tail],
-                         "aux": aux[at:at + n], "final": final[at:at + n]}
+        expected[rid] = {
+            "positions": list(range(s, s + n)),
+            "input": p[s : s + n],
+            "next": p[s + 1 : s + n] + [tail],
+            "aux": aux[at : at + n],
+            "final": final[at : at + n],
+        }
         at += n
     return batch, result, expected
 
@@ -90,18 +104,23 @@ def _runtime(ring, prefill_rows=64):
     order = Sequencer()
     staging = CaptureStaging(8, K, A, H, sequencer=order)
     prefill = PrefillStaging(prefill_rows, K, A, H, sequencer=order)
-    return plugin.Runtime(staging=staging, ring=ring, store=None, swapper=None, leader=True,
-                          handoff_dir=None, prefill=prefill)
+    return plugin.Runtime(
+        staging=staging, ring=ring, store=None, swapper=None, leader=True, handoff_dir=None, prefill=prefill
+    )
 
 
 def _joined(recs, rid):
     """A request's rows from ring records, checked contiguous."""
     mine = [r for r in recs if r.request_id == rid]
     pos = [p for r in mine for p in range(r.position, r.position + r.input_tokens.numel())]
-    return {"positions": pos, "input": torch.cat([r.input_tokens for r in mine]).tolist(),
-            "next": torch.cat([r.next_tokens for r in mine]).tolist(),
-            "aux": torch.cat([r.aux_hidden for r in mine]), "final": torch.cat([r.final_hidden for r in mine]),
-            "rows": [r.input_tokens.numel() for r in mine]}
+    return {
+        "positions": pos,
+        "input": torch.cat([r.input_tokens for r in mine]).tolist(),
+        "next": torch.cat([r.next_tokens for r in mine]).tolist(),
+        "aux": torch.cat([r.aux_hidden for r in mine]),
+        "final": torch.cat([r.final_hidden for r in mine]),
+        "rows": [r.input_tokens.numel() for r in mine],
+    }
 
 
 def test_prefill_hook_records_exactly_the_computed_prompt_rows():
@@ -114,7 +133,8 @@ def test_prefill_hook_records_exactly_the_computed_prompt_rows():
     plugin.set_runtime(rt)
     try:
         batch, result, want = _prefill_batch(
-            [("a", prompt_a, 0, 9), ("b", prompt_b, 5, 7), ("c", prompt_c, 0, 8)], seed=1, chunked="c")
+            [("a", prompt_a, 0, 9), ("b", prompt_b, 5, 7), ("c", prompt_c, 0, 8)], seed=1, chunked="c"
+        )
         worker = EAGLEWorkerV2.__new__(EAGLEWorkerV2)
         assert plugin._around_prefill(_real_prefill(result), worker, batch) is result
         assert reader.read(64) == []  # nothing reaches the ring inside the step
@@ -162,17 +182,38 @@ def test_prefill_and_decode_records_of_one_request_stitch_into_one_sequence():
         predict = torch.tensor([40, 41, 42, 43])
         seq_lens = torch.tensor([9])
         verify = EagleVerifyInput(
-            draft_token=draft, custom_mask=None, positions=None, retrieve_index=None, retrieve_next_token=None,
-            retrieve_next_sibling=None, retrieve_cum_len=None, spec_steps=K, topk=1, draft_token_num=K + 1,
-            capture_hidden_mode=CaptureHiddenMode.FULL, seq_lens_sum=9, seq_lens_cpu=seq_lens)
+            draft_token=draft,
+            custom_mask=None,
+            positions=None,
+            retrieve_index=None,
+            retrieve_next_token=None,
+            retrieve_next_sibling=None,
+            retrieve_cum_len=None,
+            spec_steps=K,
+            topk=1,
+            draft_token_num=K + 1,
+            capture_hidden_mode=CaptureHiddenMode.FULL,
+            seq_lens_sum=9,
+            seq_lens_cpu=seq_lens,
+        )
         # no host mirror (SGLang's mirrorless overlap mode): the position comes from the device seq_lens
-        vbatch = ScheduleBatch(reqs=batch.reqs, device="cpu", forward_mode=ForwardMode.TARGET_VERIFY,
-                               seq_lens=seq_lens, seq_lens_cpu=None, spec_info=verify)
+        vbatch = ScheduleBatch(
+            reqs=batch.reqs,
+            device="cpu",
+            forward_mode=ForwardMode.TARGET_VERIFY,
+            seq_lens=seq_lens,
+            seq_lens_cpu=None,
+            spec_info=verify,
+        )
         vres = GenerationBatchResult(
-            logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=torch.randn(K + 1, A),
-                                                last_hidden_states=torch.randn(K + 1, H)),
-            next_token_ids=predict, accept_lens=torch.tensor([3]), accept_index=torch.tensor([[0, 1, 2, -1]]),
-            speculative_num_draft_tokens=K + 1)
+            logits_output=LogitsProcessorOutput(
+                next_token_logits=None, hidden_states=torch.randn(K + 1, A), last_hidden_states=torch.randn(K + 1, H)
+            ),
+            next_token_ids=predict,
+            accept_lens=torch.tensor([3]),
+            accept_index=torch.tensor([[0, 1, 2, -1]]),
+            speculative_num_draft_tokens=K + 1,
+        )
         plugin._around_verify(lambda w, b: vres, worker, vbatch)
         rt.iteration()  # both slots drain in step order: prompt first
         recs = reader.read(64)
@@ -196,6 +237,7 @@ def test_prefill_staging_keeps_the_trailing_rows_when_full():
     assert keep_plan([5, 7, 3], 9) == [5, 4, 0]
     staging = PrefillStaging(6, K, A, H)
     from aurora_sgl.sglang_backend.prefill import PrefillStep
+
     ids = torch.arange(10)
     aux, final = torch.randn(10, A), torch.randn(10, H)
     step = PrefillStep(["x", "y"], [0, 20], [4, 6], ids, ids + 1, aux, final)

@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
-from aurora_sgl.engine import StepRecord
-from aurora_sgl.signal_ring import SHM_DIR, SignalRing, request_hash
+from aurora_sgl.records import StepRecord
+from aurora_sgl.transport.segments import SHM_DIR
+from aurora_sgl.transport.signal_ring import SignalRing, request_hash
 
 K, T, A, H = 3, 4, 12, 4
 
@@ -25,12 +26,20 @@ def _record(seq: int, accepted: int | None = None, fill: bool = False, aux_dim: 
     aux = torch.full((a + 1, aux_dim), float(seq)) if fill else torch.randn(a + 1, aux_dim, generator=g)
     final = torch.full((a + 1, H), float(seq)) if fill else torch.randn(a + 1, H, generator=g)
     outcome = torch.tensor([1 if j < a else 0 if j == a else -1 for j in range(K)], dtype=torch.int8)
-    return StepRecord(request_id=f"request-{seq}-" + "x" * (seq % 40), position=10 * seq,
-                      draft_tokens=torch.arange(K) + seq,
-                      target_tokens=torch.where(outcome >= 0, torch.arange(K) + seq, -1),
-                      outcome=outcome, num_accepted=a, committed=[], input_tokens=torch.arange(a + 1) + seq,
-                      next_tokens=torch.arange(a + 1) + seq + 1, aux_hidden=aux, final_hidden=final,
-                      draft_version=seq // 5)
+    return StepRecord(
+        request_id=f"request-{seq}-" + "x" * (seq % 40),
+        position=10 * seq,
+        draft_tokens=torch.arange(K) + seq,
+        target_tokens=torch.where(outcome >= 0, torch.arange(K) + seq, -1),
+        outcome=outcome,
+        num_accepted=a,
+        committed=[],
+        input_tokens=torch.arange(a + 1) + seq,
+        next_tokens=torch.arange(a + 1) + seq + 1,
+        aux_hidden=aux,
+        final_hidden=final,
+        draft_version=seq // 5,
+    )
 
 
 def _assert_same(got, rec: StepRecord, seq: int, max_tokens: int = T):
@@ -57,7 +66,7 @@ def ring():
 def test_roundtrip_in_order_is_exact(ring):
     writer, reader = ring
     records = [_record(s) for s in range(6)]
-    writer.write(records[0])
+    writer.write_many([records[0]])
     writer.write_many(records[1:])
     got = reader.read(4) + reader.read(100)
     assert len(got) == 6
@@ -87,7 +96,7 @@ def test_stalled_reader_gets_the_newest_capacity_and_counts_drops(ring):
     records = [_record(s) for s in range(10 * cap)]
     start = time.perf_counter()
     for r in records:
-        writer.write(r)
+        writer.write_many([r])
     assert time.perf_counter() - start < 5.0  # never waits for the reader
     got = reader.read(1000)
     assert [g.seq for g in got] == list(range(9 * cap, 10 * cap))
@@ -120,7 +129,7 @@ def test_slot_overwritten_during_the_copy_is_dropped(ring):
         def __getitem__(self, index):
             if not self.fired:
                 self.fired = True
-                writer.write(_record(writer.capacity))  # lands in slot 0, which is being copied
+                writer.write_many([_record(writer.capacity)])  # lands in slot 0, which is being copied
             return self.view[index]
 
     reader._f["final_hidden"] = OverwriteOnFirstCopy(reader._f["final_hidden"])
@@ -135,7 +144,7 @@ def test_writer_steady_state_reuses_its_views(ring):
     ptrs = {name: v.data_ptr() for name, v in writer._f.items()}
     meta = writer._meta.ctypes.data
     for s in range(5 * writer.capacity):
-        writer.write(_record(s))
+        writer.write_many([_record(s)])
     assert {name: v.data_ptr() for name, v in writer._f.items()} == ptrs
     assert writer._meta.ctypes.data == meta
 
@@ -159,7 +168,7 @@ def test_bad_arguments():
     writer = SignalRing.create("test_ring", 4, T, A, H, K + 1)
     try:
         with pytest.raises(ValueError, match="k=4"):
-            writer.write(_record(0))
+            writer.write_many([_record(0)])
         with pytest.raises(RuntimeError):
             writer.read(1)
         assert writer.stats()["written"] == 0
@@ -216,9 +225,13 @@ def test_concurrent_reader_in_another_process_sees_only_whole_records():
 
 
 def test_sigterm_unlinks_the_segment():
-    code = ("import time; from aurora_sgl.signal_ring import SignalRing, cleanup_on_signals\n"
-            "ring = SignalRing.create('test_ring', 4, 2, 8, 4, 2); cleanup_on_signals(ring)\n"
-            "print(ring.name, flush=True); time.sleep(60)")
+    code = (
+        "import time\n"
+        "from aurora_sgl.transport.segments import cleanup_on_signals\n"
+        "from aurora_sgl.transport.signal_ring import SignalRing\n"
+        "ring = SignalRing.create('test_ring', 4, 2, 8, 4, 2); cleanup_on_signals(ring)\n"
+        "print(ring.name, flush=True); time.sleep(60)"
+    )
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
         try:
             name = proc.stdout.readline().strip()
@@ -242,8 +255,12 @@ def _cuda_reader(spec, results):
 def test_cuda_ring_roundtrip_across_processes():
     writer = SignalRing.create("test_ring", 8, T, A, H, K, device="cuda")
     records = [_record(s) for s in range(5)]
-    writer.write_many([StepRecord(**{**r.__dict__, **{k: v.cuda() for k, v in r.__dict__.items()
-                                                         if isinstance(v, torch.Tensor)}}) for r in records])
+    writer.write_many(
+        [
+            StepRecord(**{**r.__dict__, **{k: v.cuda() for k, v in r.__dict__.items() if isinstance(v, torch.Tensor)}})
+            for r in records
+        ]
+    )
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_cuda_reader, args=(writer.spec(), results))
@@ -256,5 +273,5 @@ def test_cuda_ring_roundtrip_across_processes():
             proc.kill()
         writer.close()
     assert [s for s, _, _ in got] == list(range(5))
-    for (s, aux, toks), r in zip(got, records):
+    for (_, aux, toks), r in zip(got, records):
         assert torch.equal(aux, r.aux_hidden) and torch.equal(toks, r.input_tokens)

@@ -11,14 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common.paths import datasets_dir
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("AURORA_DATASETS", REPO.parent / "shared" / "datasets"))
+DATA = datasets_dir()
 
 
 def run_speed(*args, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "speed.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.skipif(not (DATA / "humaneval").is_dir(), reason=f"benchmark datasets not at {DATA}")
@@ -31,7 +39,13 @@ def test_quick_run_covers_every_system_with_greedy_outputs(tmp_path):
     got = {(row["system"], row["k"], row["concurrency"]) for row in res["rows"]}
     want = {("hf_generate", 0, 1), ("hf_assisted", 0, 1), ("hf_prompt_lookup", 0, 1)}
     for c in (1, 4, 16):
-        want |= {("aurora_k0", 0, c), ("aurora_eagle3", 4, c), ("aurora_online", 4, c), ("server", 0, c), ("server", 4, c)}
+        want |= {
+            ("aurora_k0", 0, c),
+            ("aurora_eagle3", 4, c),
+            ("aurora_online", 4, c),
+            ("server", 0, c),
+            ("server", 4, c),
+        }
     assert want <= got, want - got
     bad = [(row["system"], row["k"], row["concurrency"], row["mismatches"]) for row in res["rows"] if row["mismatches"]]
     assert bad == [] and res["mismatches_total"] == 0
@@ -43,9 +57,18 @@ def test_quick_run_covers_every_system_with_greedy_outputs(tmp_path):
             assert row["ttft_p99_ms"] >= row["ttft_p50_ms"]
     # The offline head drafts something right on these prompts, through the engine and the server.
     assert next(row["tau"] for row in res["rows"] if row["system"] == "server" and row["k"] == 4) > 1.0
-    for key in ("k0_over_hf_c1", "spec_over_k0_c1", "k0_c16_over_hf_c1", "spec_c16_over_hf_c1",
-                "hf_assisted_over_hf_c1", "hf_prompt_lookup_over_hf_c1", "spec_over_hf_assisted_c1",
-                "online_over_k0_c1", "online_over_offline_c1", "server_tpot_p50_k4_over_k0_c16"):
+    for key in (
+        "k0_over_hf_c1",
+        "spec_over_k0_c1",
+        "k0_c16_over_hf_c1",
+        "spec_c16_over_hf_c1",
+        "hf_assisted_over_hf_c1",
+        "hf_prompt_lookup_over_hf_c1",
+        "spec_over_hf_assisted_c1",
+        "online_over_k0_c1",
+        "online_over_offline_c1",
+        "server_tpot_p50_k4_over_k0_c16",
+    ):
         assert res["ratios"][key] > 0, key
     assert res["online"]["warmup_requests"] == 3 and res["online"]["measured"] == "frozen after warm-up"
     assert res["hf_assisted"]["draft_lm"] == "benchmarks/reference/draft_lm"

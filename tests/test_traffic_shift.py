@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server_utils import ServerProcess
-
 from aurora_sgl import reference_head_path
+from benchmarks.common.server import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "traffic_shift.py"
@@ -24,11 +23,20 @@ def _run(*args, timeout=300):
 
 def _own_stream(tmp_path) -> tuple[list[str], list[str]]:
     """Three small domains written here, for machines without ../shared/datasets."""
-    code = [json.dumps({"prompt": f"def {name}(values):\n    \"\"\"Return the {name} of a list.\"\"\"\n"})
-            for name in ("total", "largest", "smallest", "average", "count", "first", "last", "middle")]
+    code = [
+        json.dumps({"prompt": f'def {name}(values):\n    """Return the {name} of a list."""\n'})
+        for name in ("total", "largest", "smallest", "average", "count", "first", "last", "middle")
+    ]
     chat = [json.dumps({"messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}) for i in range(8)]
-    math = [json.dumps({"prompt": f"Question: Tom has {i + 3} apples and buys {2 * i + 1} more. "
-                                  "How many apples does he have?\nAnswer:"}) for i in range(8)]
+    math = [
+        json.dumps(
+            {
+                "prompt": f"Question: Tom has {i + 3} apples and buys {2 * i + 1} more. "
+                "How many apples does he have?\nAnswer:"
+            }
+        )
+        for i in range(8)
+    ]
     paths = []
     for name, rows in (("code", code), ("chat", chat), ("math", math)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
@@ -46,7 +54,7 @@ def test_quick_run_through_every_arm(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     n = 4 * ts.QUICK["requests_per_phase"]  # return stream: three domains, then the first again
-    assert [r["domain"] for r in data["stream"]][::ts.QUICK["requests_per_phase"]] == domains
+    assert [r["domain"] for r in data["stream"]][:: ts.QUICK["requests_per_phase"]] == domains
     assert set(data["arms"]) == set(ts.ARMS)
     for arm, res_arm in data["arms"].items():
         rows = res_arm["requests"]
@@ -79,25 +87,43 @@ def test_drives_a_running_server(tmp_path):
     out = tmp_path / "url.json"
     server = ServerProcess("--no-online", "--speculative-draft-model-path", reference_head_path())
     try:
-        res = _run("--url", server.url, "--stream", f"{stream},{chat}", "--requests-per-phase", "3",
-                   "--max-tokens", "16", "--window", "2", "--out", str(out), "--no-plot", timeout=120)
+        res = _run(
+            "--url",
+            server.url,
+            "--stream",
+            f"{stream},{chat}",
+            "--requests-per-phase",
+            "3",
+            "--max-tokens",
+            "16",
+            "--window",
+            "2",
+            "--out",
+            str(out),
+            "--no-plot",
+            timeout=120,
+        )
     finally:
         server.stop()
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = data["arms"]["server"]["requests"]
     assert [r["domain"] for r in rows] == ["s"] * 3 + ["c"] * 3
-    assert all(r["accept_length"] >= 1.0 and len(r["accept_per_position"]) == 4 and r["draft_version"] == 0
-               for r in rows)
+    assert all(
+        r["accept_length"] >= 1.0 and len(r["accept_per_position"]) == 4 and r["draft_version"] == 0 for r in rows
+    )
     assert data["summary"]["phase_tau"]["server"][0] > 1.0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--stream", "/nonexistent/a.jsonl"], "stream file not found: /nonexistent/a.jsonl"),
-    (["--arms", "nospec,turbo"], "unknown arm turbo"),
-    (["--trainer-config", "{\"lr\": 5}"], "--trainer-config: lr must be"),
-    (["--requests-per-phase", "0"], "--requests-per-phase must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--stream", "/nonexistent/a.jsonl"], "stream file not found: /nonexistent/a.jsonl"),
+        (["--arms", "nospec,turbo"], "unknown arm turbo"),
+        (["--trainer-config", '{"lr": 5}'], "--trainer-config: lr must be"),
+        (["--requests-per-phase", "0"], "--requests-per-phase must be at least 1"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, args, message):
     if "--stream" not in args:  # a valid stream, so the flag under test is what fails
         args = [*args, *_own_stream(tmp_path)[0]]

@@ -14,28 +14,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from aurora_sgl.draft_head import Eagle3Config, Eagle3Head
-from aurora_sgl.engine import Engine
-from aurora_sgl.losses import ttt_logits
-from aurora_sgl.offline_train import HeadBatch, Sequence, train_head_offline
-from aurora_sgl.sampling import SamplingParams
-from aurora_sgl.signal_ring import SHM_DIR, RingRecord, SignalRing
-from aurora_sgl.trainer import (Stitcher, Trainer, TrainerConfig, TrainerStatus, newest_checkpoint,
-                                save_checkpoint, simulated_accept_length, simulated_tau_per_start,
-                                simulated_tau_sums)
-from aurora_sgl.weight_store import WeightStore, layout_of
+from aurora_sgl.engine.draft_head import Eagle3Head
+from aurora_sgl.engine.engine import Engine
+from aurora_sgl.engine.sampling import SamplingParams
+from aurora_sgl.trainer.checkpoints import newest_checkpoint, save_checkpoint
+from aurora_sgl.trainer.config import TrainerConfig
+from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_per_start, simulated_tau_sums
+from aurora_sgl.trainer.loop import Trainer
+from aurora_sgl.trainer.spec import TrainerSpec
+from aurora_sgl.trainer.stitcher import Stitcher
+from aurora_sgl.training.losses import ttt_logits
+from aurora_sgl.training.offline import HeadBatch, Sequence, train_head_offline
+from aurora_sgl.transport.segments import SHM_DIR
+from aurora_sgl.transport.signal_ring import RingRecord, SignalRing
+from aurora_sgl.transport.trainer_status import TrainerStatus
+from aurora_sgl.transport.weight_store import WeightStore, layout_of
+from helpers import tiny_head, tiny_head_config
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [f"{kind} number {i}: " for i, kind in
-           enumerate(["def f(x):", "Question: apples", "ROMEO:", "The module", "import os", "Tom has"])]
+PROMPTS = [
+    f"{kind} number {i}: "
+    for i, kind in enumerate(["def f(x):", "Question: apples", "ROMEO:", "The module", "import os", "Tom has"])
+]
 K, DVS, MAX_NEW = 3, 512, 24
 
 
 # ---- fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(ref_tokenizer):
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
+
     t = ref_tokenizer
     return make_tiny_llama(len(t), bos=t.bos_token_id, eos=t.eos_token_id, pad=t.pad_token_id, init_range=0.1)
 
@@ -51,8 +60,17 @@ def model_dir(model, tmp_path_factory):
 def pretrained_dir(model, ref_tokenizer, tmp_path_factory):
     """A head that already drafts these prompts well (tau ~2 at K=3), so a random head is worse."""
     eng = Engine(model=model, tokenizer=ref_tokenizer, num_speculative_steps=0)
-    head, _ = train_head_offline(eng, PROMPTS, max_new_tokens=MAX_NEW, steps=150, batch_size=6, lr=3e-3,
-                                 unroll=3, draft_vocab_size=DVS, log=lambda *_: None)
+    head, _ = train_head_offline(
+        eng,
+        PROMPTS,
+        max_new_tokens=MAX_NEW,
+        steps=150,
+        batch_size=6,
+        lr=3e-3,
+        unroll=3,
+        draft_vocab_size=DVS,
+        log=lambda *_: None,
+    )
     path = tmp_path_factory.mktemp("head") / "pre"
     head.save(path)
     return str(path)
@@ -62,12 +80,14 @@ class Rig:
     """Engine (record_sink -> real ring), store with version 1 = the engine's head, status segment."""
 
     def __init__(self, model, tok, model_dir, head_dir=None):
-        self.engine = Engine(model=model, tokenizer=tok, num_speculative_steps=K, draft_vocab_size=DVS,
-                             draft_model_path=head_dir)
+        self.engine = Engine(
+            model=model, tokenizer=tok, num_speculative_steps=K, draft_vocab_size=DVS, draft_model_path=head_dir
+        )
         self.head_dir = head_dir
         hc = self.engine.head.config
-        self.ring = SignalRing.create("test_tr_ring", 1024, K + 1, len(hc.aux_layer_ids) * hc.target_hidden_size,
-                                      hc.hidden_size, K)
+        self.ring = SignalRing.create(
+            "test_tr_ring", 1024, K + 1, len(hc.aux_layer_ids) * hc.target_hidden_size, hc.hidden_size, K
+        )
         self.store = WeightStore.create("test_tr_ws", layout_of(self.engine.head.serving_state()))
         assert self.store.publish(self.engine.head.serving_state()) == 1
         self.status = TrainerStatus.create("test_tr_st")
@@ -77,10 +97,18 @@ class Rig:
         self.error = []
 
     def spec(self, checkpoint_dir=None, **config):
-        return {"ring": self.ring.spec(), "store": self.store.spec(), "status": self.status.spec(),
-                "model_path": self.model_dir, "init_head": self.head_dir,
-                "aux_layer_ids": list(self.engine.target.aux_layer_ids), "draft_vocab_size": DVS,
-                "config": config, "checkpoint_dir": checkpoint_dir, "threads": 1}
+        return {
+            "ring": self.ring.spec(),
+            "store": self.store.spec(),
+            "status": self.status.spec(),
+            "model_path": self.model_dir,
+            "init_head": self.head_dir,
+            "aux_layer_ids": list(self.engine.target.aux_layer_ids),
+            "draft_vocab_size": DVS,
+            "config": config,
+            "checkpoint_dir": checkpoint_dir,
+            "threads": 1,
+        }
 
     def start(self, spec):
         self.stop = threading.Event()
@@ -91,6 +119,7 @@ class Rig:
                 self.trainer.run()
             except BaseException as e:  # surfaced by drive()/finish()
                 self.error.append(e)
+
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
         return self.trainer
@@ -164,6 +193,7 @@ def make_rig(model, ref_tokenizer, model_dir):
         rig = Rig(model, ref_tokenizer, model_dir, head_dir)
         rigs.append(rig)
         return rig
+
     yield make
     for r in rigs:
         r.close()
@@ -175,12 +205,25 @@ def published(monkeypatch):
     seen = []
     original = WeightStore.publish
 
-    def spy(self, state):
-        version = original(self, state)
+    def spy(self, state, **kw):
+        version = original(self, state, **kw)
         seen.append((version, {k: v.detach().clone() for k, v in state.items()}))
         return version
+
     monkeypatch.setattr(WeightStore, "publish", spy)
     return seen
+
+
+def _unattached_spec(**config):
+    """A valid spec for a Trainer that is never set up (nothing is attached)."""
+    return TrainerSpec(
+        ring={"name": "unused"}, store={"name": "unused"}, model_path="unused", aux_layer_ids=[0], config=config
+    )
+
+
+def simulated_accept_length(head, held_out, steps, group=8):
+    """(mean simulated accept length over every valid start, number of starts), or None."""
+    return mean_of_sums(simulated_tau_sums(head, held_out, steps, group))
 
 
 def _finite(state):
@@ -203,30 +246,41 @@ def _tok(p):
 def _rec(seq, rid, h, position, accepted, outcome, rows=None):
     rows = accepted + 1 if rows is None else rows
     pos = torch.arange(position, position + rows)
-    return RingRecord(seq=seq, request_id=rid, request_hash=h, position=position, num_accepted=accepted,
-                      draft_version=1, draft_tokens=torch.zeros(K, dtype=torch.long),
-                      target_tokens=torch.zeros(K, dtype=torch.long), outcome=torch.tensor(outcome, dtype=torch.int8),
-                      input_tokens=_tok(pos), next_tokens=_tok(pos + 1),
-                      aux_hidden=pos.float().unsqueeze(1).expand(rows, A_DIM).clone(),
-                      final_hidden=-pos.float().unsqueeze(1).expand(rows, H_DIM).clone())
+    return RingRecord(
+        seq=seq,
+        request_id=rid,
+        request_hash=h,
+        position=position,
+        num_accepted=accepted,
+        draft_version=1,
+        draft_tokens=torch.zeros(K, dtype=torch.long),
+        target_tokens=torch.zeros(K, dtype=torch.long),
+        outcome=torch.tensor(outcome, dtype=torch.int8),
+        input_tokens=_tok(pos),
+        next_tokens=_tok(pos + 1),
+        aux_hidden=pos.float().unsqueeze(1).expand(rows, A_DIM).clone(),
+        final_hidden=-pos.float().unsqueeze(1).expand(rows, H_DIM).clone(),
+    )
 
 
 def test_stitching_joins_records_of_a_request_and_splits_at_gaps():
     st = Stitcher(max_tokens=64, rejected_weight=2.0)
-    st.add([
-        _rec(0, "a", 11, 10, 2, [1, 1, 0]),  # covers 10..12, the draft for 13 was rejected
-        _rec(1, "b", 22, 5, 0, [0, -1, -1]),  # covers 5, rejected at 6
-        _rec(2, "a", 11, 13, 0, [0, -1, -1]),  # continues a: covers 13, rejected at 14
-        _rec(3, "c", 33, 0, 0, [0, -1, -1]),  # a 2-token sequence: skipped
-        _rec(4, "a", 11, 20, 1, [1, 0, -1]),  # gap (expected 14): new segment 20..21 (+22)
-        _rec(5, "b", 22, 6, 3, [1, 1, 1]),  # continues b: covers 6..9, all accepted
-        _rec(6, "d", 44, 30, 3, [1, 1, 1], rows=2),  # truncated by the ring: covers 30..31 only
-        _rec(7, "d", 44, 34, 1, [1, 0, -1]),  # so this one starts a new segment
-    ])
-    assert st.pending_tokens == 4 + 5 + 1 + 2 + 2 + 2
+    st.add(
+        [
+            _rec(0, "a", 11, 10, 2, [1, 1, 0]),  # covers 10..12, the draft for 13 was rejected
+            _rec(1, "b", 22, 5, 0, [0, -1, -1]),  # covers 5, rejected at 6
+            _rec(2, "a", 11, 13, 0, [0, -1, -1]),  # continues a: covers 13, rejected at 14
+            _rec(3, "c", 33, 0, 0, [0, -1, -1]),  # a 2-token sequence: skipped
+            _rec(4, "a", 11, 20, 1, [1, 0, -1]),  # gap (expected 14): new segment 20..21 (+22)
+            _rec(5, "b", 22, 6, 3, [1, 1, 1]),  # continues b: covers 6..9, all accepted
+            _rec(6, "d", 44, 30, 3, [1, 1, 1], rows=2),  # truncated by the ring: covers 30..31 only
+            _rec(7, "d", 44, 34, 1, [1, 0, -1]),  # so this one starts a new segment
+        ]
+    )
+    assert (st.closed_tokens + st.open_tokens) == 4 + 5 + 1 + 2 + 2 + 2
     st.close_all()
     got = {(int(s.tokens[0]) - 100): (s, w) for s, w in st.take()}
-    assert st.pending_tokens == 0 and st.take() == []
+    assert (st.closed_tokens + st.open_tokens) == 0 and st.take() == []
     assert sorted(got) == [5, 10, 20, 30, 34]  # c (2 tokens) skipped
     for start, n, rejected in ((10, 5, [3, 4]), (5, 6, [1]), (20, 3, [2]), (30, 3, []), (34, 3, [2])):
         s, w = got[start]
@@ -322,10 +376,8 @@ def test_simulated_tau_matches_a_naive_loop():
 
 def test_simulated_accept_length_of_a_head_matches_the_naive_loop():
     torch.manual_seed(0)
-    cfg = Eagle3Config(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-                       vocab_size=12, draft_vocab_size=4, aux_layer_ids=[0, 1, 2])
-    head = Eagle3Head(cfg, torch.nn.Embedding(12, 16))
-    head.set_draft_vocab(torch.tensor([1, 3, 4, 9]))
+    cfg = tiny_head_config(hidden=16, heads=2, kv_heads=1, vocab=12, draft_vocab=4)
+    head = tiny_head(cfg, torch.nn.Embedding(12, 16), hot_ids=torch.tensor([1, 3, 4, 9]))
     lm_w = torch.randn(12, 16)
     seqs = [Sequence(torch.randint(0, 12, (n,)), torch.randn(n, 48), torch.randn(n, 16), 0) for n in (7, 4, 9)]
     held = [(s, (s.final[1:] @ lm_w.T).argmax(-1)) for s in seqs]
@@ -335,9 +387,9 @@ def test_simulated_accept_length_of_a_head_matches_the_naive_loop():
         logits = ttt_logits(head, batch.aux, batch.next_tokens, 3)
     tgt = torch.full_like(batch.next_tokens, -1)
     for i, (_, am) in enumerate(held):
-        tgt[i, :am.numel()] = am
+        tgt[i, : am.numel()] = am
     tgt = torch.where(torch.rand(tgt.shape) < 0.7, head.hot_ids[logits[0].argmax(-1)], tgt)
-    held = [(s, tgt[i, :len(s.tokens) - 1]) for i, s in enumerate(seqs)]
+    held = [(s, tgt[i, : len(s.tokens) - 1]) for i, s in enumerate(seqs)]
     got, starts = simulated_accept_length(head, held, 3, group=2)
     assert starts == int(batch.mask.sum())
     assert got == pytest.approx(_naive_tau(logits, head.hot_ids, tgt, batch.mask), abs=1e-9)
@@ -359,17 +411,26 @@ def test_config_validation():
     assert cfg.resolved_lr(pretrained=False) == 1e-3 and cfg.resolved_lr(pretrained=True) == 3e-4
     assert TrainerConfig(lr=3e-3).resolved_lr(True) == 3e-3
     assert TrainerConfig(inject=["nan@2", "random@4"]).inject_at() == {2: "nan", 4: "random"}
-    for bad, match in (({"objective": "tv"}, "objective"), ({"lr": 0}, "lr"), ({"unroll": 0}, "unroll"),
-                       ({"tokens_per_step": 1.5}, "tokens_per_step"), ({"holdout_fraction": 1.0}, "holdout_fraction"),
-                       ({"margin": -1}, "margin"), ({"segment_idle_s": 0}, "segment_idle_s"), ({"inject": ["boom@1"]}, "inject"), ({"inject": ["nan@0"]}, "inject"),
-                       ({"keep_checkpoints": 0}, "keep_checkpoints"), ({"nope": 1}, "unknown trainer config keys")):
+    for bad, match in (
+        ({"objective": "tv"}, "objective"),
+        ({"lr": 0}, "lr"),
+        ({"unroll": 0}, "unroll"),
+        ({"tokens_per_step": 1.5}, "tokens_per_step"),
+        ({"holdout_fraction": 1.0}, "holdout_fraction"),
+        ({"margin": -1}, "margin"),
+        ({"segment_idle_s": 0}, "segment_idle_s"),
+        ({"inject": ["boom@1"]}, "inject"),
+        ({"inject": ["nan@0"]}, "inject"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints"),
+        ({"nope": 1}, "unknown trainer config keys"),
+    ):
         with pytest.raises(ValueError, match=match):
             TrainerConfig.from_dict(bad)
 
 
 def test_trainer_stops_when_its_parent_goes_away():
-    assert not Trainer({"config": {}}, parent_pid=os.getppid()).should_stop()
-    orphan = Trainer({"config": {}}, parent_pid=os.getppid() + 1_000_000)  # "reparented"
+    assert not Trainer(_unattached_spec(), parent_pid=os.getppid()).should_stop()
+    orphan = Trainer(_unattached_spec(), parent_pid=os.getppid() + 1_000_000)  # "reparented"
     assert orphan.should_stop() and orphan.stop_event.is_set()
 
 
@@ -395,11 +456,7 @@ def test_status_segment_roundtrip_and_permissions():
 
 # ---- (3) checkpoints, unit level ---------------------------------------------------------------
 def _small_head(seed):
-    cfg = Eagle3Config(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-                       vocab_size=40, draft_vocab_size=8, aux_layer_ids=[0, 1, 2])
-    head = Eagle3Head(cfg, torch.zeros(40, 16))
-    head.reset_parameters(seed)
-    return head
+    return tiny_head(tiny_head_config(hidden=16, heads=2, kv_heads=1, vocab=40, draft_vocab=8), seed=seed)
 
 
 def test_checkpoints_are_atomic_private_pruned_and_corruption_is_skipped(tmp_path):
@@ -437,11 +494,11 @@ def test_checkpoints_are_atomic_private_pruned_and_corruption_is_skipped(tmp_pat
 
 # ---- draft vocabulary refresh --------------------------------------------------------------------
 def test_vocab_refresh_remaps_lm_head_rows_and_optimizer_state():
-    tr = Trainer({"config": {"lr": 1e-3}})  # not set up: only the pieces refresh_vocab uses
+    tr = Trainer(_unattached_spec(lr=1e-3))  # not set up: only the pieces refresh_vocab uses
     head = _small_head(0)  # vocab 40, draft vocab 8, hot ids 0..7
     tr.head, tr.vocab_size, tr.device, tr.lr = head, 40, torch.device("cpu"), 1e-3
     tr.opt = tr._new_optimizer()
-    (head.lm_head.weight ** 2).sum().backward()
+    (head.lm_head.weight**2).sum().backward()
     tr.opt.step()
     w0 = head.lm_head.weight.detach().clone()
     m0 = tr.opt.state[head.lm_head.weight]["exp_avg"].clone()
@@ -467,8 +524,19 @@ def test_trainer_learns_from_served_traffic_and_publishes(make_rig, tmp_path):
     rig = make_rig()
     _, v1 = _store_state(rig.store)
     ckpt = tmp_path / "ckpt"
-    rig.start(rig.spec(checkpoint_dir=str(ckpt), lr=3e-3, tokens_per_step=64, publish_every=2, unroll=3,
-                       checkpoint_every=2, keep_checkpoints=2, holdout_fraction=0.2, margin=10.0))
+    rig.start(
+        rig.spec(
+            checkpoint_dir=str(ckpt),
+            lr=3e-3,
+            tokens_per_step=64,
+            publish_every=2,
+            unroll=3,
+            checkpoint_every=2,
+            keep_checkpoints=2,
+            holdout_fraction=0.2,
+            margin=10.0,
+        )
+    )
     assert rig.drive(lambda: rig.snap()["train_steps"] >= 20 and rig.snap()["publishes"] >= 4)
     rig.finish()
     s = rig.snap()
@@ -495,12 +563,33 @@ def test_trainer_learns_from_served_traffic_and_publishes(make_rig, tmp_path):
     Eagle3Head.load(newest, rig.engine.target.hf.get_input_embeddings())
 
 
+def test_requests_shorter_than_the_unroll_never_stop_training(make_rig):
+    # Issue 18: a flood of 1-token prompts with 2 new tokens gave sequences shorter than the unroll,
+    # and the guardrail's unroll on them killed the trainer at its first publish round.
+    rig = make_rig()
+    rig.start(rig.spec(tokens_per_step=8, publish_every=1, unroll=5, holdout_fraction=0.5, margin=10.0))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and rig.trainer.attempts < 4:
+        rig._check()
+        rig.engine.generate(["a"] * 4, SamplingParams(max_new_tokens=2))
+        time.sleep(0.05)
+    rig.finish()
+    s = rig.snap()
+    assert rig.trainer.attempts >= 4 and s["publishes"] >= 1, (s, rig.ring.stats())
+    assert s["step_failures"] == 0, s
+    assert min(len(seq.tokens) for seq, _ in rig.trainer.replay) < 5  # the short ones were trained on
+    assert s["trained_positions"] > 0 and s["recorded_positions"] >= s["records_read"] > 0
+
+
 # ---- (2) guardrail -----------------------------------------------------------------------------
 def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_dir, published):
     rig = make_rig(pretrained_dir)
     # A small lr (Aurora's pretrained setting): honest candidates stay close to the served head.
-    rig.start(rig.spec(tokens_per_step=64, publish_every=1, unroll=3, holdout_fraction=0.5, lr=1e-5,
-                       inject=["nan@2", "random@4"]))
+    rig.start(
+        rig.spec(
+            tokens_per_step=64, publish_every=1, unroll=3, holdout_fraction=0.5, lr=1e-5, inject=["nan@2", "random@4"]
+        )
+    )
     assert rig.drive(lambda: rig.trainer.attempts >= 6)
     rig.finish()
     s = rig.snap()
@@ -533,15 +622,24 @@ def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_di
 def test_bypass_publishes_nan_and_rollback_reloads_the_previous_version(make_rig, pretrained_dir, published):
     rig = make_rig(pretrained_dir)
     _, v1 = _store_state(rig.store)
-    trainer = rig.start(rig.spec(tokens_per_step=64, publish_every=1, unroll=3, lr=1e-3, holdout_fraction=0.3,
-                                 margin=10.0, inject=["nan@3"], inject_bypass_guardrail=True))
+    trainer = rig.start(
+        rig.spec(
+            tokens_per_step=64,
+            publish_every=1,
+            unroll=3,
+            lr=1e-3,
+            holdout_fraction=0.3,
+            margin=10.0,
+            inject=["nan@3"],
+            inject_bypass_guardrail=True,
+        )
+    )
     assert rig.drive(lambda: rig.store.version >= 4)
     s = rig.wait_idle()  # no more traffic: the head only changes through the rollback below
     nan_version = [v for v, st in published if not _finite(st)]
     assert nan_version == [4] and s["refused"] == 0  # attempt 3 -> version 4 (1 is the launcher's)
     # The engine side sees the NaN version in the store (what its rollback test needs).
-    assert published[3][0] == 4 and any(torch.isnan(t).any() for t in published[3][1].values()
-                                        if t.is_floating_point())
+    assert published[3][0] == 4 and any(torch.isnan(t).any() for t in published[3][1].values() if t.is_floating_point())
     latest = rig.store.version
     before = {k: v.clone() for k, v in trainer.head.state_dict().items()}
     assert trainer.opt.state  # AdamW moments exist before the rollback
@@ -577,8 +675,18 @@ def test_checkpoint_failures_are_counted_not_fatal(make_rig, tmp_path, kind):
     try:
         # Also runs the other two objectives end to end.
         objective = "kl_rejected" if kind == "not_a_dir" else "accept"
-        rig.start(rig.spec(checkpoint_dir=str(target), lr=3e-3, tokens_per_step=64, publish_every=1, unroll=2,
-                           checkpoint_every=1, margin=10.0, objective=objective))
+        rig.start(
+            rig.spec(
+                checkpoint_dir=str(target),
+                lr=3e-3,
+                tokens_per_step=64,
+                publish_every=1,
+                unroll=2,
+                checkpoint_every=1,
+                margin=10.0,
+                objective=objective,
+            )
+        )
         assert rig.drive(lambda: rig.snap()["publishes"] >= 3)
         rig.finish()
     finally:
@@ -598,8 +706,13 @@ def test_sigterm_exits_zero_promptly(make_rig, tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "aurora_sgl.trainer", "--spec", str(path), "--log-level", "warning"],
-                            cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aurora_sgl.trainer", "--spec", str(path), "--log-level", "warning"],
+        cwd=str(ROOT),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while rig.snap()["last_published_version"] < 1:  # set once the trainer is in its loop
@@ -645,7 +758,7 @@ def test_stitching_keeps_the_last_prompt_positions(prompt_tokens, first):
     assert st.open_tokens == (20 if prompt_tokens < 0 else 0)  # held until the request decodes
     st.add([_rec(5, "p", 1, 20, 2, [1, 1, 0]), _rec(6, "p", 1, 23, 0, [0, -1, -1])])
     st.close_all()
-    (seq, _), = st.take()
+    ((seq, _),) = st.take()
     assert seq.tokens.tolist() == [_tok(p) for p in range(first, 25)]
 
 

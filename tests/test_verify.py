@@ -4,8 +4,8 @@ sampling -- with biased verifiers that the same check must catch."""
 import pytest
 import torch
 
-from aurora_sgl.sampling import SamplingParams, probs_from_logits
-from aurora_sgl.verify import sample_with_uniform, verify_greedy, verify_sampling
+from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
+from aurora_sgl.engine.verify import sample_with_uniform, verify_greedy, verify_sampling
 
 V, K = 6, 3
 
@@ -53,11 +53,16 @@ def _first_two_tokens(verifier, n=60000, seed=0):
             ps.append(P[tok])
             cur = tok
         d = torch.stack(drafts, 1)
-        acc, nxt = verifier(d, torch.stack(qs, 1), torch.stack(ps, 1),
-                            torch.rand(b, K, generator=g, dtype=torch.float64), torch.rand(b, generator=g, dtype=torch.float64))
+        acc, nxt = verifier(
+            d,
+            torch.stack(qs, 1),
+            torch.stack(ps, 1),
+            torch.rand(b, K, generator=g, dtype=torch.float64),
+            torch.rand(b, generator=g, dtype=torch.float64),
+        )
         keep = []
         for i, row in enumerate(active.tolist()):
-            toks = d[i, :acc[i]].tolist() + [int(nxt[i])]
+            toks = d[i, : acc[i]].tolist() + [int(nxt[i])]
             out[row].extend(toks)
             if len(out[row]) < 2:
                 keep.append(i)
@@ -129,16 +134,28 @@ def test_probs_from_logits_matches_naive(temperature, top_p, top_k):
     logits = torch.randn(5, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     got = probs_from_logits(logits, torch.full((5,), temperature), torch.full((5,), top_p), torch.full((5,), top_k))
     for row in range(5):
-        torch.testing.assert_close(got[row].double(), _naive_filter(logits[row], temperature, top_p, top_k), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            got[row].double(), _naive_filter(logits[row], temperature, top_p, top_k), rtol=1e-5, atol=1e-6
+        )
 
 
-@pytest.mark.parametrize("bad,msg", [
-    (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
-    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=1.5), "max_new_tokens"),
-    (dict(stop=[1, 2]), "stop"), (dict(stop=["x"] * 1000), "stop"), (dict(seed=-3), "seed"),
-    (dict(temperature=float("inf")), "temperature"), (dict(ignore_eos="yes"), "ignore_eos"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(max_new_tokens=1.5), "max_new_tokens"),
+        (dict(stop=[1, 2]), "stop"),
+        (dict(stop=["x"] * 1000), "stop"),
+        (dict(seed=-3), "seed"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+    ],
+)
 def test_sampling_params_reject_bad_values(bad, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**bad)

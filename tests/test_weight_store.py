@@ -8,19 +8,17 @@ import time
 import pytest
 import torch
 
-from aurora_sgl.draft_head import Eagle3Config, Eagle3Head
-from aurora_sgl.signal_ring import SHM_DIR
-from aurora_sgl.weight_store import WeightStore, layout_of
+from aurora_sgl.engine.draft_head import Eagle3Head
+from aurora_sgl.transport.segments import SHM_DIR
+from aurora_sgl.transport.weight_store import WeightStore, layout_of
+from helpers import tiny_head, tiny_head_config
 
 
 def _head(seed: int, hidden: int = 32, vocab: int = 60, draft_vocab: int = 24) -> Eagle3Head:
-    cfg = Eagle3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=vocab, draft_vocab_size=draft_vocab, aux_layer_ids=[1, 3, 4])
+    cfg = tiny_head_config(hidden=hidden, vocab=vocab, draft_vocab=draft_vocab, aux_layer_ids=(1, 3, 4))
     torch.manual_seed(0)
-    head = Eagle3Head(cfg, torch.nn.Embedding(vocab, hidden))
-    head.reset_parameters(seed)
-    head.set_draft_vocab(torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:draft_vocab])
-    return head.requires_grad_(False)
+    hot = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:draft_vocab]
+    return tiny_head(cfg, torch.nn.Embedding(vocab, hidden), seed=seed, hot_ids=hot).requires_grad_(False)
 
 
 @pytest.fixture
@@ -52,8 +50,10 @@ def test_publish_poll_copy_is_bit_exact_and_in_place(stores):
     assert engine.copy_into(list(live.serving_state().values()), 1)
     for name, want in src.state_dict().items():
         got = live.state_dict()[name]
-        assert torch.equal(got.view(torch.uint8) if got.is_floating_point() else got,
-                           want.view(torch.uint8) if want.is_floating_point() else want), name
+        assert torch.equal(
+            got.view(torch.uint8) if got.is_floating_point() else got,
+            want.view(torch.uint8) if want.is_floating_point() else want,
+        ), name
     assert {n: id(t) for n, t in list(live.named_parameters()) + list(live.named_buffers())} == objects
     assert {n: t.data_ptr() for n, t in live.state_dict().items()} == ptrs
     assert torch.equal(live.hot_ids, src.hot_ids)
@@ -96,11 +96,13 @@ def test_copy_fails_when_the_source_buffer_is_rewritten(stores, monkeypatch):
 
     def copy_with_publishes(n):
         """The engine's copy, with `n` publishes landing after copy_into has chosen its buffer."""
+
         def foreach_copy(dst, src):
             if dst is params:
-                for h in heads[1:1 + n]:
+                for h in heads[1 : 1 + n]:
                     trainer.publish(h.serving_state())
             real_copy(dst, src)
+
         return foreach_copy
 
     # One publish writes the other buffer: the copy of version 1 is still whole.

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import StepRecord
+from aurora_sgl.records import StepRecord, chain_outcome
 
 
 @dataclass
@@ -79,26 +79,38 @@ class _Slot:
 class CaptureStaging:
     """A few device slots, each sized for `max_requests` requests of S rows."""
 
-    def __init__(self, max_requests: int, num_steps: int, aux_dim: int, hidden_dim: int,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, slots: int = 4,
-                 sequencer: "Sequencer | None" = None):
+    def __init__(
+        self,
+        max_requests: int,
+        num_steps: int,
+        aux_dim: int,
+        hidden_dim: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        slots: int = 4,
+        sequencer: Sequencer | None = None,
+    ):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.max_requests, self.k, self.s = max_requests, num_steps, num_steps + 1
         self.slots = []
         for _ in range(slots):
             z = dict(dtype=torch.long, device=self.device)
-            self.slots.append(_Slot(
-                inputs=torch.zeros(max_requests, self.s, **z), nexts=torch.zeros(max_requests, self.s, **z),
-                drafts=torch.full((max_requests, num_steps), -1, **z),
-                aux=torch.zeros(max_requests, self.s, aux_dim, dtype=dtype, device=self.device),
-                final=torch.zeros(max_requests, self.s, hidden_dim, dtype=dtype, device=self.device),
-                accept_dev=torch.zeros(max_requests, **z),
-                accept_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
-                pos_dev=torch.zeros(max_requests, **z),
-                pos_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
-                ready=torch.cuda.Event() if self.cuda else None,
-                drained=torch.cuda.Event() if self.cuda else None))
+            self.slots.append(
+                _Slot(
+                    inputs=torch.zeros(max_requests, self.s, **z),
+                    nexts=torch.zeros(max_requests, self.s, **z),
+                    drafts=torch.full((max_requests, num_steps), -1, **z),
+                    aux=torch.zeros(max_requests, self.s, aux_dim, dtype=dtype, device=self.device),
+                    final=torch.zeros(max_requests, self.s, hidden_dim, dtype=dtype, device=self.device),
+                    accept_dev=torch.zeros(max_requests, **z),
+                    accept_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
+                    pos_dev=torch.zeros(max_requests, **z),
+                    pos_host=torch.zeros(max_requests, dtype=torch.long, pin_memory=self.cuda),
+                    ready=torch.cuda.Event() if self.cuda else None,
+                    drained=torch.cuda.Event() if self.cuda else None,
+                )
+            )
         self._next = 0  # slot the next capture writes
         self.sequencer = sequencer if sequencer is not None else Sequencer()
         self.captured = self.staging_drops = self.skipped = self.drained_records = 0
@@ -123,12 +135,12 @@ class CaptureStaging:
         pred = step.predict.view(bs, d)
         slot.nexts[:bs].copy_(pred[:, :s])
         slot.inputs[:bs, 0].copy_(step.root_tokens)
-        slot.inputs[:bs, 1:].copy_(pred[:, :s - 1])  # an accepted draft equals the target's token
+        slot.inputs[:bs, 1:].copy_(pred[:, : s - 1])  # an accepted draft equals the target's token
         if step.topk == 1 and step.draft_tokens is not None:
-            slot.drafts[:bs].copy_(step.draft_tokens.view(bs, d)[:, 1:k + 1])
+            slot.drafts[:bs].copy_(step.draft_tokens.view(bs, d)[:, 1 : k + 1])
         else:  # tree: only the accepted path is known per request; the drain masks the rest
             slot.drafts[:bs].copy_(pred[:, :k])
-        slot.aux[:bs].copy_(step.aux_hidden[:bs * d].view(bs, d, -1)[:, :s])
+        slot.aux[:bs].copy_(step.aux_hidden[: bs * d].view(bs, d, -1)[:, :s])
         rows = step.accept_index[:, :s].clamp(min=0).reshape(-1)
         slot.final[:bs].copy_(step.final_hidden.index_select(0, rows).view(bs, s, -1))
         slot.accept_dev[:bs].copy_(step.accept_lens)
@@ -138,9 +150,15 @@ class CaptureStaging:
             slot.pos_host[:bs].copy_(slot.pos_dev[:bs], non_blocking=self.cuda)
         if self.cuda:
             slot.ready.record()
-        slot.meta = {"ids": list(step.request_ids), "positions": list(step.positions), "bs": bs,
-                     "topk": step.topk, "version": step.draft_version, "seq": self.sequencer.next(),
-                     "device_positions": step.seq_lens is not None}
+        slot.meta = {
+            "ids": list(step.request_ids),
+            "positions": list(step.positions),
+            "bs": bs,
+            "topk": step.topk,
+            "version": step.draft_version,
+            "seq": self.sequencer.next(),
+            "device_positions": step.seq_lens is not None,
+        }
         slot.full = True
         self.captured += 1
         return True
@@ -154,27 +172,35 @@ class CaptureStaging:
     def records(self, slot: _Slot) -> list[StepRecord]:
         """One record per request of a completed slot: the rows of its accepted chain."""
         m = slot.meta
-        acc = slot.accept_host[:m["bs"]].tolist()
-        positions = slot.pos_host[:m["bs"]].tolist() if m.get("device_positions") else m["positions"]
+        acc = slot.accept_host[: m["bs"]].tolist()
+        positions = slot.pos_host[: m["bs"]].tolist() if m.get("device_positions") else m["positions"]
         out = []
         for i, (rid, pos, n) in enumerate(zip(m["ids"], positions, acc)):
             n = max(1, min(int(n), self.s))
             a = n - 1  # accepted drafts
-            outcome = torch.full((self.k,), -1, dtype=torch.int8)
-            outcome[:a] = 1
-            if a < self.k:
-                outcome[a] = 0
+            outcome = chain_outcome(self.k, a)
             nxt, drafts = slot.nexts[i], slot.drafts[i]
             dev = nxt.device
             target = torch.full((self.k,), -1, dtype=torch.long, device=dev)
-            target[:min(n, self.k)] = nxt[:min(n, self.k)]  # the target's token at each reached draft
+            target[: min(n, self.k)] = nxt[: min(n, self.k)]  # the target's token at each reached draft
             if m["topk"] > 1:  # tree: the rejected sibling set is not one token
                 drafts = torch.where(torch.arange(self.k, device=dev) < a, drafts, torch.full_like(drafts, -1))
-            out.append(StepRecord(
-                request_id=rid, position=int(pos), draft_tokens=drafts, target_tokens=target,
-                outcome=outcome.to(dev), num_accepted=a, committed=[],
-                input_tokens=slot.inputs[i, :n], next_tokens=nxt[:n], aux_hidden=slot.aux[i, :n],
-                final_hidden=slot.final[i, :n], draft_version=m["version"]))
+            out.append(
+                StepRecord(
+                    request_id=rid,
+                    position=int(pos),
+                    draft_tokens=drafts,
+                    target_tokens=target,
+                    outcome=outcome.to(dev),
+                    num_accepted=a,
+                    committed=[],
+                    input_tokens=slot.inputs[i, :n],
+                    next_tokens=nxt[:n],
+                    aux_hidden=slot.aux[i, :n],
+                    final_hidden=slot.final[i, :n],
+                    draft_version=m["version"],
+                )
+            )
         return out
 
     def drain(self, ring, stream=None) -> int:
@@ -197,8 +223,9 @@ class Sequencer:
 def drain_in_order(stagings, ring, stream=None) -> int:
     """Write every completed slot of `stagings` into `ring`, oldest step first; returns the records
     written. On CUDA the copies run on `stream` (not the forward stream) and never block the host."""
-    ready = sorted(((sl.meta["seq"], i, sl) for i, st in enumerate(stagings) for sl in st.ready_slots()),
-                   key=lambda t: t[:2])
+    ready = sorted(
+        ((sl.meta["seq"], i, sl) for i, st in enumerate(stagings) for sl in st.ready_slots()), key=lambda t: t[:2]
+    )
     written = 0
     for _, i, slot in ready:
         st = stagings[i]

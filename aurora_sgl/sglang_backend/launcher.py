@@ -22,18 +22,15 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 log = logging.getLogger("aurora_sgl.sglang")
 
 DEFAULT_STEPS = 5
 DEFAULT_TOPK = 1
 PLUGIN_NAME = "aurora_sgl"
-MAX_RESTARTS = 5
 
 
 def _has_flag(argv: list[str], flag: str) -> bool:
@@ -42,21 +39,36 @@ def _has_flag(argv: list[str], flag: str) -> bool:
 
 def sglang_argv(args, passthrough: list[str], draft_path: str) -> list[str]:
     """The SGLang command line equivalent to ours (without the program name)."""
-    from .. import reference_model_path
+    from aurora_sgl import reference_model_path
 
     steps = args.speculative_num_steps if args.speculative_num_steps is not None else DEFAULT_STEPS
-    argv = ["--model-path", args.model_path or reference_model_path(),
-            "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft_path,
-            "--speculative-num-steps", str(steps), "--host", args.host, "--port", str(args.port)]
+    argv = [
+        "--model-path",
+        args.model_path or reference_model_path(),
+        "--speculative-algorithm",
+        "EAGLE3",
+        "--speculative-draft-model-path",
+        draft_path,
+        "--speculative-num-steps",
+        str(steps),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     if not _has_flag(passthrough, "--speculative-eagle-topk"):
         argv += ["--speculative-eagle-topk", str(DEFAULT_TOPK)]
         if not _has_flag(passthrough, "--speculative-num-draft-tokens"):
             argv += ["--speculative-num-draft-tokens", str(steps + 1)]  # a chain: steps + root
-    for flag, value in (("--served-model-name", args.served_model_name), ("--api-key", args.api_key),
-                        ("--context-length", args.context_length),
-                        ("--max-running-requests", args.max_running_requests),
-                        ("--max-queued-requests", getattr(args, "max_queued_requests", None)), ("--device", args.device),
-                        ("--log-level", args.log_level)):
+    for flag, value in (
+        ("--served-model-name", args.served_model_name),
+        ("--api-key", args.api_key),
+        ("--context-length", args.context_length),
+        ("--max-running-requests", args.max_running_requests),
+        ("--max-queued-requests", getattr(args, "max_queued_requests", None)),
+        ("--device", args.device),
+        ("--log-level", args.log_level),
+    ):
         if value is not None:
             argv += [flag, str(value)]
     return argv + list(passthrough)
@@ -73,11 +85,13 @@ def day0_head(model_path: str, out_dir: str, draft_vocab_size: int = 32000) -> s
     import torch
     from transformers import AutoConfig
 
-    from ..draft_head import Eagle3Config, Eagle3Head
+    from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 
     cfg = AutoConfig.from_pretrained(model_path, local_files_only=True)
-    head = Eagle3Head(Eagle3Config.for_target(cfg, min(draft_vocab_size, cfg.vocab_size)),
-                      torch.zeros(cfg.vocab_size, cfg.hidden_size))
+    head = Eagle3Head(
+        Eagle3Config.for_target(cfg, min(draft_vocab_size, cfg.vocab_size)),
+        torch.zeros(cfg.vocab_size, cfg.hidden_size),
+    )
     head.save(out_dir)
     return out_dir
 
@@ -92,12 +106,15 @@ def preflight() -> str | None:
         return "--backend sglang needs a CUDA GPU and none is visible here; use --backend embedded"
     try:
         from importlib.metadata import entry_points
+
         import sglang  # noqa: F401
     except ImportError:
         return "--backend sglang needs sglang==0.5.23 (pip install -e '.[sglang]')"
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="sglang.srt.plugins")):
-        return ("SGLang cannot find the aurora_sgl plugin entry point; reinstall the package "
-                "(pip install -e .) so its metadata declares it")
+        return (
+            "SGLang cannot find the aurora_sgl plugin entry point; reinstall the package "
+            "(pip install -e .) so its metadata declares it"
+        )
     return None
 
 
@@ -125,22 +142,33 @@ def prepare_checkpoint_dir(path: str | None) -> tuple[str | None, str | None]:
 
 
 class TrainerSidecar:
-    """Waits for the scheduler's handoff, then runs and supervises the trainer process."""
+    """Waits for the scheduler's handoff, then runs the trainer under the shared supervisor."""
 
     def __init__(self, handoff_dir: str, args, pretrained: bool):
+        from aurora_sgl.online.supervisor import TrainerSupervisor
+
         self.dir, self.args, self.pretrained = handoff_dir, args, pretrained
-        self.proc: subprocess.Popen | None = None
+        self.supervisor = TrainerSupervisor(os.path.join(handoff_dir, "trainer_spec.json"))
         self.status = None
         self.handoff: dict | None = None
-        self.restarts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aurora-sgl-trainer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def _trainer_spec(self) -> dict:
-        from ..trainer import TrainerStatus, newest_checkpoint
+    @property
+    def proc(self):
+        return self.supervisor.proc
+
+    @property
+    def restarts(self) -> int:
+        return self.supervisor.restarts
+
+    def trainer_spec(self):
+        """The trainer's spec, from the handoff the owner scheduler wrote."""
+        from aurora_sgl.trainer.spec import TrainerSpec
+        from aurora_sgl.transport.trainer_status import TrainerStatus
 
         if self.status is None:
             self.status = TrainerStatus.create("aurora_trainer")
@@ -148,45 +176,36 @@ class TrainerSidecar:
         cfg = dict(getattr(self.args, "trainer_overrides", {}), objective=self.args.train_objective)
         if self.args.train_lr:
             cfg["lr"] = self.args.train_lr
-        return {"ring": h["ring"], "store": h["store"], "status": self.status.spec(),
-                # the served checkpoint (its exact shapes), or after a restart the newest checkpoint
-                "model_path": h["model_path"], "pretrained": self.pretrained or self.restarts > 0,
-                "init_head": (newest_checkpoint(self.args.checkpoint_dir) if self.restarts else None) or h["draft_path"],
-                "aux_layer_ids": h["aux_layer_ids"], "draft_vocab_size": h["draft_vocab_size"],
-                "config": cfg, "checkpoint_dir": self.args.checkpoint_dir, "threads": 1,
-                "device": self.args.trainer_device, "parent_pid": os.getpid()}
-
-    def _spawn(self) -> None:
-        from ..spec_io import write_spec
-
-        path = os.path.join(self.dir, "trainer_spec.json")
-        write_spec(self._trainer_spec(), path)
-        self.proc = subprocess.Popen([sys.executable, "-m", "aurora_sgl.trainer", "--spec", path],
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
-        log.info("aurora_sgl trainer started (pid %d) on %s", self.proc.pid, self.args.trainer_device)
+        # The served checkpoint, with its exact shapes; restarts resume from the newest checkpoint.
+        return TrainerSpec(
+            ring=h["ring"],
+            store=h["store"],
+            status=self.status.spec(),
+            model_path=h["model_path"],
+            init_head=h["draft_path"],
+            pretrained=self.pretrained,
+            aux_layer_ids=h["aux_layer_ids"],
+            draft_vocab_size=h["draft_vocab_size"],
+            config=cfg,
+            checkpoint_dir=self.args.checkpoint_dir,
+            threads=1,
+            device=self.args.trainer_device,
+            parent_pid=os.getpid(),
+        )
 
     def _run(self) -> None:
-        from ..spec_io import read_spec
+        from aurora_sgl.transport.handoff import read_handoff
+
         from .plugin import HANDOFF
 
         path = os.path.join(self.dir, HANDOFF)
         while not os.path.exists(path):
             if self._stop.wait(0.5):
                 return
-        self.handoff = read_spec(path)
-        self._spawn()
-        last_log = time.monotonic()
-        while not self._stop.wait(1.0):
-            if self.proc.poll() is not None:
-                if self.restarts >= MAX_RESTARTS:
-                    log.error("trainer exited %d times; serving the last good weights without training", self.restarts)
-                    return
-                self.restarts += 1
-                log.warning("trainer exited with %s; restart %d", self.proc.returncode, self.restarts)
-                self._spawn()
-            if time.monotonic() - last_log >= 30:
-                last_log = time.monotonic()
-                log.info("aurora_sgl counters: %s", json.dumps(self.counters()))
+        self.handoff = read_handoff(path)
+        self.supervisor.start(self.trainer_spec())
+        while not self._stop.wait(30):
+            log.info("aurora_sgl counters: %s", json.dumps(self.counters()))
 
     def counters(self) -> dict:
         """Per-rank plugin counters (exported by the schedulers) and the trainer's status."""
@@ -194,21 +213,16 @@ class TrainerSidecar:
         for f in sorted(glob.glob(os.path.join(self.dir, "counters_rank*.json"))):
             try:
                 with open(f) as fh:
-                    out[os.path.basename(f)[len("counters_"):-len(".json")]] = json.load(fh)
+                    out[os.path.basename(f)[len("counters_") : -len(".json")]] = json.load(fh)
             except (OSError, ValueError):
                 pass
         if self.status is not None:
-            out["trainer"] = self.status.snapshot()
+            out["trainer"] = dict(self.status.snapshot(), **self.supervisor.state())
         return out
 
     def close(self) -> None:
         self._stop.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        self.supervisor.stop()
         names = [self.handoff[k]["name"] for k in ("ring", "store")] if self.handoff else []
         for name in names:  # the scheduler that owns them may have been killed
             try:
@@ -228,11 +242,15 @@ def main(args, passthrough: list[str]) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from .. import reference_model_path
+    from aurora_sgl import reference_model_path
+
     from .plugin import ENV_DIR
 
     model_path = args.model_path or reference_model_path()
-    handoff_dir = tempfile.mkdtemp(prefix="aurora_sgl_")  # 0700
+    from aurora_sgl.transport.segments import sweep_stale
+
+    sweep_stale()  # what a SIGKILLed server left behind
+    handoff_dir = tempfile.mkdtemp(prefix=f"aurora_sgl_{os.getpid()}_")  # 0700
     draft_path = args.speculative_draft_model_path
     if draft_path is None:
         draft_path = day0_head(model_path, os.path.join(handoff_dir, "day0_head"))
@@ -247,8 +265,11 @@ def main(args, passthrough: list[str]) -> int:
     plugins = os.environ.get("SGLANG_PLUGINS")
     if plugins and PLUGIN_NAME not in [p.strip() for p in plugins.split(",")]:
         os.environ["SGLANG_PLUGINS"] = f"{plugins},{PLUGIN_NAME}"
-    sidecar = TrainerSidecar(handoff_dir, args, pretrained=args.speculative_draft_model_path is not None) \
-        if args.online else None
+    sidecar = (
+        TrainerSidecar(handoff_dir, args, pretrained=args.speculative_draft_model_path is not None)
+        if args.online
+        else None
+    )
     if sidecar is not None:
         sidecar.start()
     from sglang.launch_server import run_server

@@ -52,9 +52,12 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from aurora_sgl.online.version_check import SUPERSEDED, refusal_reason
 
 from .capture import CaptureStaging, Sequencer, VerifyStep, drain_in_order
 from .prefill import PrefillStaging, PrefillStep
@@ -79,7 +82,7 @@ HOOK_TARGETS = {
     "iteration": "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
 }
 
-_RUNTIME: "Runtime | None" = None
+_RUNTIME: Runtime | None = None
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,11 @@ def enabled() -> bool:
     return bool(os.environ.get(ENV_DIR))
 
 
-def runtime() -> "Runtime | None":
+def runtime() -> Runtime | None:
     return _RUNTIME
 
 
-def set_runtime(rt: "Runtime | None") -> None:
+def set_runtime(rt: Runtime | None) -> None:
     global _RUNTIME
     _RUNTIME = rt
 
@@ -214,11 +217,19 @@ def verify_step(worker, batch, result, draft_version: int = 0) -> VerifyStep | N
     # verify used); the host mirror below is only the fallback.
     seq = batch.seq_lens_cpu.tolist() if batch.seq_lens_cpu is not None else [0] * bs
     return VerifyStep(
-        request_ids=[r.rid for r in batch.reqs], positions=[int(n) for n in seq],
+        request_ids=[r.rid for r in batch.reqs],
+        positions=[int(n) for n in seq],
         root_tokens=draft[:, 0] if draft is not None else batch.input_ids.view(bs, d)[:, 0],
-        draft_tokens=draft, predict=result.next_token_ids, accept_lens=result.accept_lens,
-        accept_index=result.accept_index, aux_hidden=lo.hidden_states, final_hidden=lo.last_hidden_states,
-        topk=worker.topk, draft_version=draft_version, seq_lens=batch.seq_lens)
+        draft_tokens=draft,
+        predict=result.next_token_ids,
+        accept_lens=result.accept_lens,
+        accept_index=result.accept_index,
+        aux_hidden=lo.hidden_states,
+        final_hidden=lo.last_hidden_states,
+        topk=worker.topk,
+        draft_version=draft_version,
+        seq_lens=batch.seq_lens,
+    )
 
 
 def prefill_step(before, batch, result, draft_version: int = 0) -> PrefillStep | None:
@@ -234,18 +245,35 @@ def prefill_step(before, batch, result, draft_version: int = 0) -> PrefillStep |
     if lo is None or lo.hidden_states is None:
         return None
     return PrefillStep(
-        request_ids=[r.rid for r in reqs], starts=[int(p) for p in prefix_lens],
-        lengths=[int(n) for n in extend_lens], input_ids=ids_in, next_ids=ids_next,
-        aux_hidden=lo.hidden_states, final_hidden=lo.last_hidden_states, draft_version=draft_version)
+        request_ids=[r.rid for r in reqs],
+        starts=[int(p) for p in prefix_lens],
+        lengths=[int(n) for n in extend_lens],
+        input_ids=ids_in,
+        next_ids=ids_next,
+        aux_hidden=lo.hidden_states,
+        final_hidden=lo.last_hidden_states,
+        draft_version=draft_version,
+    )
 
 
 # ---- per-scheduler runtime ------------------------------------------------------------------------
 class Runtime:
     """One per scheduler process. The leader owns the ring and the store (and their names)."""
 
-    def __init__(self, *, staging: CaptureStaging | None, ring, store, swapper, leader: bool,
-                 handoff_dir: str | None, tp_group=None, keep_previous: bool | None = None, side_stream=None,
-                 prefill: PrefillStaging | None = None):
+    def __init__(
+        self,
+        *,
+        staging: CaptureStaging | None,
+        ring,
+        store,
+        swapper,
+        leader: bool,
+        handoff_dir: str | None,
+        tp_group=None,
+        keep_previous: bool | None = None,
+        side_stream=None,
+        prefill: PrefillStaging | None = None,
+    ):
         self.staging, self.prefill, self.ring, self.store, self.swapper = staging, prefill, ring, store, swapper
         self.leader, self.handoff_dir, self.tp_group = leader, handoff_dir, tp_group
         self.side_stream = side_stream
@@ -267,12 +295,13 @@ class Runtime:
 
     # -- construction inside SGLang --------------------------------------------------------------
     @classmethod
-    def for_worker(cls, worker) -> "Runtime":
+    def for_worker(cls, worker) -> Runtime:
         from sglang.srt.runtime_context import get_parallel, get_server_args
 
-        from ..draft_head import Eagle3Head, default_aux_layer_ids
-        from ..signal_ring import SignalRing
-        from ..weight_store import WeightStore
+        from aurora_sgl.engine.draft_head import Eagle3Head, default_aux_layer_ids
+        from aurora_sgl.transport.signal_ring import SignalRing, ring_capacity
+        from aurora_sgl.transport.weight_store import WeightStore
+
         from .swap import DraftSwapper
 
         par = get_parallel()
@@ -308,25 +337,43 @@ class Runtime:
         if owner:
             max_req = int(os.environ.get(ENV_STAGING_REQUESTS) or min(sa.max_running_requests or 128, 256))
             order = Sequencer()
-            staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3,
-                                     sequencer=order)
+            staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3, sequencer=order)
             prefill_rows = int(os.environ.get(ENV_PREFILL_ROWS) or 2048)
             if prefill_rows > 0:  # a negative value turns prompt capture off
-                prefill = PrefillStaging(prefill_rows, k, aux_dim, hidden, device=device, dtype=dtype,
-                                         slots=2, sequencer=order)
-            ring = SignalRing.create("aurora_ring", int(os.environ.get(ENV_RING_RECORDS) or 1024), k + 1,
-                                     aux_dim, hidden, k, device=device)
+                prefill = PrefillStaging(
+                    prefill_rows, k, aux_dim, hidden, device=device, dtype=dtype, slots=2, sequencer=order
+                )
+            records = int(os.environ.get(ENV_RING_RECORDS) or ring_capacity(k + 1, aux_dim, hidden, k))
+            ring = SignalRing.create("aurora_ring", records, k + 1, aux_dim, hidden, k, device=device)
             store = WeightStore.create("aurora_weights", layout, device=device)
             store.publish(state)  # version 1: what SGLang loaded from the same checkpoint
-            _write_handoff(handoff_dir, {
-                "ring": ring.spec(), "store": store.spec(), "model_path": sa.model_path,
-                "draft_path": sa.speculative_draft_model_path,
-                "aux_layer_ids": aux_ids, "draft_vocab_size": head.config.draft_vocab_size,
-                "tp_size": par.tp_size, "swap_mode": swapper.mode, "skipped": swapper.skipped,
-                "scheduler_pid": os.getpid()})
+            _write_handoff(
+                handoff_dir,
+                {
+                    "ring": ring.spec(),
+                    "store": store.spec(),
+                    "model_path": sa.model_path,
+                    "draft_path": sa.speculative_draft_model_path,
+                    "aux_layer_ids": aux_ids,
+                    "draft_vocab_size": head.config.draft_vocab_size,
+                    "tp_size": par.tp_size,
+                    "swap_mode": swapper.mode,
+                    "skipped": swapper.skipped,
+                    "scheduler_pid": os.getpid(),
+                },
+            )
             log.info("aurora_sgl: ring and weight store ready on %s (swap: %s)", device, swapper.mode)
-        rt = cls(staging=staging, ring=ring, store=store, swapper=swapper, leader=leader,
-                 handoff_dir=handoff_dir, tp_group=tp_group, side_stream=side, prefill=prefill)
+        rt = cls(
+            staging=staging,
+            ring=ring,
+            store=store,
+            swapper=swapper,
+            leader=leader,
+            handoff_dir=handoff_dir,
+            tp_group=tp_group,
+            side_stream=side,
+            prefill=prefill,
+        )
         rt.draft_version = 1
         return rt
 
@@ -338,18 +385,15 @@ class Runtime:
         if polled is None:
             return 0
         version, views = polled
-        ctx = torch.cuda.stream(self.side_stream) if self.side_stream is not None else _null()
-        with ctx:
-            intact = self.store.verify(version)
-            if intact is None:
-                return 0
-            sums = [v.float().sum() for v in views if v.is_floating_point()]
-            finite = bool(torch.stack(sums).isfinite().all()) if sums else True
-        if not intact or not finite:
+        with torch.cuda.stream(self.side_stream) if self.side_stream is not None else nullcontext():
+            reason = refusal_reason(self.store, version, views)
+        if reason == SUPERSEDED:
+            return 0
+        if reason is not None:
             self._refused_through = version
             self.counters["refused"] += 1
             self.store.request_rollback(version)
-            log.warning("aurora_sgl: refused draft version %d (%s)", version, "checksum" if not intact else "non-finite")
+            log.warning("aurora_sgl: refused draft version %d (%s)", version, reason)
             return 0
         self.counters["markers"] += 1
         return version
@@ -372,6 +416,7 @@ class Runtime:
         ok = self.store.copy_with(self.swapper.swap, version, stream)
         if self.tp_group is not None:  # every rank must agree, or every rank restores
             import torch.distributed as dist
+
             flag = torch.tensor([1 if ok else 0])
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.tp_group)
             ok = bool(flag.item())
@@ -384,7 +429,7 @@ class Runtime:
         self.pending_version = version
         self.counters["swaps"] += 1
         if self._previous is not None:  # the kept copy follows the swap on the same stream
-            with torch.cuda.stream(stream) if stream is not None else _null():
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 torch._foreach_copy_(self._previous, self._live)
                 if self._previous_hot is not None:
                     self._previous_hot.copy_(self.swapper.hot)
@@ -393,7 +438,7 @@ class Runtime:
     def _restore(self, stream=None) -> None:
         if self._previous is None:
             return
-        with torch.cuda.stream(stream) if stream is not None else _null():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             torch._foreach_copy_(self._live, self._previous)
             if self._previous_hot is not None:
                 self.swapper.hot.copy_(self._previous_hot)
@@ -402,18 +447,26 @@ class Runtime:
         path = os.path.join(self.handoff_dir, HANDOFF)
         if not os.path.exists(path):
             return
-        from ..spec_io import read_spec
-        from ..weight_store import WeightStore
-        self.store = WeightStore.attach(read_spec(path)["store"])
+        from aurora_sgl.transport.handoff import read_handoff
+        from aurora_sgl.transport.weight_store import WeightStore
+
+        self.store = WeightStore.attach(read_handoff(path)["store"])
 
     def stats(self) -> dict:
         out = dict(self.counters, draft_version=self.draft_version)
         if self.staging is not None:
-            out.update(captured=self.staging.captured, staging_drops=self.staging.staging_drops,
-                       capture_skipped=self.staging.skipped)
+            out.update(
+                captured=self.staging.captured,
+                staging_drops=self.staging.staging_drops,
+                capture_skipped=self.staging.skipped,
+            )
         if self.prefill is not None:
-            out.update(prefill_captured=self.prefill.captured, prefill_staging_drops=self.prefill.staging_drops,
-                       prefill_rows_dropped=self.prefill.rows_dropped, prefill_skipped=self.prefill.skipped)
+            out.update(
+                prefill_captured=self.prefill.captured,
+                prefill_staging_drops=self.prefill.staging_drops,
+                prefill_rows_dropped=self.prefill.rows_dropped,
+                prefill_skipped=self.prefill.skipped,
+            )
         if self.ring is not None:
             out.update({f"ring_{k}": v for k, v in self.ring.stats().items()})
         return out
@@ -423,6 +476,7 @@ class Runtime:
         rank = 0
         try:
             from sglang.srt.runtime_context import get_parallel
+
             rank = get_parallel().tp_rank
         except Exception:
             pass
@@ -434,13 +488,6 @@ class Runtime:
 
 
 def _write_handoff(directory: str, spec: dict) -> None:
-    from ..spec_io import write_spec
-    write_spec(spec, os.path.join(directory, HANDOFF))
+    from aurora_sgl.transport.handoff import write_handoff
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    write_handoff(spec, os.path.join(directory, HANDOFF))

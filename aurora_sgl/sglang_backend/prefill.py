@@ -1,7 +1,7 @@
 """What the prefill hook keeps of one extend (prompt) batch, and how it becomes ring records.
 
 The embedded engine records every prompt position it computes as `StepRecord(prefill=True)`
-pieces of at most K+1 rows (engine.py `_prefill_records`); the trainer joins them with the decode
+pieces of at most K+1 rows (`records.prompt_records`, shared with the engine); the trainer joins them with the decode
 records of the same request (trainer.py `Stitcher`), and needs them: the draft head drafts from
 the prompt's context. This module gives the SGLang backend the same contract.
 
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import StepRecord
+from aurora_sgl.records import StepRecord, prompt_records
+
 from .capture import Sequencer
 
 
@@ -77,20 +78,33 @@ def keep_plan(lengths: list[int], capacity: int) -> list[int]:
 class PrefillStaging:
     """A few device slots of `max_rows` prompt rows each; records are pieces of `num_steps`+1 rows."""
 
-    def __init__(self, max_rows: int, num_steps: int, aux_dim: int, hidden_dim: int,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, slots: int = 2,
-                 sequencer=None):
+    def __init__(
+        self,
+        max_rows: int,
+        num_steps: int,
+        aux_dim: int,
+        hidden_dim: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        slots: int = 2,
+        sequencer=None,
+    ):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.max_rows, self.k = max_rows, num_steps
         self.sequencer = sequencer if sequencer is not None else Sequencer()
         z = dict(dtype=torch.long, device=self.device)
-        self.slots = [_PrefillSlot(
-            inputs=torch.zeros(max_rows, **z), nexts=torch.zeros(max_rows, **z),
-            aux=torch.zeros(max_rows, aux_dim, dtype=dtype, device=self.device),
-            final=torch.zeros(max_rows, hidden_dim, dtype=dtype, device=self.device),
-            ready=torch.cuda.Event() if self.cuda else None,
-            drained=torch.cuda.Event() if self.cuda else None) for _ in range(slots)]
+        self.slots = [
+            _PrefillSlot(
+                inputs=torch.zeros(max_rows, **z),
+                nexts=torch.zeros(max_rows, **z),
+                aux=torch.zeros(max_rows, aux_dim, dtype=dtype, device=self.device),
+                final=torch.zeros(max_rows, hidden_dim, dtype=dtype, device=self.device),
+                ready=torch.cuda.Event() if self.cuda else None,
+                drained=torch.cuda.Event() if self.cuda else None,
+            )
+            for _ in range(slots)
+        ]
         self._next = 0
         self.captured = self.staging_drops = self.skipped = self.rows_dropped = self.drained_records = 0
 
@@ -110,8 +124,12 @@ class PrefillStaging:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.drained)
         kept = keep_plan(step.lengths, self.max_rows)
-        pairs = [(slot.inputs, step.input_ids), (slot.nexts, step.next_ids),
-                 (slot.aux, step.aux_hidden), (slot.final, step.final_hidden)]
+        pairs = [
+            (slot.inputs, step.input_ids),
+            (slot.nexts, step.next_ids),
+            (slot.aux, step.aux_hidden),
+            (slot.final, step.final_hidden),
+        ]
         if sum(kept) == total:  # the common case: one copy per tensor
             for dst, src in pairs:
                 dst[:total].copy_(src[:total])
@@ -120,15 +138,19 @@ class PrefillStaging:
             for n, m in zip(step.lengths, kept):
                 if m:
                     for dst, src in pairs:
-                        dst[dst_at:dst_at + m].copy_(src[src_at + n - m:src_at + n])
+                        dst[dst_at : dst_at + m].copy_(src[src_at + n - m : src_at + n])
                 src_at += n
                 dst_at += m
             self.rows_dropped += total - sum(kept)
         if self.cuda:
             slot.ready.record()
-        slot.meta = {"ids": list(step.request_ids), "lens": kept, "version": step.draft_version,
-                     "starts": [s + n - m for s, n, m in zip(step.starts, step.lengths, kept)],
-                     "seq": self.sequencer.next()}
+        slot.meta = {
+            "ids": list(step.request_ids),
+            "lens": kept,
+            "version": step.draft_version,
+            "starts": [s + n - m for s, n, m in zip(step.starts, step.lengths, kept)],
+            "seq": self.sequencer.next(),
+        }
         slot.full = True
         self.captured += 1
         return True
@@ -139,20 +161,12 @@ class PrefillStaging:
 
     def records(self, slot: _PrefillSlot) -> list[StepRecord]:
         """The slot's prompt rows as prefill records of at most K+1 rows (the ring's row limit)."""
-        rows = self.k + 1
         m = slot.meta
-        dev = slot.inputs.device
-        none = torch.full((self.k,), -1, dtype=torch.long, device=dev)
-        outcome = torch.full((self.k,), -1, dtype=torch.int8, device=dev)
         out, at = [], 0
         for rid, start, n in zip(m["ids"], m["starts"], m["lens"]):
-            for s in range(0, n, rows):
-                e = min(n, s + rows)
-                out.append(StepRecord(
-                    request_id=rid, position=start + s, draft_tokens=none, target_tokens=none,
-                    outcome=outcome, num_accepted=e - s - 1, committed=[],
-                    input_tokens=slot.inputs[at + s:at + e], next_tokens=slot.nexts[at + s:at + e],
-                    aux_hidden=slot.aux[at + s:at + e], final_hidden=slot.final[at + s:at + e],
-                    draft_version=m["version"], prefill=True))
+            rows = slice(at, at + n)
+            out += prompt_records(
+                rid, start, self.k, slot.inputs[rows], slot.nexts[rows], slot.aux[rows], slot.final[rows], m["version"]
+            )
             at += n
         return out

@@ -23,7 +23,7 @@ copies into the same storage, sharded exactly as at startup; a few Python calls 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -50,8 +50,9 @@ class PlanMismatch(ValueError):
     """The draft module's parameters are not shaped like one unsharded head (e.g. TP > 1)."""
 
 
-def build_plan(model: nn.Module, layout: Mapping[str, tuple[Sequence[int], torch.dtype]],
-               shared_ptrs: set[int] = frozenset()) -> tuple[list[torch.Tensor], list[str], list[str]]:
+def build_plan(
+    model: nn.Module, layout: Mapping[str, tuple[Sequence[int], torch.dtype]], shared_ptrs: set[int] = frozenset()
+) -> tuple[list[torch.Tensor], list[str], list[str]]:
     """(destination views, store names in the same order, skipped SGLang parameter names)."""
     params = dict(model.named_parameters())
     dst, src, skipped = [], [], []
@@ -87,7 +88,7 @@ def build_plan(model: nn.Module, layout: Mapping[str, tuple[Sequence[int], torch
             continue
         start = 0
         for (_, n), r in zip(parts, rows):
-            dst.append(p.data[start:start + r])
+            dst.append(p.data[start : start + r])
             src.append(n)
             start += r
     return dst, src, skipped
@@ -97,8 +98,14 @@ class DraftSwapper:
     """Swaps store tensors into `model` (SGLang's draft module) and `hot_token_id` (the draft
     worker's map). `shared` lists tensors owned by the target (e.g. its parameters)."""
 
-    def __init__(self, model: nn.Module, hot_token_id: torch.Tensor | None, store_names: Sequence[str],
-                 layout: Mapping[str, tuple[Sequence[int], torch.dtype]], shared: Sequence[torch.Tensor] = ()):
+    def __init__(
+        self,
+        model: nn.Module,
+        hot_token_id: torch.Tensor | None,
+        store_names: Sequence[str],
+        layout: Mapping[str, tuple[Sequence[int], torch.dtype]],
+        shared: Sequence[torch.Tensor] = (),
+    ):
         self.model = model
         self.hot = hot_token_id
         self.names = list(store_names)
@@ -140,8 +147,7 @@ class DraftSwapper:
         weights = [(n, v) for n, v in zip(self.names, views) if n not in NOT_WEIGHTS]
         hot = getattr(self.model, "hot_token_id", None)
         # load_weights would route d2t into a new `hot_token_id` object; it never sees d2t here.
-        self.model.load_weights([(n, v) for n, v in weights
-                                 if _loader_target(n) not in skip])
+        self.model.load_weights([(n, v) for n, v in weights if _loader_target(n) not in skip])
         if hot is not None:
             self.model.hot_token_id = hot
 

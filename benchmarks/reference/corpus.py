@@ -121,10 +121,12 @@ def shakespeare(data_dir: Path) -> Domain:
     text = path.read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)
     cut = text.rfind("\n\n", 0, cut) + 2
+
     # Scenes are split at blank lines into passages of a few speeches each.
     def passages(part: str) -> list[str]:
         speeches = part.split("\n\n")
-        return [f"{BOS}" + "\n\n".join(speeches[i:i + 6]) + f"{EOS}\n" for i in range(0, len(speeches), 6)]
+        return [f"{BOS}" + "\n\n".join(speeches[i : i + 6]) + f"{EOS}\n" for i in range(0, len(speeches), 6)]
+
     return Domain(train=passages(text[:cut]), heldout=passages(text[cut:]))
 
 

@@ -1,6 +1,6 @@
 """Write the reference model's card (README.md) from the training run's training_stats.json.
 
-    python benchmarks/reference/model_card.py [MODEL_DIR]
+python benchmarks/reference/model_card.py [MODEL_DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def write_model_card(out: Path) -> Path:
     rows = "\n".join(f"| {d} | {v:.3f} | {bounds.get(d, float('nan')):.2f} |" for d, v in losses.items())
     samples = "\n\n".join(
         f"**{d}** prompt:\n\n```\n{stats['prompts'][d]}\n```\n\ngreedy continuation (48 tokens):\n\n```\n{text}\n```"
-        for d, text in stats["greedy_samples"].items())
+        for d, text in stats["greedy_samples"].items()
+    )
     card = f"""# aurora_sgl reference target model
 
 A small Llama-architecture causal LM trained by this project so that everything -- tests, benchmarks,
@@ -31,10 +32,10 @@ benchmarks rely on. It is not a useful assistant.
 
 | | |
 |---|---|
-| architecture | `LlamaForCausalLM`, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, MLP {cfg['intermediate_size']}, {cfg['num_attention_heads']} heads, context {cfg['max_position_embeddings']} |
-| parameters | {stats['parameters']:,} ({size_mb:.1f} MB in bf16 safetensors) |
-| tokenizer | byte-level BPE, {cfg['vocab_size']} tokens, trained with `tokenizers`; specials `<|bos|>`, `<|eos|>`, `<|pad|>`, `<|system|>`, `<|user|>`, `<|assistant|>`; chat template in `tokenizer_config.json` / `chat_template.jinja` |
-| training | {stats['steps']} steps x {stats['batch_size']} x {stats['seq_len']} tokens = {stats['train_tokens_seen']:,} tokens, AdamW lr {stats['lr']} cosine, seed {stats['seed']}, {stats['threads']} CPU threads: {stats['train_minutes']} min of training, {stats['total_minutes']} min in all on a 2-core machine |
+| architecture | `LlamaForCausalLM`, {cfg["num_hidden_layers"]} layers, hidden {cfg["hidden_size"]}, MLP {cfg["intermediate_size"]}, {cfg["num_attention_heads"]} heads, context {cfg["max_position_embeddings"]} |
+| parameters | {stats["parameters"]:,} ({size_mb:.1f} MB in bf16 safetensors) |
+| tokenizer | byte-level BPE, {cfg["vocab_size"]} tokens, trained with `tokenizers`; specials `<|bos|>`, `<|eos|>`, `<|pad|>`, `<|system|>`, `<|user|>`, `<|assistant|>`; chat template in `tokenizer_config.json` / `chat_template.jinja` |
+| training | {stats["steps"]} steps x {stats["batch_size"]} x {stats["seq_len"]} tokens = {stats["train_tokens_seen"]:,} tokens, AdamW lr {stats["lr"]} cosine, seed {stats["seed"]}, {stats["threads"]} CPU threads: {stats["train_minutes"]} min of training, {stats["total_minutes"]} min in all on a 2-core machine |
 | command | `python benchmarks/reference/train_target.py` (it also writes this card, via `benchmarks/reference/model_card.py`) |
 
 ## Data (all local, permissively licensed)
@@ -46,7 +47,7 @@ benchmarks rely on. It is not a useful assistant.
 HumanEval and MT-Bench are never read. `heldout_sample.jsonl` carries a few KB of each held-out
 domain so the tests can check the loss without the datasets.
 
-## Held-out loss (nats per token, {stats.get('eval_windows', 48)} windows of 256 tokens per domain)
+## Held-out loss (nats per token, {stats.get("eval_windows", 48)} windows of 256 tokens per domain)
 
 | domain | loss | bound asserted by `tests/test_reference_model.py` |
 |---|---|---|

@@ -79,8 +79,13 @@ def main(argv=None) -> int:
     held = {d: token_stream(tokenizer, dom.heldout) for d, dom in corpus.items()}
     print(f"data: {time.time() - t0:.0f}s", flush=True)
 
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **DRAFT_SHAPE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **DRAFT_SHAPE,
+    )
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
@@ -108,11 +113,20 @@ def main(argv=None) -> int:
     losses = {d: round(heldout_loss(model, s, args.eval_windows, 256), 4) for d, s in held.items()}
     # Shipped in float32, the dtype the benchmark runs it in (about 5 MB with tied embeddings).
     model.save_pretrained(args.out, safe_serialization=True)
-    stats = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-             "lr": args.lr, "threads": args.threads, "train_minutes": round(train_minutes, 1),
-             "train_tokens_seen": args.steps * args.batch_size * args.seq_len,
-             "parameters": sum(p.numel() for p in model.parameters()),
-             "heldout_loss_nats": losses, "eval_windows": args.eval_windows, "target": "aurora_sgl/reference_model"}
+    stats = {
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "threads": args.threads,
+        "train_minutes": round(train_minutes, 1),
+        "train_tokens_seen": args.steps * args.batch_size * args.seq_len,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout_loss_nats": losses,
+        "eval_windows": args.eval_windows,
+        "target": "aurora_sgl/reference_model",
+    }
     (args.out / "training_stats.json").write_text(json.dumps(stats, indent=2))
     write_card(args.out, stats)
     print(json.dumps(stats, indent=2))
@@ -124,15 +138,15 @@ def write_card(out: Path, stats: dict) -> None:
     rows = "\n".join(f"| {d} | {v:.3f} | {target[d]:.3f} |" for d, v in stats["heldout_loss_nats"].items())
     (out / "README.md").write_text(f"""# Draft LM for the aurora_sgl reference model
 
-A {DRAFT_SHAPE['num_hidden_layers']}-layer, hidden-{DRAFT_SHAPE['hidden_size']} Llama ({stats['parameters']:,} parameters,
+A {DRAFT_SHAPE["num_hidden_layers"]}-layer, hidden-{DRAFT_SHAPE["hidden_size"]} Llama ({stats["parameters"]:,} parameters,
 tied embeddings, float32) sharing the reference model's tokenizer, trained from scratch by
 `python benchmarks/reference/train_draft_lm.py` on the reference model's corpus and mixture
 (benchmarks/reference/corpus.py: Python stdlib, GSM8K train, Tiny Shakespeare, stdlib docstrings;
-all permissively licensed): {stats['steps']} steps x {stats['batch_size']} x {stats['seq_len']} tokens, AdamW lr {stats['lr']}
-cosine, seed {stats['seed']}, {stats['threads']} CPU thread, {stats['train_minutes']} min. It exists only as the
+all permissively licensed): {stats["steps"]} steps x {stats["batch_size"]} x {stats["seq_len"]} tokens, AdamW lr {stats["lr"]}
+cosine, seed {stats["seed"]}, {stats["threads"]} CPU thread, {stats["train_minutes"]} min. It exists only as the
 `assistant_model` of transformers' assisted generation in benchmarks/speed.py.
 
-Held-out loss (nats per token, {stats['eval_windows']} windows of 256 tokens per domain):
+Held-out loss (nats per token, {stats["eval_windows"]} windows of 256 tokens per domain):
 
 | domain | draft LM | reference model |
 |---|---|---|

@@ -27,8 +27,8 @@ from corpus import ASSISTANT, BOS, EOS, USER, load_corpus  # noqa: E402
 from train_target import DEFAULT_DATA  # noqa: E402
 
 from aurora_sgl import reference_head_path  # noqa: E402
-from aurora_sgl.engine import Engine  # noqa: E402
-from aurora_sgl.offline_train import train_head_offline  # noqa: E402
+from aurora_sgl.engine.engine import Engine  # noqa: E402
+from aurora_sgl.training.offline import train_head_offline  # noqa: E402
 
 
 def domain_prompts(data_dir: Path, per_domain: int, seed: int) -> dict[str, list[str]]:
@@ -69,8 +69,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--domains", default="code,math,prose",
-                    help="comma-separated subset of code, math, prose (e.g. 'code' for a code-only head)")
+    ap.add_argument(
+        "--domains",
+        default="code,math,prose",
+        help="comma-separated subset of code, math, prose (e.g. 'code' for a code-only head)",
+    )
     args = ap.parse_args(argv)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     if not domains or set(domains) - {"code", "math", "prose"}:
@@ -85,10 +88,24 @@ def main(argv=None) -> int:
     engine = Engine(num_speculative_steps=0, max_running_requests=16)
     flat = [p for d in domains for p in prompts[d]]
     # Chat prompts already carry the BOS text; plain ones get it from the tokenizer.
-    head, info = train_head_offline(engine, flat, max_new_tokens=args.max_new_tokens, steps=args.steps,
-                                    batch_size=8, lr=1e-3, unroll=5, seed=args.seed)
+    head, info = train_head_offline(
+        engine,
+        flat,
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
+        batch_size=8,
+        lr=1e-3,
+        unroll=5,
+        seed=args.seed,
+    )
     head.save(args.out)
-    info.update(domains=domains, per_domain=args.per_domain, max_new_tokens=args.max_new_tokens, steps=args.steps, seed=args.seed)
+    info.update(
+        domains=domains,
+        per_domain=args.per_domain,
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
+        seed=args.seed,
+    )
     (args.out / "training_info.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))
     return 0

@@ -51,7 +51,7 @@ MODEL_SHAPE = dict(
 )
 
 PROMPTS = {
-    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "code": 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "math": "Question: Tom has 3 boxes with 12 apples each. He gives away 9 apples. How many apples does he have left?\nAnswer:",
     "prose": "ROMEO:\nBut soft, what light through yonder window breaks?\n",
 }
@@ -80,15 +80,23 @@ def train_tokenizer(corpus, vocab_size: int, out: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     texts = [t for dom in corpus.values() for t in dom.train]
     tok.train_from_iterator(texts, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
         additional_special_tokens=[s for s in SPECIAL_TOKENS if s not in (BOS, EOS, PAD)],
         model_max_length=MODEL_SHAPE["max_position_embeddings"],
     )
@@ -99,6 +107,7 @@ def train_tokenizer(corpus, vocab_size: int, out: Path):
 
 def token_stream(tokenizer, texts: list[str]):
     import torch
+
     # Documents already carry their own BOS/EOS markers as text; they become the special ids.
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
@@ -106,19 +115,21 @@ def token_stream(tokenizer, texts: list[str]):
 
 def sample_windows(stream, n: int, seq_len: int, gen):
     import torch
+
     starts = torch.randint(0, len(stream) - seq_len - 1, (n,), generator=gen)
-    return torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
 
 
 def heldout_loss(model, stream, windows: int, seq_len: int) -> float:
     import torch
     import torch.nn.functional as F
+
     stride = max(1, (len(stream) - seq_len - 1) // windows)
     losses = []
     with torch.no_grad():
         for w in range(windows):
             s = w * stride
-            chunk = stream[s:s + seq_len + 1].unsqueeze(0)
+            chunk = stream[s : s + seq_len + 1].unsqueeze(0)
             if chunk.shape[1] < seq_len + 1:
                 break
             logits = model(chunk[:, :-1]).logits
@@ -128,10 +139,11 @@ def heldout_loss(model, stream, windows: int, seq_len: int) -> float:
 
 def greedy(model, tokenizer, prompt: str, n: int = 48) -> str:
     import torch
+
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def main(argv=None) -> int:
@@ -153,12 +165,18 @@ def main(argv=None) -> int:
     tokenizer = train_tokenizer(corpus, args.vocab_size, args.out)
     streams = {d: token_stream(tokenizer, dom.train) for d, dom in corpus.items()}
     held = {d: token_stream(tokenizer, dom.heldout) for d, dom in corpus.items()}
-    print(f"tokenizer + data: {time.time() - t0:.0f}s; train tokens " +
-          ", ".join(f"{d}={len(s)}" for d, s in streams.items()), flush=True)
+    print(
+        f"tokenizer + data: {time.time() - t0:.0f}s; train tokens "
+        + ", ".join(f"{d}={len(s)}" for d, s in streams.items()),
+        flush=True,
+    )
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_SHAPE,
     )
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -189,12 +207,20 @@ def main(argv=None) -> int:
     samples = {d: greedy(model, tokenizer, p) for d, p in PROMPTS.items()}
     model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
     stats = {
-        "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "lr": args.lr, "threads": args.threads, "train_minutes": round(train_minutes, 1),
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "threads": args.threads,
+        "train_minutes": round(train_minutes, 1),
         "total_minutes": round((time.time() - t0) / 60, 1),
         "train_tokens_seen": args.steps * args.batch_size * args.seq_len,
-        "heldout_loss_nats": losses, "heldout_loss_bounds": loss_bounds(losses), "eval_windows": args.eval_windows,
-        "greedy_samples": samples, "prompts": PROMPTS,
+        "heldout_loss_nats": losses,
+        "heldout_loss_bounds": loss_bounds(losses),
+        "eval_windows": args.eval_windows,
+        "greedy_samples": samples,
+        "prompts": PROMPTS,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (args.out / "training_stats.json").write_text(json.dumps(stats, indent=2))

@@ -1,0 +1,556 @@
+"""The embedded speculative engine: continuous batching over a static KV cache, EAGLE-3 chain
+drafting, one target forward to verify, draft extend on what was accepted.
+
+One `step()`:
+  1. admit waiting requests into free cache slots;
+  2. prefill one chunk of every request still reading its prompt (the last chunk samples the first
+     token and runs the draft head over the prompt);
+  3. one speculative step for every request that is decoding: draft K tokens, verify them in one
+     target forward, commit the accepted prefix plus one target token, extend the draft head's
+     cache over the committed positions (this also yields the next step's first draft);
+  4. retire finished requests and compact the slots so the running batch stays a contiguous range
+     of cache rows (reads are then views, not gathers).
+K = 0 is plain autoregressive decoding by the same code path minus drafting.
+
+Every speculative step returns a `StepRecord` per request: what was drafted, what the target said
+at each draft position, and views of the target's hidden states at the committed positions. The
+online trainer's ring consumes these; the engine never waits on it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
+from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
+from aurora_sgl.engine.target import TargetModel, load_hf_causal_lm
+from aurora_sgl.engine.verify import sample_with_uniform, verify_greedy, verify_sampling
+from aurora_sgl.records import Outcome, StepRecord, prompt_records
+
+DEFAULT_DRAFT_VOCAB = 2048
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    state: str = "waiting"  # waiting -> prefill -> decode -> done
+    slot: int = -1
+    prefilled: int = 0
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    text: str | None = ""  # None: decode lazily from output_ids
+    verify_ct: int = 0
+    drafts_proposed: int = 0
+    drafts_accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_versions: set[int] = field(default_factory=set)
+    head_hidden: torch.Tensor | None = None  # head state after the last extend: next draft's input
+    head_logits: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "done"
+
+    @property
+    def last_position(self) -> int:
+        """Position of the newest committed token (not yet in the target's cache)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    @property
+    def accept_length(self) -> float:
+        """tau = 1 + accepted drafts per verify step (includes the bonus token)."""
+        return 1.0 + self.drafts_accepted / self.verify_ct if self.verify_ct else 0.0
+
+    def meta_info(self) -> dict:
+        return {
+            "id": self.id,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.output_ids),
+            "finish_reason": self.finish_reason,
+            "matched_stop": self.matched_stop,
+            "spec_verify_ct": self.verify_ct,
+            "spec_accept_length": round(self.accept_length, 4),
+            "spec_accept_rate": round(self.drafts_accepted / self.drafts_proposed, 4) if self.drafts_proposed else 0.0,
+            "spec_accept_per_position": [
+                round(a / self.verify_ct, 4) if self.verify_ct else 0.0 for a in self.accepted_per_position
+            ],
+            "draft_version": max(self.draft_versions) if self.draft_versions else None,
+        }
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        draft_model_path: str | None = None,
+        num_speculative_steps: int = 4,
+        max_running_requests: int = 16,
+        context_length: int | None = None,
+        prefill_chunk_size: int = 256,
+        draft_vocab_size: int | None = None,
+        aux_layer_ids: Sequence[int] | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        model=None,
+        tokenizer=None,
+    ):
+        from transformers import AutoTokenizer
+
+        from aurora_sgl import reference_model_path
+
+        if not isinstance(num_speculative_steps, int) or not 0 <= num_speculative_steps <= 16:
+            raise ValueError(f"num_speculative_steps must be an integer in [0, 16], got {num_speculative_steps!r}")
+        if max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if prefill_chunk_size < 1:
+            raise ValueError("prefill_chunk_size must be >= 1")
+        model_path = model_path or reference_model_path()
+        self.model_path = model_path
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+        hf = model if model is not None else load_hf_causal_lm(model_path, device, dtype)
+        cfg = hf.config
+        self.context_length = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.k = num_speculative_steps
+        self.chunk = prefill_chunk_size
+        self.max_running = max_running_requests
+        cache_len = self.context_length + max(self.chunk, self.k + 1) + 1
+        self.eos_ids = _eos_ids(cfg, self.tokenizer)
+
+        head = None
+        if draft_model_path:
+            head = Eagle3Head.load(draft_model_path, hf.get_input_embeddings(), device=device, dtype=dtype)
+            aux_layer_ids = head.config.aux_layer_ids or aux_layer_ids
+        self.target = TargetModel(hf, max_running_requests, cache_len, aux_layer_ids)
+        if head is None:
+            hcfg = Eagle3Config.for_target(cfg, draft_vocab_size or DEFAULT_DRAFT_VOCAB, self.target.aux_layer_ids)
+            head = Eagle3Head(hcfg, hf.get_input_embeddings()).to(device=device, dtype=dtype)
+            head.reset_parameters(seed)
+        head.config.aux_layer_ids = list(self.target.aux_layer_ids)
+        self.head = head.eval().requires_grad_(False)
+        hc = head.config
+        shape = (max_running_requests, hc.num_key_value_heads, cache_len, hc.head_dim)
+        self.head_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.head_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = torch.device(device)
+        self.draft_version = 0
+
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # running[i].slot == i, always
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards `waiting` for producers on other threads
+        self.record_sink: Callable[[list[StepRecord]], None] | None = None
+        # Prompt positions recorded per request: the last this many (None: all). Online training
+        # sets it to what the trainer keeps, so the ring is not filled with positions it drops.
+        self.record_prompt_tokens: int | None = None
+        self.before_step: Callable[[Engine], None] | None = None  # e.g. the weight-store poll
+
+    # ---- request intake ---------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            # Chat-templated text already starts with the BOS token; don't add a second one.
+            bos = self.tokenizer.bos_token
+            return self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+        ids = list(prompt)
+        vocab = self.target.vocab_size
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+            raise ValueError(f"input_ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        params = params or SamplingParams()
+        if any(i >= self.target.vocab_size for i in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {self.target.vocab_size})")
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.context_length:
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}"
+            )
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        req = Request(
+            id=request_id or uuid.uuid4().hex,
+            prompt_ids=ids,
+            params=params,
+            generator=torch.Generator().manual_seed(seed),
+            accepted_per_position=[0] * self.k,
+        )
+        with self._lock:
+            self.waiting.append(req)
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Finish a request now (client went away); its slot is freed at the end of the next step."""
+        with self._lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+        if not req.finished:
+            req.state, req.finish_reason = "done", "abort"
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[StepRecord]:
+        if self.before_step is not None:
+            self.before_step(self)
+        self._admit()
+        records: list[StepRecord] = []
+        prefilling = [r for r in self.running if r.state == "prefill"]
+        if prefilling:
+            records = self._prefill_chunk(prefilling)
+        decoding = [r for r in self.running if r.state == "decode"]
+        if decoding:
+            records += self._decode(decoding) if self.k else self._decode_plain(decoding)
+        self.retire_finished()
+        if records and self.record_sink is not None:
+            self.record_sink(records)
+        return records
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.waiting and len(self.running) < self.max_running:
+                req = self.waiting.pop(0)
+                if req.finished:
+                    continue
+                req.slot, req.state = len(self.running), "prefill"
+                self.running.append(req)
+
+    def retire_finished(self) -> None:
+        """Drop finished requests and compact the survivors into slots 0..n-1."""
+        keep = [r for r in self.running if not r.finished]
+        for new_slot, req in enumerate(keep):
+            if req.slot != new_slot:
+                length = req.last_position + 1 if req.state == "decode" else req.prefilled
+                self.target.move_slot(req.slot, new_slot, length)
+                self.head_k[new_slot, :, :length] = self.head_k[req.slot, :, :length]
+                self.head_v[new_slot, :, :length] = self.head_v[req.slot, :, :length]
+                req.slot = new_slot
+        self.running = keep
+
+    # ---- prefill ----------------------------------------------------------------------------
+    def _prefill_chunk(self, reqs: list[Request]) -> list[StepRecord]:
+        lens = [min(self.chunk, len(r.prompt_ids) - r.prefilled) for r in reqs]
+        width = max(lens)
+        b = len(reqs)
+        tokens = torch.zeros(b, width, dtype=torch.long)
+        positions = torch.empty(b, width, dtype=torch.long)
+        for i, (r, n) in enumerate(zip(reqs, lens)):
+            tokens[i, :n] = torch.tensor(r.prompt_ids[r.prefilled : r.prefilled + n])
+            # Padding continues past the chunk: those cache entries are overwritten before use.
+            positions[i] = torch.arange(r.prefilled, r.prefilled + width)
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        last = torch.tensor([n - 1 for n in lens], device=self.device)
+        out = self.target.forward(tokens, positions, slots, logits_rows=last)
+        next_in = torch.zeros_like(tokens)  # draft input at t is x_{t+1}
+        finishing = []
+        starts = [r.prefilled for r in reqs]
+        for i, (r, n) in enumerate(zip(reqs, lens)):
+            start = r.prefilled
+            r.prefilled += n
+            following = r.prompt_ids[start + 1 : start + n + 1]
+            if r.prefilled == len(r.prompt_ids):
+                finishing.append(i)
+                if r.params.max_new_tokens == 0:
+                    r.state, r.finish_reason = "done", "length"
+                    continue
+                first = self._sample_one(out.logits[i, 0], r)
+                following = following + [first]
+                self._commit(r, [first])
+            next_in[i, : len(following)] = torch.tensor(following, dtype=torch.long)
+        if self.k == 0:
+            for i in finishing:
+                if not reqs[i].finished:
+                    reqs[i].state = "decode"
+            return []
+        hidden = self.head.forward_cached(
+            out.aux_hidden, next_in.to(self.device), positions, self.head_k, self.head_v, slots
+        )
+        for i in finishing:
+            r = reqs[i]
+            if r.finished:
+                continue
+            h = hidden[i, lens[i] - 1]
+            r.head_hidden, r.head_logits = h, self.head.logits(h)
+            r.state = "decode"
+        return self._prefill_records(reqs, lens, starts, tokens, next_in, out) if self.record_sink else []
+
+    def _prefill_records(self, reqs, lens, starts, tokens, next_in, out) -> list[StepRecord]:
+        """The prompt's positions, cut into record-sized pieces: the trainer needs the context the
+        head attends to when it drafts, not only the generated positions."""
+        records = []
+        for i, (r, n) in enumerate(zip(reqs, lens)):
+            if r.finished and not r.output_ids:
+                continue  # max_new_tokens == 0 or EOS first: no continuation to learn from
+            first = 0
+            if self.record_prompt_tokens is not None:
+                first = max(0, len(r.prompt_ids) - self.record_prompt_tokens - starts[i])
+            records += prompt_records(
+                r.id,
+                starts[i],
+                self.k,
+                tokens[i, :n],
+                next_in[i, :n],
+                out.aux_hidden[i, :n],
+                out.final_hidden[i, :n],
+                self.draft_version,
+                first=first,
+            )
+        return records
+
+    def _sample_one(self, logits: torch.Tensor, r: Request) -> int:
+        p = r.params
+        if p.greedy:
+            return int(logits.argmax())
+        probs = probs_from_logits(
+            logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_p]), torch.tensor([p.top_k])
+        )
+        return int(sample_with_uniform(probs, torch.rand(1, generator=r.generator))[0])
+
+    # ---- decode -----------------------------------------------------------------------------
+    def _batch_tensors(self, reqs: list[Request]):
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        first = reqs[0].slot
+        contiguous = all(r.slot == first + i for i, r in enumerate(reqs))
+        return slots, ((first, first + len(reqs)) if contiguous else None)
+
+    def _param_tensors(self, reqs: list[Request]):
+        temp = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=self.device)
+        top_p = torch.tensor([r.params.top_p for r in reqs], device=self.device)
+        top_k = torch.tensor([r.params.top_k for r in reqs], device=self.device)
+        return temp, top_p, top_k
+
+    def _decode_plain(self, reqs: list[Request]) -> list[StepRecord]:
+        slots, srange = self._batch_tensors(reqs)
+        pos = torch.tensor([[r.last_position] for r in reqs], device=self.device)
+        tok = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
+        out = self.target.forward(tok, pos, slots, srange)
+        for i, r in enumerate(reqs):
+            self._commit(r, [self._sample_one(out.logits[i, 0], r)])
+        return []
+
+    def _decode(self, reqs: list[Request]) -> list[StepRecord]:
+        k, b, dev = self.k, len(reqs), self.device
+        slots, srange = self._batch_tensors(reqs)
+        n = torch.tensor([r.last_position for r in reqs], device=dev)
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
+        all_greedy = bool(greedy.all())
+        temp, top_p, top_k = self._param_tensors(reqs)
+        hot = self.head.hot_ids
+        vocab = self.target.vocab_size
+
+        # Draft: chain of K tokens, each step feeding the head its own hidden state.
+        hidden = torch.stack([r.head_hidden for r in reqs])
+        logits = torch.stack([r.head_logits for r in reqs])
+        drafts, draft_probs = [], []
+        for j in range(k):
+            if j:
+                hidden = self.head.forward_cached(
+                    hidden.unsqueeze(1),
+                    drafts[-1].unsqueeze(1),
+                    (n + j - 1).unsqueeze(1),
+                    self.head_k,
+                    self.head_v,
+                    slots,
+                    srange,
+                )[:, 0]
+                logits = self.head.logits(hidden)
+            choice = logits.argmax(-1)
+            if not all_greedy:
+                q = probs_from_logits(logits, temp, top_p, top_k)
+                u = torch.stack([torch.rand((), generator=r.generator) for r in reqs]).to(dev)
+                choice = torch.where(greedy, choice, sample_with_uniform(q, u))
+                # Garbage weights (NaN) give a garbage q. Any proposal is exact as long as the
+                # verifier knows its distribution, so call such a draft what it was: deterministic.
+                broken = ~torch.isfinite(q).all(-1)
+                if bool(broken.any()):
+                    q[broken] = torch.nn.functional.one_hot(choice[broken], q.shape[-1]).to(q.dtype)
+                draft_probs.append(torch.zeros(b, vocab, device=dev).index_copy_(1, hot, q))
+            drafts.append(hot[choice])
+        d = torch.stack(drafts, dim=1)  # [B, K]
+
+        # Verify: x_n, d_1..d_K at positions n..n+K in one target forward.
+        last_tok = torch.tensor([r.output_ids[-1] for r in reqs], device=dev)
+        tokens = torch.cat([last_tok.unsqueeze(1), d], dim=1)
+        positions = n.unsqueeze(1) + torch.arange(k + 1, device=dev)
+        out = self.target.forward(tokens, positions, slots, srange)
+        accepted, next_tok = verify_greedy(d, out.logits)
+        target_tok = out.logits.argmax(-1)[:, :k]
+        if not all_greedy:
+            p = probs_from_logits(
+                out.logits.reshape(b * (k + 1), vocab),
+                temp.repeat_interleave(k + 1),
+                top_p.repeat_interleave(k + 1),
+                top_k.repeat_interleave(k + 1),
+            ).view(b, k + 1, vocab)
+            u_acc = torch.stack([torch.rand(k, generator=r.generator) for r in reqs]).to(dev)
+            u_next = torch.stack([torch.rand((), generator=r.generator) for r in reqs]).to(dev)
+            s_acc, s_next = verify_sampling(d, torch.stack(draft_probs, dim=1), p, u_acc, u_next)
+            accepted = torch.where(greedy, accepted, s_acc)
+            next_tok = torch.where(greedy, next_tok, s_next)
+            # At T > 0 the target's token at a draft position is the one it committed there.
+            committed_at = torch.where(
+                torch.arange(k, device=dev) < accepted.unsqueeze(1), d, next_tok.unsqueeze(1).expand(b, k)
+            )
+            target_tok = torch.where(greedy.unsqueeze(1), target_tok, committed_at)
+
+        # Draft extend over committed positions n..n+a: input (aux_t, x_{t+1}).
+        idx = torch.arange(k + 1, device=dev).unsqueeze(0)
+        a = accepted.unsqueeze(1)
+        ext_tokens = torch.where(idx < a, torch.cat([d, d[:, :1]], dim=1), next_tok.unsqueeze(1))
+        ext_hidden = self.head.forward_cached(
+            out.aux_hidden, ext_tokens, positions, self.head_k, self.head_v, slots, srange
+        )
+        rows = torch.arange(b, device=dev)
+        new_hidden = ext_hidden[rows, accepted]
+        new_logits = self.head.logits(new_hidden)
+
+        accepted_l, d_l, next_l = accepted.tolist(), d.tolist(), next_tok.tolist()
+        outcome = torch.where(
+            idx[:, :k] < a, Outcome.ACCEPTED, torch.where(idx[:, :k] == a, Outcome.REJECTED, Outcome.NOT_REACHED)
+        ).to(torch.int8)
+        target_tok = torch.where(outcome == Outcome.NOT_REACHED, -1, target_tok)
+        records = []
+        for i, r in enumerate(reqs):
+            acc = accepted_l[i]
+            r.verify_ct += 1
+            r.drafts_proposed += k
+            r.drafts_accepted += acc
+            for j in range(acc):
+                r.accepted_per_position[j] += 1
+            r.draft_versions.add(self.draft_version)
+            committed = self._commit(r, d_l[i][:acc] + [next_l[i]])
+            r.head_hidden, r.head_logits = new_hidden[i], new_logits[i]
+            records.append(
+                StepRecord(
+                    request_id=r.id,
+                    position=int(n[i]),
+                    draft_tokens=d[i],
+                    target_tokens=target_tok[i],
+                    outcome=outcome[i],
+                    num_accepted=acc,
+                    committed=committed,
+                    input_tokens=tokens[i, : acc + 1],
+                    next_tokens=ext_tokens[i, : acc + 1],
+                    aux_hidden=out.aux_hidden[i, : acc + 1],
+                    final_hidden=out.final_hidden[i, : acc + 1],
+                    draft_version=self.draft_version,
+                )
+            )
+        return records
+
+    # ---- commit and stop conditions ---------------------------------------------------------
+    def _commit(self, r: Request, new_tokens: list[int]) -> list[int]:
+        """Append tokens until a stop condition; returns what was appended."""
+        p = r.params
+        appended = []
+        for tok in new_tokens:
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                r.state, r.finish_reason, r.matched_stop = "done", "stop", tok
+                break
+            r.output_ids.append(tok)
+            appended.append(tok)
+            if len(r.output_ids) >= p.max_new_tokens or r.last_position + 1 >= self.context_length:
+                r.state, r.finish_reason = "done", "length"
+                break
+        if p.stop and appended:
+            self._check_stop_strings(r, len(appended))
+        elif appended or r.finished:
+            r.text = None  # decoded lazily
+        return appended
+
+    def _check_stop_strings(self, r: Request, n_new: int) -> None:
+        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        hits = [(text.find(s), s) for s in r.params.stop if s in text]
+        if not hits:
+            r.text = text
+            return
+        cut, s = min(hits)
+        # Keep the fewest tokens whose text reaches the stop string; the text ends before it.
+        keep = len(r.output_ids) - n_new + 1
+        while keep < len(r.output_ids) and s not in self.tokenizer.decode(
+            r.output_ids[:keep], skip_special_tokens=True
+        ):
+            keep += 1
+        del r.output_ids[keep:]
+        r.text = text[:cut]
+        r.state, r.finish_reason, r.matched_stop = "done", "stop", s
+
+    def output_text(self, r: Request) -> str:
+        if r.text is None or not r.params.stop:
+            r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        return r.text
+
+    # ---- blocking and streaming APIs --------------------------------------------------------
+    def run_until_done(self, reqs: Sequence[Request]) -> None:
+        while not all(r.finished for r in reqs):
+            self.step()
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[dict]:
+        """Blocking generation; a single prompt (str or token list) or a list of them. Returns one
+        dict per prompt: text, output_ids, meta_info."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(plist)
+        reqs = [self.add_request(p, sp) for p, sp in zip(plist, params)]
+        self.run_until_done(reqs)
+        return [
+            {"text": self.output_text(r), "output_ids": list(r.output_ids), "meta_info": r.meta_info()} for r in reqs
+        ]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[dict]:
+        """Yield {"token_ids": new ids, "text": cumulative text, "finished", "meta_info"} as tokens
+        are committed; other requests in the engine advance too."""
+        req = self.add_request(prompt, params)
+        sent = 0
+        while True:
+            if not req.finished:
+                self.step()
+            if len(req.output_ids) > sent or req.finished:
+                new = req.output_ids[sent:]
+                sent = len(req.output_ids)
+                yield {
+                    "token_ids": new,
+                    "text": self.output_text(req),
+                    "finished": req.finished,
+                    "meta_info": req.meta_info(),
+                }
+            if req.finished:
+                return
+
+
+def _eos_ids(config, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(src)
+    return ids

@@ -1,0 +1,180 @@
+"""Request bodies of the HTTP API (OpenAI and SGLang-native) and their mapping to SamplingParams.
+
+Type errors are caught by pydantic (422); values pydantic cannot judge (NaN, ranges, stop lists)
+are checked by SamplingParams (400). Both come back as OpenAI-shaped errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from aurora_sgl.engine.sampling import SamplingParams
+
+MAX_N = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code or str(status)
+
+
+def error_body(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code or str(status)}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+Number = StrictInt | StrictFloat
+
+
+_NOT_NEUTRAL = object()
+# OpenAI fields this server does not implement, with the values that leave generation unchanged.
+OPENAI_NEUTRAL: dict[str, tuple] = {
+    "best_of": (1,),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (True, False),  # no tools: nothing to call in parallel
+    "top_logprobs": (0,),
+    "modalities": (["text"],),
+    "store": (False,),
+    "metadata": ({},),
+}
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    n: StrictInt = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    seed: StrictInt | None = None
+    ignore_eos: StrictBool = False
+    user: StrictStr | None = None
+
+    def unhonoured(self) -> list[str]:
+        """Fields sent that this server would not honour: anything it does not implement, unless
+        at the value that means "off" (OpenAI clients send some of them by default)."""
+        out = []
+        for name, value in (self.model_extra or {}).items():
+            neutral = OPENAI_NEUTRAL.get(name, _NOT_NEUTRAL)
+            if value is None or (neutral is not _NOT_NEUTRAL and value in neutral):
+                continue
+            if name == "best_of" and value == self.n:  # best of n among n: no extra sampling
+                continue
+            out.append(name)
+        return sorted(out)
+
+    def sampling_params(self, default_max_tokens: int, index: int = 0) -> SamplingParams:
+        if not 1 <= self.n <= MAX_N:
+            raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}")
+        seed = None if self.seed is None else self.seed + index
+        return build_params(
+            max_new_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,  # OpenAI's default
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            stop=self.stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            seed=seed,
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[dict[str, Any]]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+
+
+class NativeGenerateRequest(BaseModel):
+    """SGLang's /generate body (the fields this server honours; the rest must keep defaults)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: StrictStr | list[StrictStr] | None = None
+    input_ids: list[StrictInt] | list[list[StrictInt]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: StrictBool = False
+    rid: StrictStr | list[StrictStr] | None = None
+    return_logprob: StrictBool | list[StrictBool] = False
+
+
+# SGLang sampling keys we accept at their neutral value only (sent by frontend-language programs).
+_NEUTRAL = {
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "regex": None,
+    "json_schema": None,
+    "ebnf": None,
+    "n": 1,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "no_stop_trim": False,
+    "structural_tag": None,
+    "logit_bias": None,
+    "custom_params": None,
+    "stream_interval": None,
+    "stop_regex": None,
+}
+_NATIVE_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "ignore_eos", "seed"}
+
+
+def native_sampling_params(raw: dict | None, default_max_new_tokens: int = 128) -> SamplingParams:
+    raw = dict(raw or {})
+    unknown = [k for k in raw if k not in _NATIVE_KEYS and k not in _NEUTRAL]
+    if unknown:
+        raise APIError(400, f"unsupported sampling_params: {', '.join(sorted(unknown))}")
+    odd = [k for k, neutral in _NEUTRAL.items() if k in raw and raw[k] not in (None, "", [], {}) and raw[k] != neutral]
+    if odd:
+        raise APIError(
+            400, f"sampling_params not supported by this server (must keep their default): {', '.join(sorted(odd))}"
+        )
+    kwargs = {k: raw[k] for k in _NATIVE_KEYS if k in raw and raw[k] is not None}
+    if kwargs.get("stop") == []:  # frontend-language programs send an empty stop list
+        del kwargs["stop"]
+    kwargs.setdefault("max_new_tokens", default_max_new_tokens)
+    if "seed" in raw and raw["seed"] is None:
+        kwargs.pop("seed", None)
+    if "stop_token_ids" in kwargs and isinstance(kwargs["stop_token_ids"], list):
+        kwargs["stop_token_ids"] = tuple(kwargs["stop_token_ids"])
+    return build_params(**kwargs)
+
+
+def build_params(**kwargs) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, str(e)) from None

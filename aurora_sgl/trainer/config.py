@@ -1,0 +1,132 @@
+"""The trainer's settings: one dataclass that validates itself, so a bad value is refused by the
+launcher before any process or segment exists."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from aurora_sgl.training.losses import OBJECTIVES
+
+INJECT_KINDS = ("nan", "random", "corrupt")
+_INJECT = re.compile(r"\s*(nan|random|corrupt)\s*@\s*(\d+)\s*\Z")
+MIN_SEQUENCE_TOKENS = 3
+
+
+@dataclass
+class TrainerConfig:
+    objective: str = "kl"  # "kl" | "kl_rejected" | "accept" (see losses.draft_loss)
+    # None: 1e-3 from a random head, 3e-4 from a pretrained one. Aurora uses 1e-4 / 1e-5 on GPUs, where the
+    # trainer takes many steps per request; on CPU it takes ~0.1 (benchmarks/README.md, traffic shift), and
+    # a day-0 head's accept length over the third of three 48-request phases was 1.115 at 1e-4, 1.260 at 1e-3.
+    lr: float | None = None
+    clip: float = 2.5  # gradient-norm clip
+    weight_decay: float = 0.0  # AdamW
+    unroll: int = 5  # TTT unroll steps (weights 0.8**k live in draft_loss); also the guardrail's K
+    tokens_per_step: int = 1024  # recorded positions per optimizer step (~10 requests of 32 prompt + 64 generated)
+    # When the ring is empty (the trainer has caught up with the traffic), up to this many extra
+    # steps per fresh step on a sample of the most recent `replay_sequences` training sequences:
+    # idle compute spent on the traffic of the last minutes instead of sleeping. Sharp traffic
+    # shift, online from the static head, after-shift accept length over static: 1.12 without
+    # replay, 1.22 with 1, 1.26 with 3 (benchmarks/README.md).
+    replay_per_step: float = 3.0
+    replay_sequences: int = 64
+    max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
+    # Prompt positions kept per request: the last ones before the first generated token. The head
+    # drafts generated tokens, and on a long prompt the prompt is most of a step's compute (a
+    # 600-token prompt with 64 generated: 10x); with 32 the trainer keeps up with the traffic
+    # (benchmarks/README.md, traffic shift). 0 keeps none; -1 keeps every prompt position.
+    prompt_tokens: int = 32
+    publish_every: int = 4  # optimizer steps between publish attempts
+    rejected_weight: float = 2.0  # kl_rejected: a position whose draft was rejected weighs 1 + this
+    margin: float = 0.05  # publish if sim_tau(candidate) >= sim_tau(served) - margin
+    holdout_fraction: float = 0.1  # share of sequences kept out of training for the guardrail
+    holdout_capacity: int = 32  # the most recent held-out sequences kept
+    checkpoint_every: int = 5  # publishes between checkpoints
+    keep_checkpoints: int = 3
+    vocab_refresh_every: int = 10  # publishes between draft-vocabulary refreshes
+    vocab_change_threshold: float = 0.05  # remap only when more than this share of hot ids changes
+    vocab_count_decay: float = 0.5  # token counts are multiplied by this at each refresh (recency)
+    read_batch: int = 256  # ring records per read
+    idle_sleep_s: float = 0.005  # sleep when the ring is empty
+    segment_idle_s: float = 1.0  # ring empty this long: close every open segment (requests done)
+    heartbeat_s: float = 0.25  # status heartbeat while idle
+    seed: int = 0
+    inject: list[str] = field(default_factory=list)  # faults for tests: ["nan@2", "random@4"]
+    inject_bypass_guardrail: bool = False  # injected faults skip the guardrail (engine-side tests)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < 1):
+            raise ValueError(f"lr must be a number in (0, 1) or null, got {self.lr!r}")
+        for name in ("clip", "idle_sleep_s", "segment_idle_s", "heartbeat_s"):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "rejected_weight", "margin", "replay_per_step"):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        for name in (
+            "unroll",
+            "tokens_per_step",
+            "max_sequence_tokens",
+            "publish_every",
+            "holdout_capacity",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "vocab_refresh_every",
+            "read_batch",
+            "replay_sequences",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prompt_tokens, int) or isinstance(self.prompt_tokens, bool) or self.prompt_tokens < -1:
+            raise ValueError(f"prompt_tokens must be an integer >= -1 (-1: all), got {self.prompt_tokens!r}")
+        if self.max_sequence_tokens < MIN_SEQUENCE_TOKENS:
+            raise ValueError(f"max_sequence_tokens must be at least {MIN_SEQUENCE_TOKENS}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("holdout_fraction", "vocab_change_threshold"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value < 1):
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        if not (_is_number(self.vocab_count_decay) and 0 < self.vocab_count_decay <= 1):
+            raise ValueError(f"vocab_count_decay must be in (0, 1], got {self.vocab_count_decay!r}")
+        if not isinstance(self.inject_bypass_guardrail, bool):
+            raise ValueError("inject_bypass_guardrail must be true or false")
+        self.inject = list(self.inject.split(",") if isinstance(self.inject, str) else (self.inject or []))
+        self.inject_at()  # validates
+
+    def inject_at(self) -> dict[int, str]:
+        """{publish attempt number (1-based): fault kind}."""
+        out: dict[int, str] = {}
+        for item in self.inject:
+            m = _INJECT.match(item) if isinstance(item, str) else None
+            if not m or int(m.group(2)) < 1:
+                raise ValueError(
+                    f"inject entries look like 'nan@2' or 'random@4' (kinds: {', '.join(INJECT_KINDS)}; "
+                    f"publish numbers from 1), got {item!r}"
+                )
+            out[int(m.group(2))] = m.group(1)
+        return out
+
+    def resolved_lr(self, pretrained: bool) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return 3e-4 if pretrained else 1e-3
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TrainerConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown trainer config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

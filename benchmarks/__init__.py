@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run as `python benchmarks/<name>.py`; `benchmarks.common` is shared with the tests."""

@@ -1,0 +1,1 @@
+"""What the benchmarks and the tests share: where the datasets are, and the real server as a subprocess."""

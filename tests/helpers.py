@@ -1,0 +1,81 @@
+"""Small things the tests build: a random Llama, tiny EAGLE-3 heads, and the prompts a tiny head
+memorises. Fixtures that share them across a session live in conftest.py."""
+
+from __future__ import annotations
+
+import torch
+
+from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
+
+
+def make_tiny_llama(
+    vocab_size: int,
+    seed: int = 0,
+    layers: int = 6,
+    hidden: int = 64,
+    kv_heads: int = 2,
+    bos: int = 1,
+    eos: int = 2,
+    pad: int = 0,
+    init_range: float = 0.02,
+):
+    """A small random Llama for fast exactness tests (the reference model covers realism)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        initializer_range=init_range,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_head_config(
+    *,
+    hidden: int = 32,
+    vocab: int = 60,
+    draft_vocab: int = 24,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    aux_layer_ids: tuple[int, ...] = (0, 1, 2),
+) -> Eagle3Config:
+    return Eagle3Config(
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        draft_vocab_size=draft_vocab,
+        aux_layer_ids=list(aux_layer_ids),
+    )
+
+
+def tiny_head(config: Eagle3Config, embed=None, *, seed: int | None = None, hot_ids=None) -> Eagle3Head:
+    """A head for `config` (embedding zeros unless given), its weights drawn from `seed`."""
+    if embed is None:
+        embed = torch.zeros(config.vocab_size, config.hidden_size)
+    head = Eagle3Head(config, embed)
+    if seed is not None:
+        head.reset_parameters(seed)
+    if hot_ids is not None:
+        head.set_draft_vocab(hot_ids)
+    return head
+
+
+# Prompts the tiny head is trained on: it memorises their continuations, so with it drafts are
+# often accepted and the multi-token accept paths run (a random head only exercises rejections).
+PROMPTS = [
+    f"{kind} number {i}: " + "x " * (i % 7)
+    for i, kind in enumerate(["def f(x):", "Question: apples", "ROMEO:", "The module", "import os", "Tom has"] * 3)
+]
+MAX_NEW = 24
