@@ -23,8 +23,9 @@ from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_per_start, 
 from aurora_sgl.trainer.loop import Trainer
 from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
+from aurora_sgl.training.batches import HeadBatch, Sequence
 from aurora_sgl.training.losses import ttt_logits
-from aurora_sgl.training.offline import HeadBatch, Sequence, train_head_offline
+from aurora_sgl.training.offline import train_head_offline
 from aurora_sgl.transport.segments import SHM_DIR
 from aurora_sgl.transport.signal_ring import RingRecord, SignalRing
 from aurora_sgl.transport.trainer_status import TrainerStatus

@@ -18,26 +18,24 @@ MIN_SEQUENCE_TOKENS = 3
 @dataclass
 class TrainerConfig:
     objective: str = "kl"  # "kl" | "kl_rejected" | "accept" (see losses.draft_loss)
-    # None: 1e-3 from a random head, 3e-4 from a pretrained one. Aurora uses 1e-4 / 1e-5 on GPUs, where the
-    # trainer takes many steps per request; on CPU it takes ~0.1 (benchmarks/README.md, traffic shift), and
-    # a day-0 head's accept length over the third of three 48-request phases was 1.115 at 1e-4, 1.260 at 1e-3.
+    # None: 1e-3 from a random head, 3e-4 from a pretrained one: higher than Aurora's 1e-4 / 1e-5 on
+    # GPUs because a CPU trainer takes far fewer steps per request (benchmarks/README.md, traffic shift).
     lr: float | None = None
     clip: float = 2.5  # gradient-norm clip
     weight_decay: float = 0.0  # AdamW
     unroll: int = 5  # TTT unroll steps (weights 0.8**k live in draft_loss); also the guardrail's K
-    tokens_per_step: int = 1024  # recorded positions per optimizer step (~10 requests of 32 prompt + 64 generated)
+    tokens_per_step: int = 1024  # recorded positions per optimizer step
     # When the ring is empty (the trainer has caught up with the traffic), up to this many extra
     # steps per fresh step on a sample of the most recent `replay_sequences` training sequences:
-    # idle compute spent on the traffic of the last minutes instead of sleeping. Sharp traffic
-    # shift, online from the static head, after-shift accept length over static: 1.12 without
-    # replay, 1.22 with 1, 1.26 with 3 (benchmarks/README.md).
+    # idle compute spent on the traffic of the last minutes instead of sleeping (the figures behind
+    # the default: benchmarks/README.md, traffic shift).
     replay_per_step: float = 3.0
     replay_sequences: int = 64
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
     # Prompt positions kept per request: the last ones before the first generated token. The head
-    # drafts generated tokens, and on a long prompt the prompt is most of a step's compute (a
-    # 600-token prompt with 64 generated: 10x); with 32 the trainer keeps up with the traffic
-    # (benchmarks/README.md, traffic shift). 0 keeps none; -1 keeps every prompt position.
+    # drafts generated tokens, and on a long prompt the prompt is most of a step's compute; keeping
+    # the last few lets the trainer keep up with the traffic (benchmarks/README.md, traffic shift).
+    # 0 keeps none; -1 keeps every prompt position.
     prompt_tokens: int = 32
     publish_every: int = 4  # optimizer steps between publish attempts
     rejected_weight: float = 2.0  # kl_rejected: a position whose draft was rejected weighs 1 + this
@@ -54,7 +52,7 @@ class TrainerConfig:
     segment_idle_s: float = 1.0  # ring empty this long: close every open segment (requests done)
     heartbeat_s: float = 0.25  # status heartbeat while idle
     seed: int = 0
-    inject: list[str] = field(default_factory=list)  # faults for tests: ["nan@2", "random@4"]
+    inject: list[str] = field(default_factory=list)  # faults (trainer/faults.py): ["nan@2", "corrupt@4"]
     inject_bypass_guardrail: bool = False  # injected faults skip the guardrail (engine-side tests)
 
     def __post_init__(self):
@@ -107,7 +105,7 @@ class TrainerConfig:
             m = _INJECT.match(item) if isinstance(item, str) else None
             if not m or int(m.group(2)) < 1:
                 raise ValueError(
-                    f"inject entries look like 'nan@2' or 'random@4' (kinds: {', '.join(INJECT_KINDS)}; "
+                    f"inject entries look like 'nan@2' or 'corrupt@4' (kinds: {', '.join(INJECT_KINDS)}; "
                     f"publish numbers from 1), got {item!r}"
                 )
             out[int(m.group(2))] = m.group(1)

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 import torch
 
 from aurora_sgl.engine.draft_head import Eagle3Head
+from aurora_sgl.training.batches import HeadBatch, Sequence
 from aurora_sgl.training.losses import ttt_logits
-from aurora_sgl.training.offline import HeadBatch, Sequence
 
 
 def simulated_tau_per_start(

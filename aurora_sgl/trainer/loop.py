@@ -39,7 +39,7 @@ from aurora_sgl.trainer.faults import faulty_state, finite_state
 from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_sums
 from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
-from aurora_sgl.training.offline import HeadBatch, Sequence, draft_vocab_from_counts, train_step
+from aurora_sgl.training.batches import HeadBatch, Sequence, draft_vocab_from_counts, train_step
 from aurora_sgl.transport.handoff import read_handoff
 from aurora_sgl.transport.signal_ring import RingRecord, SignalRing
 from aurora_sgl.transport.trainer_status import TrainerStatus

@@ -9,7 +9,7 @@ import torch
 
 from aurora_sgl.records import first_rejection, is_prompt_record
 from aurora_sgl.trainer.config import MIN_SEQUENCE_TOKENS
-from aurora_sgl.training.offline import Sequence
+from aurora_sgl.training.batches import Sequence
 from aurora_sgl.transport.signal_ring import RingRecord
 
 
