@@ -106,6 +106,42 @@ def build_stream(domains: list[tuple[str, list[str]]], shift: str, per_phase: in
 
 
 # ---- running one arm in process ---------------------------------------------------------------------
+class TrainerStalled(RuntimeError):
+    pass
+
+
+class TrainerBudget:
+    """Lockstep with a modelled trainer device: `wait` returns once the trainer has trained at least
+    `ratio` x `recorded` positions (a position counts once per optimizer step whose loss includes
+    it, fresh or replayed). Serving itself never waits for the trainer: only this driver does."""
+
+    def __init__(self, ratio: float, stall_s: float):
+        self.ratio, self.stall_s = ratio, stall_s
+        self.waited_s = 0.0
+
+    def wait(self, recorded: int, trainer_state) -> None:
+        t0 = time.monotonic()
+        last_progress, last_trained = t0, None
+        while True:
+            trained = trainer_state().get("trained_positions") or 0
+            if trained >= self.ratio * recorded:
+                break
+            now = time.monotonic()
+            if trained != last_trained:
+                last_progress, last_trained = now, trained
+            elif now - last_progress > self.stall_s:
+                raise TrainerStalled(
+                    f"the trainer made no progress for {self.stall_s:.0f} s "
+                    f"({trained} positions trained, budget {self.ratio} x {recorded} recorded)"
+                )
+            time.sleep(0.01)
+        self.waited_s += time.monotonic() - t0
+
+
+def positions_ratio(trainer: dict, recorded: int) -> float | None:
+    return round((trainer.get("trained_positions") or 0) / recorded, 3) if recorded else None
+
+
 def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict:
     import torch
 
@@ -145,12 +181,15 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
     ]
     rows: list[dict | None] = [None] * len(stream)
     in_flight: dict[str, tuple[int, object, float]] = {}
+    budget = TrainerBudget(args.trainer_budget, args.stall_seconds) if online and args.trainer_budget else None
     nxt = 0
     bar = _progress(len(stream), arm)
     t_start = time.perf_counter()
     try:
         while nxt < len(stream) or in_flight:
             while nxt < len(stream) and len(in_flight) < args.concurrency:
+                if budget is not None:
+                    budget.wait(online.flywheel.recorded_positions, lambda: online.trainer_state())
                 req = engine.add_request(stream[nxt]["prompt"], params[nxt])
                 in_flight[req.id] = (nxt, req, time.perf_counter())
                 nxt += 1
@@ -180,6 +219,10 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
             extra = {
                 "trainer": online.trainer_state(),
                 "flywheel": online.flywheel.stats(),
+                "positions_per_recorded_position": positions_ratio(
+                    online.trainer_state(), online.flywheel.recorded_positions
+                ),
+                "budget_wait_s": round(budget.waited_s, 2) if budget else None,
                 "trainer_config": dict(args.trainer_config or {}, objective=args.objective),
             }
     finally:
@@ -231,13 +274,39 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
     bar = _progress(len(stream), arm)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
+    waited = [0.0]
+
     async def main():
         sem = asyncio.Semaphore(args.concurrency)
+        budget_lock = asyncio.Lock()
         t_start = time.perf_counter()
         async with httpx.AsyncClient(base_url=args.url, timeout=600, headers=headers) as client:
 
+            async def server_counts() -> tuple[int, dict]:
+                stats = (await client.get("/aurora/stats")).json()
+                return (stats.get("flywheel") or {}).get("recorded_positions", 0), stats.get("trainer") or {}
+
+            async def wait_for_budget():
+                # The server runs the budgeted trainer itself (--trainer-config '{"position_budget": R}').
+                t0 = time.monotonic()
+                last, since = None, t0
+                while True:
+                    recorded, trainer = await server_counts()
+                    trained = trainer.get("trained_positions") or 0
+                    if trained >= args.trainer_budget * recorded:
+                        break
+                    if trained != last:
+                        last, since = trained, time.monotonic()
+                    elif time.monotonic() - since > args.stall_seconds:
+                        raise TrainerStalled(f"the server's trainer made no progress for {args.stall_seconds:.0f} s")
+                    await asyncio.sleep(0.05)
+                waited[0] += time.monotonic() - t0
+
             async def one(item):
                 async with sem:
+                    if args.trainer_budget:
+                        async with budget_lock:
+                            await wait_for_budget()
                     body = {
                         "text": item["prompt"],
                         "sampling_params": {
@@ -267,13 +336,17 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                     bar.update(1)
 
             await asyncio.gather(*(one(item) for item in stream))
+            recorded, trainer = await server_counts()
+            extra["positions_per_recorded_position"] = positions_ratio(trainer, recorded)
         return time.perf_counter() - t_start
 
+    extra = {"url": args.url}
     try:
         wall = asyncio.run(main())
     finally:
         bar.close()
-    return _arm_result(rows, wall, None, {"url": args.url})
+    extra["budget_wait_s"] = round(waited[0], 2) if args.trainer_budget else None
+    return _arm_result(rows, wall, None, extra)
 
 
 def _progress(total: int, arm: str):
@@ -358,6 +431,9 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
         if "nospec" in arms
         else None,
         "trainer_steps_per_request": {a: res.get("trainer_steps_per_request") for a, res in arms.items()},
+        "positions_per_recorded_position": {
+            a: res.get("positions_per_recorded_position") for a, res in arms.items() if a in ONLINE_ARMS or "url" in res
+        },
     }
     after = slice(1, None)
 
@@ -465,6 +541,7 @@ def print_table(summary: dict, arms: dict) -> None:
         "recovery_requests",
         "settle_requests",
         "return_retention",
+        "positions_per_recorded_position",
     ):
         if key in summary:
             print(f"{key}: {json.dumps(summary[key])}")
@@ -491,6 +568,20 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--objective", choices=("kl", "kl_rejected", "accept"), default="kl")
     ap.add_argument("--lr", type=float, default=None, help="trainer learning rate (default: TrainerConfig's)")
     ap.add_argument("--trainer-config", default=None, help="JSON object of TrainerConfig fields")
+    ap.add_argument(
+        "--trainer-budget",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="a modelled trainer device: before each request is admitted, wait until the trainer has "
+        "trained R x the positions recorded so far (0: free-running)",
+    )
+    ap.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=300.0,
+        help="--trainer-budget: a trainer that makes no progress this long ends the run with an error",
+    )
     ap.add_argument("--static-head", default=str(STATIC_HEAD), help="head of the static / online_static arms")
     ap.add_argument("--offline-head", default=None, help="head of the offline arm (default: the reference head)")
     ap.add_argument("--url", default=None, help="drive a running server instead of in-process arms")
@@ -535,6 +626,10 @@ def validate(args) -> None:
             raise UsageError("--trainer-config must be a JSON object")
     if args.lr is not None:
         cfg["lr"] = args.lr
+    if args.trainer_budget < 0:
+        raise UsageError("--trainer-budget must be >= 0")
+    if args.trainer_budget and not args.url:
+        cfg["position_budget"] = args.trainer_budget  # the trainer stops at the budget too
     from aurora_sgl.trainer.config import TrainerConfig  # imports torch: after the cheap checks
 
     try:
@@ -592,14 +687,18 @@ def main(argv=None) -> int:
     stream = build_stream(domains, args.shift, args.requests_per_phase, args.seed)
     t0 = time.time()
     arms: dict[str, dict] = {}
-    if args.url:
-        arms[args.url_arm] = run_arm_url(args.url_arm, stream, args)
-    else:
-        from aurora_sgl.engine.target import load_hf_causal_lm
+    try:
+        if args.url:
+            arms[args.url_arm] = run_arm_url(args.url_arm, stream, args)
+        else:
+            from aurora_sgl.engine.target import load_hf_causal_lm
 
-        hf = load_hf_causal_lm(reference_model_path(), "cpu", torch.float32)
-        for arm in args.arms:
-            arms[arm] = run_arm_inprocess(arm, stream, args, hf, tokenizer)
+            hf = load_hf_causal_lm(reference_model_path(), "cpu", torch.float32)
+            for arm in args.arms:
+                arms[arm] = run_arm_inprocess(arm, stream, args, hf, tokenizer)
+    except TrainerStalled as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     summary = summarize(arms, stream, args.window, args.shift)
     result = {
         "commit": _commit(),
@@ -618,6 +717,7 @@ def main(argv=None) -> int:
             "window": args.window,
             "objective": args.objective,
             "trainer_config": args.trainer_config,
+            "trainer_budget": args.trainer_budget or None,
             "static_head": args.static_head,
             "offline_head": args.offline_head,
             "url": args.url,

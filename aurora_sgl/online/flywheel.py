@@ -64,6 +64,7 @@ class Flywheel:
         self.refused = 0
         self.last_refused_version = 0
         self.failed_copies = 0
+        self.recorded_positions = 0  # rows handed to the trainer (its budget counts per recorded position)
         self.last_swap_pause_s = 0.0
         self.swap_pauses: collections.deque = collections.deque(maxlen=4096)
         self._skip_through = engine.draft_version  # refused versions are not polled again
@@ -74,6 +75,7 @@ class Flywheel:
     def record_sink(self, records: list[StepRecord]) -> None:
         if self.ring is not None:
             self.ring.write_many(records)
+        self.recorded_positions += sum(r.input_tokens.numel() for r in records)
         for r in records:
             if not r.prefill and r.request_id not in self._probe_stale:
                 self._taus[r.draft_version].append(1 + r.num_accepted)
@@ -205,6 +207,7 @@ class Flywheel:
             "failed_copies": self.failed_copies,
             "last_swap_pause_s": self.last_swap_pause_s,
             "ring_written": ring.get("written", 0),
+            "recorded_positions": self.recorded_positions,
             "ring_drops": ring.get("drops", 0),
             "live_accept_length": {str(v): round(sum(t) / len(t), 4) for v, t in self._taus.items() if t},
         }

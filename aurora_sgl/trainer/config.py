@@ -30,6 +30,12 @@ class TrainerConfig:
     # idle compute spent on the traffic of the last minutes instead of sleeping (the figures behind
     # the default: benchmarks/README.md, traffic shift).
     replay_per_step: float = 3.0
+    # A modelled trainer device (benchmarks): > 0 trains exactly this many positions per recorded
+    # position -- it reads everything recorded, trains only while below the budget and then replays
+    # recent sequences without the per-step limit. 0: free-running (as fast as it can, up to the
+    # replay limit). A driver in lockstep with it measures what a trainer of that capacity learns,
+    # however fast this machine serves.
+    position_budget: float = 0.0
     replay_sequences: int = 64
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
     # Prompt positions kept per request: the last ones before the first generated token. The head
@@ -63,7 +69,7 @@ class TrainerConfig:
         for name in ("clip", "idle_sleep_s", "segment_idle_s", "heartbeat_s"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "rejected_weight", "margin", "replay_per_step"):
+        for name in ("weight_decay", "rejected_weight", "margin", "replay_per_step", "position_budget"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         for name in (

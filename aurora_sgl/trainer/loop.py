@@ -213,6 +213,9 @@ class Trainer:
         last_record = time.monotonic()
         while not self.should_stop():
             self.check_rollback()
+            if self.cfg.position_budget > 0:
+                last_record = self._budgeted_round(last_record)
+                continue
             if self.stitcher.closed_tokens >= self.cfg.tokens_per_step:
                 self._guarded(self.train_once)
                 self.beat()
@@ -238,6 +241,35 @@ class Trainer:
             time.sleep(self.cfg.idle_sleep_s)
         self.beat()
         return self.snapshot()
+
+    def _budgeted_round(self, last_record: float) -> float:
+        """One round of the modelled trainer device (`position_budget`): read everything recorded,
+        then one step if the trained positions are below budget x recorded -- fresh sequences
+        first, else a replay of recent ones. Returns when records last arrived."""
+        records = self.ring.read(self.cfg.read_batch)
+        now = time.monotonic()
+        if records:
+            self.ingest(records)
+            return now
+        budget = self.cfg.position_budget * self.counters["recorded_positions"]
+        if self.counters["trained_positions"] < budget:
+            if self.stitcher.closed_tokens >= self.cfg.tokens_per_step or (
+                self.stitcher.closed_tokens and now - last_record >= self.cfg.segment_idle_s
+            ):
+                self._guarded(self.train_once)
+                self.beat()
+                return last_record
+            if self.replay:
+                self._guarded(self.replay_once)
+                self.beat()
+                return last_record
+        if self.stitcher.open_tokens and now - last_record >= self.cfg.segment_idle_s:
+            self.stitcher.close_all()  # the engine is idle: its requests are done
+            return last_record
+        if now - self._last_beat >= self.cfg.heartbeat_s:
+            self.beat()
+        time.sleep(self.cfg.idle_sleep_s)
+        return last_record
 
     def _guarded(self, step) -> None:
         """Run one step; an error in it drops that step's batch and is counted, never the trainer:
