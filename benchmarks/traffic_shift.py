@@ -10,7 +10,7 @@ in flight (the way a server sees traffic). Streams (`--shift`):
   smooth  the same total, the domain mixture drifting linearly from the first domain to the last;
   return  sharp, then phase 1's domain once more (how much does coming back cost?).
 `--stream a.jsonl,b.jsonl,...` replaces the three datasets (rows with `prompt`, chat `messages`, or
-the datasets' own fields; see aurora_sgl/prompts.py). A phase longer than its file cycles through
+the datasets' own fields; see aurora_sgl/training/prompts.py). A phase longer than its file cycles through
 it again in a new order.
 
 Arms (same stream, same per-request seeds):
