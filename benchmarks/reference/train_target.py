@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -24,7 +23,10 @@ from corpus import BOS, EOS, PAD, SPECIAL_TOKENS, load_corpus  # noqa: E402
 from model_card import write_model_card  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = Path(os.environ.get("AURORA_DATASETS", REPO.parent / "shared" / "datasets"))
+sys.path.insert(0, str(REPO))
+from benchmarks.common.paths import datasets_dir  # noqa: E402
+
+DEFAULT_DATA = datasets_dir()
 DEFAULT_OUT = REPO / "aurora_sgl" / "reference_model"
 
 # Mixture of training windows per domain: code and math dominate because the benchmarks stream
