@@ -79,6 +79,24 @@ def test_quick_run_through_every_arm(tmp_path):
     assert "online_over_static_after_shift" in res.stdout
 
 
+def test_trainer_budget_keeps_the_trainer_in_lockstep(tmp_path):
+    # A modelled trainer device: before each admission the driver waits for 2 x the recorded
+    # positions to be trained, and the trainer itself stops at that budget.
+    stream, _ = _own_stream(tmp_path)
+    out = tmp_path / "budget.json"
+    res = _run("--quick", "--arms", "day0", *stream, "--trainer-budget", "2", "--out", str(out), "--no-plot")
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    arm = data["arms"]["day0"]
+    assert data["config"]["trainer_budget"] == 2 and data["config"]["trainer_config"]["position_budget"] == 2
+    trainer, recorded = arm["trainer"], arm["flywheel"]["recorded_positions"]
+    assert trainer["recorded_positions"] <= recorded and trainer["step_failures"] == 0
+    # At the last admission the trainer had 2 x what was recorded; the last requests add records.
+    assert 1.0 <= arm["positions_per_recorded_position"] <= 2.5, arm["positions_per_recorded_position"]
+    assert arm["budget_wait_s"] > 0
+    assert data["summary"]["positions_per_recorded_position"]["day0"] == arm["positions_per_recorded_position"]
+
+
 def test_drives_a_running_server(tmp_path):
     stream = tmp_path / "s.jsonl"
     stream.write_text("".join(json.dumps({"prompt": f"def add_{i}(a, b):\n"}) + "\n" for i in range(3)))
