@@ -371,6 +371,8 @@ def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_
             "1",
             "--speculative-num-draft-tokens",
             "6",
+            "--dtype",
+            "bfloat16",  # the target's: the draft is built alike (issue 13)
             "--host",
             "127.0.0.1",
             "--port",
