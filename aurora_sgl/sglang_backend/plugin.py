@@ -36,7 +36,8 @@ pipeline parallelism (draft on the last stage only) -- the runtime refuses to st
 
 Read from the 0.5.23 wheel beyond ../shared/DESIGN.md (and corrections to it):
   * the hot-token map the draft forward indexes is `EagleDraftWorker.hot_token_id`, a device copy
-    of `LlamaForCausalLMEagle3.hot_token_id`; a swap must write the worker's tensor;
+    of `LlamaForCausalLMEagle3.hot_token_id` made in `init_lm_head`, after the worker's __init__;
+    a swap must write the worker's tensor, so the swapper looks it up at each swap;
   * a draft config without `draft_vocab_size` makes SGLang borrow the target's lm_head
     (`load_lm_head_from_target`), so "the draft has its own lm_head" is not always true: the
     swapper skips any parameter whose storage a target parameter owns;
@@ -289,7 +290,7 @@ class Runtime:
         if keep_previous and swapper is not None:
             self._live = swapper.live_tensors()
             self._previous = [t.detach().clone() for t in self._live]
-            self._previous_hot = swapper.hot.detach().clone() if swapper.hot is not None else None
+            self._keep_hot()
         self.counters = {"swaps": 0, "failed_swaps": 0, "refused": 0, "records_written": 0, "markers": 0}
         self._last_export = 0.0
 
@@ -302,8 +303,6 @@ class Runtime:
         from aurora_sgl.transport.signal_ring import SignalRing, ring_capacity
         from aurora_sgl.transport.weight_store import WeightStore
 
-        from .swap import DraftSwapper
-
         par = get_parallel()
         if par.pp_size != 1 or getattr(par, "attn_dp_enabled", False):
             raise RuntimeError("pipeline parallelism and DP attention are not supported by the swap protocol")
@@ -315,8 +314,7 @@ class Runtime:
         head = Eagle3Head.load(sa.speculative_draft_model_path, torch.zeros(0))
         state = head.serving_state()
         layout = {n: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for n, t in state.items()}
-        target_params = list(worker._target_worker.model_runner.model.parameters())
-        swapper = DraftSwapper(model, getattr(dw, "hot_token_id", None), list(state), layout, shared=target_params)
+        swapper = draft_swapper(worker, list(state), layout)
         handoff_dir = os.environ[ENV_DIR]
         try:
             dp_rank = int(getattr(par, "dp_rank", None) or 0)
@@ -412,7 +410,15 @@ class Runtime:
             self._last_export = now
             self.export_counters()
 
+    def _keep_hot(self) -> None:
+        """The kept copy of the hot map, once the worker has one (SGLang creates it after the
+        worker's __init__, where this runtime is built)."""
+        if self._previous is not None and self._previous_hot is None and self.swapper.bind_hot() is not None:
+            self._previous_hot = self.swapper.hot.detach().clone()
+
     def swap_to(self, version: int, stream=None) -> bool:
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            self._keep_hot()  # before the swap writes the map
         ok = self.store.copy_with(self.swapper.swap, version, stream)
         if self.tp_group is not None:  # every rank must agree, or every rank restores
             import torch.distributed as dist
@@ -485,6 +491,19 @@ class Runtime:
         with open(tmp, "w") as f:
             json.dump(self.stats(), f)
         os.replace(tmp, path)
+
+
+def draft_swapper(worker, names, layout):
+    """The swapper for an `EAGLEWorkerV2`, built in its __init__ hook. The hot map is read from the
+    draft worker at each swap: `EagleDraftWorker.hot_token_id` only exists after the scheduler's
+    `alloc_memory_pool -> init_lm_head`, and that tensor (not the model's) is what drafting indexes."""
+    from .swap import DraftSwapper
+
+    dw = worker._draft_worker
+    target_params = list(worker._target_worker.model_runner.model.parameters())
+    return DraftSwapper(
+        dw.draft_runner.model, lambda: getattr(dw, "hot_token_id", None), names, layout, shared=target_params
+    )
 
 
 def _write_handoff(directory: str, spec: dict) -> None:
