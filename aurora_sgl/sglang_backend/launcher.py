@@ -139,6 +139,15 @@ def preflight() -> str | None:
     return None
 
 
+def unsupported(passthrough: list[str]) -> str | None:
+    """One-line reason an SGLang flag cannot run with online training, or None.
+    `--enable-multi-layer-eagle` selects `MultiLayerEagleWorkerV2`, not a subclass of the
+    `EAGLEWorkerV2` the plugin hooks: nothing would be captured and the trainer would wait forever."""
+    if _has_flag(passthrough, "--enable-multi-layer-eagle"):
+        return "--enable-multi-layer-eagle is not supported by --backend sglang (its worker is not hooked)"
+    return None
+
+
 def prepare_checkpoint_dir(path: str | None) -> tuple[str | None, str | None]:
     """(absolute checkpoint dir, None), or (None, one-line error). A missing directory is created
     0700 (checkpoints are the served weights); an existing one must accept a new file, tried by
@@ -259,7 +268,7 @@ def main(args, passthrough: list[str]) -> int:
     # Before anything starts: the trainer resumes from and saves into this directory.
     args.checkpoint_dir, error = prepare_checkpoint_dir(getattr(args, "checkpoint_dir", None))
     if not error:
-        error = preflight()
+        error = unsupported(passthrough) or preflight()
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
