@@ -331,6 +331,63 @@ def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_fac
             assert torch.equal(p, q), n
 
 
+class _Target(torch.nn.Module):
+    """What SGLang's init_lm_head asks of the target model: its embedding and lm_head."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.embed = torch.nn.Parameter(torch.randn(vocab, hidden))
+        self.lm_head = None
+
+    def get_embed_and_head(self):
+        return self.embed, None
+
+
+def test_hot_map_is_bound_to_the_worker_tensor_sglang_creates_after_the_init_hook(sgl_draft_factory):
+    """SGLang's order: EAGLEWorkerV2.__init__ (our hook builds the swapper) -> alloc_memory_pool ->
+    EagleDraftWorker.init_token_map / init_lm_head, which create the `hot_token_id` drafting
+    indexes. The first swap must write that very tensor."""
+    from types import SimpleNamespace
+
+    from sglang.srt.speculative.eagle_worker_v2 import EagleDraftWorker
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    served = Eagle3Head.load(reference_head_path(), torch.zeros(0))
+    draft = _load_with_sglang(sgl_draft_factory(reference_head_path()), Path(reference_head_path()))
+    c = served.config
+    target = _Target(c.vocab_size, c.hidden_size)
+    runner = SimpleNamespace(
+        model=target, model_config=SimpleNamespace(model_path=None, revision=None), load_config=None
+    )
+    dw = object.__new__(EagleDraftWorker)  # what its __init__ leaves: no hot map yet
+    dw.speculative_algorithm = SpeculativeAlgorithm.from_string("EAGLE3")
+    dw.draft_runner, dw.target_worker = SimpleNamespace(model=draft), SimpleNamespace(model_runner=runner)
+    worker = object.__new__(EAGLEWorkerV2)
+    worker._draft_worker, worker._target_worker = dw, dw.target_worker
+    store = WeightStore.create("test_sgl_hot", layout_of(served.serving_state()))
+    try:
+        store.publish(served.serving_state())
+        swapper = plugin.draft_swapper(worker, store.names, store.layout)  # the __init__ hook
+        rt = plugin.Runtime(
+            staging=None, ring=None, store=store, swapper=swapper, leader=True, handoff_dir=None, keep_previous=True
+        )
+        assert not hasattr(dw, "hot_token_id") and swapper.hot is None
+        dw.init_token_map()  # alloc_memory_pool, later in the scheduler's init
+        dw.init_lm_head()
+        hot = dw.hot_token_id
+        assert hot is not None and draft.model.embed_tokens.weight is target.embed  # SGLang shared it
+        new = Eagle3Head.load(reference_head_path(), torch.zeros(0))
+        new.set_draft_vocab(torch.arange(1000, 1000 + c.draft_vocab_size))
+        version = store.publish(new.serving_state())
+        assert rt.swap_to(version)
+        assert dw.hot_token_id is hot and swapper.hot.data_ptr() == hot.data_ptr()
+        assert torch.equal(hot, new.hot_ids) and not torch.equal(new.hot_ids, served.hot_ids)
+        assert torch.equal(rt._previous_hot, new.hot_ids)  # the kept copy follows the swap
+        assert torch.equal(draft.lm_head.weight, new.lm_head.weight)
+    finally:
+        store.close()
+
+
 # ---- launcher ---------------------------------------------------------------------------------------
 def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_path):
     from sglang.srt.server_args import prepare_server_args
@@ -371,6 +428,8 @@ def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_
             "1",
             "--speculative-num-draft-tokens",
             "6",
+            "--dtype",
+            "bfloat16",  # the target's: the draft is built alike (issue 13)
             "--host",
             "127.0.0.1",
             "--port",

@@ -35,3 +35,11 @@ def test_unusable_checkpoint_dir_is_one_line_error(tmp_path, capsys):
     assert main(args, []) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --checkpoint-dir") and err.strip().count("\n") == 0
+
+
+def test_multi_layer_eagle_is_refused_with_one_line_before_anything_starts(capsys):
+    """Issue 13, defect 8: `--enable-multi-layer-eagle` selects a worker the plugin does not hook."""
+    args = argparse.Namespace(checkpoint_dir=None)
+    assert main(args, ["--mem-fraction-static", "0.7", "--enable-multi-layer-eagle"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--enable-multi-layer-eagle" in err and "CUDA" not in err

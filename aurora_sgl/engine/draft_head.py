@@ -33,6 +33,24 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
     return [1, num_layers // 2 - 1, num_layers - 4]
 
 
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_name(dtype) -> str:
+    """'bfloat16' for torch.bfloat16 or 'bfloat16'; refuses dtypes a head cannot be served in."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"EAGLE-3 head dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return name
+
+
+def config_dtype(config) -> str:
+    """The dtype a Hugging Face config (object or dict) declares; float32 when it declares none,
+    as SGLang and transformers read it."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    return dtype_name(get("dtype") or get("torch_dtype") or "float32")
+
+
 @dataclass
 class Eagle3Config:
     hidden_size: int
@@ -48,14 +66,23 @@ class Eagle3Config:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
+    # The dtype a checkpoint's tensors and config carry: the target's. SGLang resolves a draft whose
+    # config says float32 to float16 under `--dtype auto`, whatever the target's dtype, and then
+    # shares the (e.g. bf16) target embedding into it: the first draft forward fails.
+    dtype: str = "float32"
 
     def __post_init__(self):
+        self.dtype = dtype_name(self.dtype)
         self.target_hidden_size = self.target_hidden_size or self.hidden_size
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if not 0 < self.draft_vocab_size <= self.vocab_size:
             raise ValueError(
                 f"draft_vocab_size must be in (0, vocab_size={self.vocab_size}], got {self.draft_vocab_size}"
             )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
     @classmethod
     def for_target(cls, target_config, draft_vocab_size: int | None = None, aux_layer_ids=None) -> Eagle3Config:
@@ -75,6 +102,7 @@ class Eagle3Config:
             rms_norm_eps=target_config.rms_norm_eps,
             rope_theta=float(rope_theta),
             max_position_embeddings=target_config.max_position_embeddings,
+            dtype=config_dtype(target_config),
         )
 
     def to_hf_json(self) -> dict:
@@ -96,7 +124,7 @@ class Eagle3Config:
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": self.hidden_act,
             "tie_word_embeddings": False,
-            "torch_dtype": "float32",
+            "torch_dtype": self.dtype,
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": self.aux_layer_ids, "use_aux_hidden_state": True},
         }
 
@@ -123,6 +151,7 @@ class Eagle3Config:
             rope_theta=cfg.get("rope_theta", 10000.0),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             hidden_act=cfg.get("hidden_act", "silu"),
+            dtype=config_dtype(cfg),
         )
 
 
@@ -264,14 +293,19 @@ class Eagle3Head(nn.Module):
         return dict(self.state_dict())
 
     def save(self, path: str | Path) -> None:
+        """config.json + model.safetensors, floating tensors in `config.dtype` (what the config
+        says is what the file holds; training keeps its own precision in memory)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.config.to_hf_json(), indent=2))
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.serving_state().items()}, str(path / "model.safetensors")
-        )
+        dtype = self.config.torch_dtype
+        tensors = {
+            k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+            for k, v in self.serving_state().items()
+        }
+        save_file(tensors, str(path / "model.safetensors"))
 
     @classmethod
     def load(cls, path: str | Path, embed_tokens, device="cpu", dtype=torch.float32) -> Eagle3Head:

@@ -37,14 +37,29 @@ def _has_flag(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
+def target_dtype(model_path: str) -> str | None:
+    """The dtype SGLang serves the target in under `--dtype auto` (its own resolution of the
+    target's config), or None when the config is not on this machine (SGLang will fetch it)."""
+    from sglang.srt.configs.model_config import _get_and_verify_dtype
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return str(_get_and_verify_dtype(cfg, "auto")).removeprefix("torch.")
+
+
 def sglang_argv(args, passthrough: list[str], draft_path: str) -> list[str]:
     """The SGLang command line equivalent to ours (without the program name)."""
     from aurora_sgl import reference_model_path
 
+    model_path = args.model_path or reference_model_path()
     steps = args.speculative_num_steps if args.speculative_num_steps is not None else DEFAULT_STEPS
     argv = [
         "--model-path",
-        args.model_path or reference_model_path(),
+        model_path,
         "--speculative-algorithm",
         "EAGLE3",
         "--speculative-draft-model-path",
@@ -60,6 +75,12 @@ def sglang_argv(args, passthrough: list[str], draft_path: str) -> list[str]:
         argv += ["--speculative-eagle-topk", str(DEFAULT_TOPK)]
         if not _has_flag(passthrough, "--speculative-num-draft-tokens"):
             argv += ["--speculative-num-draft-tokens", str(steps + 1)]  # a chain: steps + root
+    # The draft's ModelConfig is built from the draft's config with the server's --dtype: under
+    # `auto` a head saved in float32 becomes float16 while the target (say bf16) shares its
+    # embedding into it. One explicit dtype, the target's, serves both alike.
+    dtype = None if _has_flag(passthrough, "--dtype") else target_dtype(model_path)
+    if dtype is not None:
+        argv += ["--dtype", dtype]
     for flag, value in (
         ("--served-model-name", args.served_model_name),
         ("--api-key", args.api_key),
@@ -115,6 +136,15 @@ def preflight() -> str | None:
             "SGLang cannot find the aurora_sgl plugin entry point; reinstall the package "
             "(pip install -e .) so its metadata declares it"
         )
+    return None
+
+
+def unsupported(passthrough: list[str]) -> str | None:
+    """One-line reason an SGLang flag cannot run with online training, or None.
+    `--enable-multi-layer-eagle` selects `MultiLayerEagleWorkerV2`, not a subclass of the
+    `EAGLEWorkerV2` the plugin hooks: nothing would be captured and the trainer would wait forever."""
+    if _has_flag(passthrough, "--enable-multi-layer-eagle"):
+        return "--enable-multi-layer-eagle is not supported by --backend sglang (its worker is not hooked)"
     return None
 
 
@@ -238,7 +268,7 @@ def main(args, passthrough: list[str]) -> int:
     # Before anything starts: the trainer resumes from and saves into this directory.
     args.checkpoint_dir, error = prepare_checkpoint_dir(getattr(args, "checkpoint_dir", None))
     if not error:
-        error = preflight()
+        error = unsupported(passthrough) or preflight()
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ pipeline parallelism (draft on the last stage only) -- the runtime refuses to st
 
 Read from the 0.5.23 wheel beyond ../shared/DESIGN.md (and corrections to it):
   * the hot-token map the draft forward indexes is `EagleDraftWorker.hot_token_id`, a device copy
-    of `LlamaForCausalLMEagle3.hot_token_id`; a swap must write the worker's tensor;
+    of `LlamaForCausalLMEagle3.hot_token_id` made in `init_lm_head`, after the worker's __init__;
+    a swap must write the worker's tensor, so the swapper looks it up at each swap;
   * a draft config without `draft_vocab_size` makes SGLang borrow the target's lm_head
     (`load_lm_head_from_target`), so "the draft has its own lm_head" is not always true: the
     swapper skips any parameter whose storage a target parameter owns;
@@ -134,7 +135,19 @@ def _after_worker_init(result, worker, *args, **kwargs):
         set_runtime(Runtime.for_worker(worker))
     except Exception as e:  # serving goes on without online training
         log.error("aurora_sgl: online training disabled in this scheduler: %s", e)
+        set_runtime(Runtime.broken_rank(_tp_cpu_group()))
     return None
+
+
+def _tp_cpu_group():
+    """The TP CPU group when TP > 1, else None (also when SGLang cannot tell)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        par = get_parallel()
+        return par.tp_group.cpu_group if par.tp_size > 1 else None
+    except Exception:
+        return None
 
 
 def _around_verify(original, worker, batch, *args, **kwargs):
@@ -172,7 +185,7 @@ def _around_prefill(original, worker, batch, *args, **kwargs):
 
 def _after_pull(result, receiver, *args, **kwargs):
     rt = _RUNTIME
-    if rt is None or result is None or not rt.leader or rt.store is None:
+    if rt is None or result is None or not rt.leader or rt.store is None or rt.broken:
         return None
     version = rt.poll_new_version()
     if version:
@@ -192,7 +205,11 @@ def _after_recv(result, receiver, *args, **kwargs):
 def _after_iteration(result, scheduler, *args, **kwargs):
     rt = _RUNTIME
     if rt is not None:
-        rt.iteration(getattr(scheduler, "forward_stream", None))
+        try:
+            rt.iteration(getattr(scheduler, "forward_stream", None))
+        except Exception as e:  # serving goes on; swaps stop here and, at the next marker, everywhere
+            log.error("aurora_sgl: online training disabled after an error: %s", e)
+            rt.broken = True
     return None
 
 
@@ -289,9 +306,18 @@ class Runtime:
         if keep_previous and swapper is not None:
             self._live = swapper.live_tensors()
             self._previous = [t.detach().clone() for t in self._live]
-            self._previous_hot = swapper.hot.detach().clone() if swapper.hot is not None else None
+            self._keep_hot()
         self.counters = {"swaps": 0, "failed_swaps": 0, "refused": 0, "records_written": 0, "markers": 0}
         self._last_export = 0.0
+        self.broken = False  # no more swaps; with TP this rank still answers every swap's agreement
+
+    @classmethod
+    def broken_rank(cls, tp_group=None) -> Runtime:
+        """A rank whose runtime could not be built: it swaps nothing but joins each swap's MIN
+        all-reduce with BROKEN, so its TP peers neither hang nor serve a head it does not have."""
+        rt = cls(staging=None, ring=None, store=None, swapper=None, leader=False, handoff_dir=None, tp_group=tp_group)
+        rt.broken = True
+        return rt
 
     # -- construction inside SGLang --------------------------------------------------------------
     @classmethod
@@ -301,8 +327,6 @@ class Runtime:
         from aurora_sgl.engine.draft_head import Eagle3Head, default_aux_layer_ids
         from aurora_sgl.transport.signal_ring import SignalRing, ring_capacity
         from aurora_sgl.transport.weight_store import WeightStore
-
-        from .swap import DraftSwapper
 
         par = get_parallel()
         if par.pp_size != 1 or getattr(par, "attn_dp_enabled", False):
@@ -315,8 +339,7 @@ class Runtime:
         head = Eagle3Head.load(sa.speculative_draft_model_path, torch.zeros(0))
         state = head.serving_state()
         layout = {n: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for n, t in state.items()}
-        target_params = list(worker._target_worker.model_runner.model.parameters())
-        swapper = DraftSwapper(model, getattr(dw, "hot_token_id", None), list(state), layout, shared=target_params)
+        swapper = draft_swapper(worker, list(state), layout)
         handoff_dir = os.environ[ENV_DIR]
         try:
             dp_rank = int(getattr(par, "dp_rank", None) or 0)
@@ -400,6 +423,10 @@ class Runtime:
 
     # -- every rank, once per scheduler iteration ------------------------------------------------
     def iteration(self, forward_stream=None) -> None:
+        if self.broken:
+            if self.pending_version > self.draft_version:  # a marker every TP rank received
+                self.swap_to(self.pending_version, forward_stream)
+            return
         stagings = [st for st in (self.staging, self.prefill) if st is not None]
         if stagings and self.ring is not None:
             self.counters["records_written"] += drain_in_order(stagings, self.ring, self.side_stream)
@@ -412,18 +439,40 @@ class Runtime:
             self._last_export = now
             self.export_counters()
 
-    def swap_to(self, version: int, stream=None) -> bool:
-        ok = self.store.copy_with(self.swapper.swap, version, stream)
-        if self.tp_group is not None:  # every rank must agree, or every rank restores
-            import torch.distributed as dist
+    def _keep_hot(self) -> None:
+        """The kept copy of the hot map, once the worker has one (SGLang creates it after the
+        worker's __init__, where this runtime is built)."""
+        if self._previous is not None and self._previous_hot is None and self.swapper.bind_hot() is not None:
+            self._previous_hot = self.swapper.hot.detach().clone()
 
-            flag = torch.tensor([1 if ok else 0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.tp_group)
-            ok = bool(flag.item())
-        if not ok:
+    def swap_to(self, version: int, stream=None) -> bool:
+        """Swap every TP rank to `version`, or none. A rank's result is COPIED, RETRY (the trainer
+        rewrote the source meanwhile: try at the next marker) or BROKEN (an error, or a rank
+        without a runtime); the ranks agree on the worst (MIN), restore the previous weights unless
+        all copied, and after BROKEN all stop swapping -- in the same iteration, so none waits in
+        an all-reduce the others left."""
+        status = BROKEN
+        if not self.broken:
+            try:
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    self._keep_hot()  # before the swap writes the map
+                status = COPIED if self.store.copy_with(self.swapper.swap, version, stream) else RETRY
+            except Exception as e:
+                log.error("aurora_sgl: swap to version %d failed: %s", version, e)
+        if self.tp_group is not None:
+            status = agree(status, self.tp_group)
+        if status != COPIED:
             self.counters["failed_swaps"] += 1
-            self._restore(stream)
             self.pending_version = self.draft_version
+            if not self.broken:
+                try:
+                    self._restore(stream)
+                except Exception as e:
+                    log.error("aurora_sgl: restoring the previous draft failed: %s", e)
+                    status = BROKEN
+            if status == BROKEN and not self.broken:
+                log.error("aurora_sgl: online training disabled on every rank (a swap failed)")
+                self.broken = True
             return False
         self.draft_version = version
         self.pending_version = version
@@ -485,6 +534,31 @@ class Runtime:
         with open(tmp, "w") as f:
             json.dump(self.stats(), f)
         os.replace(tmp, path)
+
+
+BROKEN, RETRY, COPIED = 0, 1, 2  # one rank's swap result; the ranks agree on the smallest
+
+
+def agree(status: int, group) -> int:
+    """MIN of every rank's swap result over the TP CPU group (gloo)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([status])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return int(flag.item())
+
+
+def draft_swapper(worker, names, layout):
+    """The swapper for an `EAGLEWorkerV2`, built in its __init__ hook. The hot map is read from the
+    draft worker at each swap: `EagleDraftWorker.hot_token_id` only exists after the scheduler's
+    `alloc_memory_pool -> init_lm_head`, and that tensor (not the model's) is what drafting indexes."""
+    from .swap import DraftSwapper
+
+    dw = worker._draft_worker
+    target_params = list(worker._target_worker.model_runner.model.parameters())
+    return DraftSwapper(
+        dw.draft_runner.model, lambda: getattr(dw, "hot_token_id", None), names, layout, shared=target_params
+    )
 
 
 def _write_handoff(directory: str, spec: dict) -> None:

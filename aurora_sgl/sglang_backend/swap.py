@@ -14,7 +14,9 @@ Skipped on purpose:
   * `t2d` (SGLang does not use it).
 `d2t` (offsets) becomes the hot-token map `hot = d2t + arange`, written into the tensor the draft
 worker indexes (`EagleDraftWorker.hot_token_id`), together with the weights: a head and its
-vocabulary never go live apart.
+vocabulary never go live apart. That tensor does not exist yet when the plugin builds the swapper
+(SGLang creates it in `alloc_memory_pool -> init_lm_head`, after the worker's `__init__`), so the
+swapper is given a getter and binds the map at each swap, to whatever tensor the worker holds then.
 
 Tensor parallelism: with a TP-sharded draft the fused rows are shards, the plan's shapes no longer
 match, and `DraftSwapper` falls back to SGLang's own per-parameter weight loaders (same in-place
@@ -23,7 +25,7 @@ copies into the same storage, sharded exactly as at startup; a few Python calls 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -95,19 +97,21 @@ def build_plan(
 
 
 class DraftSwapper:
-    """Swaps store tensors into `model` (SGLang's draft module) and `hot_token_id` (the draft
-    worker's map). `shared` lists tensors owned by the target (e.g. its parameters)."""
+    """Swaps store tensors into `model` (SGLang's draft module) and the draft worker's hot-token map.
+    `hot_token_id` is that map, or a getter returning it (None while it does not exist);
+    `shared` lists tensors owned by the target (e.g. its parameters)."""
 
     def __init__(
         self,
         model: nn.Module,
-        hot_token_id: torch.Tensor | None,
+        hot_token_id: torch.Tensor | Callable[[], torch.Tensor | None] | None,
         store_names: Sequence[str],
         layout: Mapping[str, tuple[Sequence[int], torch.dtype]],
         shared: Sequence[torch.Tensor] = (),
     ):
         self.model = model
-        self.hot = hot_token_id
+        self._hot_of = hot_token_id if callable(hot_token_id) else lambda: hot_token_id
+        self.hot: torch.Tensor | None = None
         self.names = list(store_names)
         shared_ptrs = {t.data_ptr() for t in shared}
         self.params = dict(model.named_parameters())
@@ -120,10 +124,19 @@ class DraftSwapper:
             self.skipped = [n for n, p in self.params.items() if p.data_ptr() in shared_ptrs]
             self.mode = f"loader ({e})"
         self._d2t = self.names.index("d2t") if "d2t" in self.names else None
-        if self._d2t is not None and self.hot is not None:
-            if self.hot.numel() != layout["d2t"][0][0]:
-                raise ValueError(f"hot-token map has {self.hot.numel()} entries, the store's d2t {layout['d2t'][0][0]}")
-            self._arange = torch.arange(self.hot.numel(), dtype=self.hot.dtype, device=self.hot.device)
+        self._d2t_size = layout["d2t"][0][0] if self._d2t is not None else 0
+        self.bind_hot()
+
+    def bind_hot(self) -> torch.Tensor | None:
+        """Bind the tensor the worker indexes now (None: it has none yet, or the draft borrows the
+        target's full vocabulary). A map of another size than the store's d2t is refused."""
+        hot = self._hot_of()
+        if hot is not None and hot is not self.hot and self._d2t is not None:
+            if hot.numel() != self._d2t_size:
+                raise ValueError(f"hot-token map has {hot.numel()} entries, the store's d2t {self._d2t_size}")
+            self._arange = torch.arange(hot.numel(), dtype=hot.dtype, device=hot.device)
+        self.hot = hot
+        return hot
 
     def live_tensors(self) -> list[torch.Tensor]:
         """Every tensor a swap writes (the hot map aside): what a rollback must restore."""
@@ -139,8 +152,9 @@ class DraftSwapper:
             torch._foreach_copy_(self.dst, [views[i] for i in self._index])
         else:
             self._swap_with_loaders(views)
-        if self._d2t is not None and self.hot is not None:
-            torch.add(views[self._d2t].to(self.hot.dtype), self._arange, out=self.hot)
+        hot = self.bind_hot()
+        if self._d2t is not None and hot is not None:
+            torch.add(views[self._d2t].to(hot.dtype), self._arange, out=hot)
 
     def _swap_with_loaders(self, views: Sequence[torch.Tensor]) -> None:
         skip = set(self.skipped)

@@ -49,6 +49,16 @@ def newest_checkpoint(checkpoint_dir: str | Path | None) -> str | None:
     return None
 
 
+def served_dtype(layout) -> str:
+    """The dtype the engine serves the head in: that of the weight store's floating tensors (SGLang's
+    draft module, or the embedded engine's). Checkpoints are saved in it, so a checkpoint served
+    again (`--speculative-draft-model-path`, a restart) loads in the dtype it was trained for."""
+    dtypes = {dtype for _, dtype in layout.values() if dtype.is_floating_point}
+    if len(dtypes) != 1:
+        raise ValueError(f"the weight store holds floating tensors of {len(dtypes)} dtypes, expected one")
+    return str(dtypes.pop()).removeprefix("torch.")
+
+
 def _fsync(path: Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:

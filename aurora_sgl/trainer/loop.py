@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
-from aurora_sgl.trainer.checkpoints import save_checkpoint
+from aurora_sgl.trainer.checkpoints import save_checkpoint, served_dtype
 from aurora_sgl.trainer.faults import faulty_state, finite_state
 from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_sums
 from aurora_sgl.trainer.spec import TrainerSpec
@@ -108,6 +108,7 @@ class Trainer:
             dvs = layout["lm_head.weight"][0][0] if "lm_head.weight" in layout else spec.draft_vocab_size
             head = Eagle3Head(Eagle3Config.for_target(config, dvs, spec.aux_layer_ids), self.embed).to(self.device)
         self._check_layout(head)
+        head.config.dtype = served_dtype(self.store.layout)  # checkpoints: trained fp32, saved as served
         if not init_head or spec.weights_from_store:
             head.load_serving_state(served_state)
         want = spec.draft_vocab_size

@@ -82,6 +82,18 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def engine_event(owner: bool, ipc_event, new_event) -> tuple[Any, bool]:
+    """(event to record after an engine copy, whether to wait for it on the host).
+
+    The store's creator (the scheduler on the store's GPU) records the interprocess event the
+    trainer waits on before it rewrites a buffer. Any other engine process (TP / DP ranks on other
+    GPUs) must not: its stream is on another device ("Event device does not match recording
+    stream's device"), and two recorders would race for the one event the trainer waits on. It
+    records a local event and waits for it, so the generation check after the copy covers the copy
+    itself, not just its enqueueing; a copy overtaken by a second publish then reports failure."""
+    return (ipc_event, False) if owner else (new_event(), True)
+
+
 class WeightStore(SharedSegment):
     """Create with `WeightStore.create` (usually the server, which owns the segment's lifetime),
     open elsewhere with `WeightStore.attach(spec)`. Either side may publish, one publisher at a time."""
@@ -253,10 +265,12 @@ class WeightStore(SharedSegment):
                 return
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 cur = torch.cuda.current_stream(stream.device if stream is not None else self.device)
-                cur.wait_event(self._pub_event)
+                cur.wait_event(self._pub_event)  # waiting across devices is allowed, recording is not
                 copy_fn(self._views[b])
-                # The trainer waits on this before it next writes b.
-                self._eng_event.record(cur)
+                done, host_wait = engine_event(self._owns_name, self._eng_event, torch.cuda.Event)
+                done.record(cur)
+                if host_wait:  # the generation check below must see the copy finished
+                    done.synchronize()
 
         return self._while_stable(version, copy) is not None
 
