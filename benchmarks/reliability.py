@@ -543,14 +543,17 @@ class Bench:
             tag="corrupt",
         )
         main, self.server = self.server, server
-        info = {}
+        info, stop = {}, asyncio.Event()
         try:
 
             async def fault():
+                # Traffic goes on until the trainer's second publish was refused (or 120 s): on a
+                # loaded machine the trainer may need longer than `fault_seconds` to get there.
                 info["refused_s"] = await _until(lambda: server.stats()["refused_versions"] > 0, 120)
                 info["served_version_after"] = (await asyncio.to_thread(server.stats))["draft_version"]
+                stop.set()
 
-            outcomes, _ = self.load(self.args.fault_seconds, fault=fault(), seed=4)
+            outcomes, _ = self.load(max(self.args.fault_seconds, 120), fault=fault(), seed=4, stop=stop)
             after = server.stats()
             corrupted = after["last_refused_version"]
             return dict(
