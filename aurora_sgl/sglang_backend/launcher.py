@@ -148,6 +148,21 @@ def unsupported(passthrough: list[str]) -> str | None:
     return None
 
 
+def draft_error(path: str | None) -> str | None:
+    """One-line reason the draft head at `path` cannot be served and trained, or None. The plugin
+    and the trainer read the head from this directory; without weights they could not, and online
+    training would turn itself off minutes later, inside a scheduler. No path: a day-0 head."""
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        return f"--speculative-draft-model-path {path} is not a directory"
+    from aurora_sgl.engine.draft_head import weight_files
+
+    if not weight_files(path):
+        return f"--speculative-draft-model-path {path} holds no weights (model.safetensors or pytorch_model.bin)"
+    return None
+
+
 def prepare_checkpoint_dir(path: str | None) -> tuple[str | None, str | None]:
     """(absolute checkpoint dir, None), or (None, one-line error). A missing directory is created
     0700 (checkpoints are the served weights); an existing one must accept a new file, tried by
@@ -268,7 +283,8 @@ def main(args, passthrough: list[str]) -> int:
     # Before anything starts: the trainer resumes from and saves into this directory.
     args.checkpoint_dir, error = prepare_checkpoint_dir(getattr(args, "checkpoint_dir", None))
     if not error:
-        error = unsupported(passthrough) or preflight()
+        error = unsupported(passthrough) or draft_error(getattr(args, "speculative_draft_model_path", None))
+        error = error or preflight()
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
