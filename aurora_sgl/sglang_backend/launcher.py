@@ -11,7 +11,8 @@
 3. `AURORA_SGL_HANDOFF_DIR` (inherited by SGLang's scheduler processes) switches the plugin on.
    The scheduler of TP rank 0 creates the ring and the weight store on its GPU and writes
    `handoff.json` (+ CUDA IPC handles beside it); a supervisor thread here waits for it and starts
-   `python -m aurora_sgl.trainer` on the trainer device, restarting it if it dies.
+   `python -m aurora_sgl.trainer` on the trainer device (by default the first GPU SGLang does not
+   use: gpus.py), restarting it if it dies.
 4. SGLang's server runs in this process (`sglang.launch_server.run_server`), as `sglang serve` would.
 """
 
@@ -306,6 +307,19 @@ def main(args, passthrough: list[str]) -> int:
     except SystemExit as e:  # SGLang's argparse already printed its one-line error
         shutil.rmtree(handoff_dir, ignore_errors=True)
         return int(e.code or 2)
+    if args.online:  # the GPUs SGLang will use are known only now, from its own parse
+        import torch
+
+        from .gpus import trainer_device_for
+
+        choice = trainer_device_for(server_args, torch.cuda.device_count(), args.trainer_device)
+        if choice.error:
+            print(f"error: {choice.error}", file=sys.stderr)
+            shutil.rmtree(handoff_dir, ignore_errors=True)
+            return 2
+        if choice.warning:
+            log.warning("%s", choice.warning)
+        args.trainer_device = choice.device
     if args.online:  # the plugin's hooks stay inert without it
         os.environ[ENV_DIR] = handoff_dir
     plugins = os.environ.get("SGLANG_PLUGINS")
