@@ -21,8 +21,8 @@ plain `sglang serve`). With it, in every scheduler process:
   Scheduler.ingest_requests (after)  every rank, once per iteration: drain staging into the ring,
                                      swap to the marked version, export counters
 
-It aborts nothing and pauses nothing: the swap is an in-place copy enqueued on the stream the forwards run on
-after the trainer's publish event, between two forwards.
+It aborts nothing and pauses nothing: the swap is an in-place copy enqueued on the stream the
+forwards run on (`forward_stream_of`) after the trainer's publish event, between two forwards.
 
 Tensor parallelism -- every rank swaps at the same iteration: SGLang's receiver broadcasts what TP
 rank 0 pulled to all TP ranks every iteration (`broadcast_pyobj` over the TP CPU group), so the
