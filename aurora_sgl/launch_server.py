@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic"
     )
     ap.add_argument(
-        "--trainer-device", default=None, help="default cpu embedded; sglang: cuda:1 with two or more GPUs, else cuda:0"
+        "--trainer-device",
+        default=None,
+        help="default cpu embedded; sglang: the first GPU the server does not use (shared with a warning when "
+        "it uses them all)",
     )
     ap.add_argument("--train-objective", choices=("kl", "kl_rejected", "accept"), default="kl")
     ap.add_argument(
@@ -81,13 +84,8 @@ def resolve_defaults(args) -> None:
         args.max_running_requests = 16
     if args.max_queued_requests is None and not sglang:
         args.max_queued_requests = 128
-    if args.trainer_device is None:
-        if sglang:
-            import torch
-
-            args.trainer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
-        else:
-            args.trainer_device = "cpu"
+    if args.trainer_device is None and not sglang:
+        args.trainer_device = "cpu"  # sglang: chosen once SGLang's flags are parsed (sglang_backend/gpus.py)
     if args.device is None and not sglang:
         args.device = "cpu"
 

@@ -152,3 +152,33 @@ def test_missing_tensor_and_wrong_architecture(tmp_path):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ValueError, match="not an EAGLE-3"):
         Eagle3Head.load(tmp_path / "llama", _embed())
+
+
+def test_published_pytorch_model_bin_loads_like_safetensors(tmp_path):
+    """Issue 13, item 9: published EAGLE-3 heads often ship `pytorch_model.bin` only."""
+    emb = _embed()
+    tensors = _sglang_named_tensors()
+    _write_handbuilt(tmp_path / "st", tensors)
+    _write_handbuilt(tmp_path / "bin", tensors)
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "bin" / "pytorch_model.bin")
+    torch.save({"lr": 1.0}, tmp_path / "bin" / "training_args.bin")  # skipped, as SGLang skips it
+    from_bin = Eagle3Head.load(tmp_path / "bin", emb)
+    assert torch.equal(_logits(from_bin), _logits(Eagle3Head.load(tmp_path / "st", emb)))
+    assert torch.equal(from_bin.t2d, tensors["t2d"])
+
+
+def test_bin_that_would_run_code_is_refused_and_no_weights_is_named(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("loaded a pickle that runs code",))
+
+    tensors = _sglang_named_tensors()
+    _write_handbuilt(tmp_path / "evil", tensors)
+    (tmp_path / "evil" / "model.safetensors").unlink()
+    torch.save({**tensors, "x": Payload()}, tmp_path / "evil" / "pytorch_model.bin")
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        Eagle3Head.load(tmp_path / "evil", _embed())
+    (tmp_path / "evil" / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"\*\.safetensors or \*\.bin"):
+        Eagle3Head.load(tmp_path / "evil", _embed())

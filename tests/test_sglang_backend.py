@@ -316,7 +316,7 @@ def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_fac
         pulled = plugin._after_pull(["req"], None)
         assert pulled == ["req", plugin.SwapMarker(version)]
         assert plugin._after_recv(pulled, None) == ["req"]
-        plugin._after_iteration(None, object())
+        plugin._after_iteration(None, _cpu_scheduler())
         assert rt.draft_version == version and rt.counters["swaps"] == 1
     finally:
         plugin.set_runtime(None)
@@ -329,6 +329,15 @@ def test_swap_writes_in_place_skips_shared_embedding_and_swaps_d2t(sgl_draft_fac
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         if n != "model.embed_tokens.weight":
             assert torch.equal(p, q), n
+
+
+def _cpu_scheduler():
+    """SGLang's Scheduler without its GPU init; on CPU there is no stream to queue the swap on."""
+    from sglang.srt.managers.scheduler import Scheduler
+
+    s = Scheduler.__new__(Scheduler)
+    s.enable_overlap, s.forward_stream, s.schedule_stream = True, None, None
+    return s
 
 
 class _Target(torch.nn.Module):

@@ -6,6 +6,7 @@ import argparse
 import os
 import stat
 
+from aurora_sgl.sglang_backend import launcher
 from aurora_sgl.sglang_backend.launcher import main, prepare_checkpoint_dir
 
 
@@ -43,3 +44,18 @@ def test_multi_layer_eagle_is_refused_with_one_line_before_anything_starts(capsy
     assert main(args, ["--mem-fraction-static", "0.7", "--enable-multi-layer-eagle"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--enable-multi-layer-eagle" in err and "CUDA" not in err
+
+
+def test_draft_dir_without_weights_is_refused_with_one_line_before_anything_starts(tmp_path, capsys):
+    """Issue 13, item 9: a draft directory the plugin and the trainer cannot load from is refused
+    at the command line, not discovered later inside a scheduler (online training turned off)."""
+    draft = tmp_path / "head"
+    draft.mkdir()
+    (draft / "config.json").write_text("{}")
+    (draft / "training_args.bin").write_bytes(b"")  # not weights (SGLang skips it too)
+    args = argparse.Namespace(checkpoint_dir=None, speculative_draft_model_path=str(draft))
+    assert main(args, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(draft) in err and "pytorch_model.bin" in err and "CUDA" not in err
+    (draft / "pytorch_model.bin").write_bytes(b"")  # a published head's layout passes this check
+    assert launcher.draft_error(str(draft)) is None

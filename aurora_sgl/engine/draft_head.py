@@ -155,6 +155,39 @@ class Eagle3Config:
         )
 
 
+# Files a trainer leaves beside its weights; SGLang's loader skips them too
+# (`filter_files_not_needed_for_inference`).
+_NOT_WEIGHTS = ("training_args.bin", "optimizer.bin")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The checkpoint's weight files, chosen as SGLang's loader chooses them: every *.safetensors
+    when there is one, else every *.bin (published EAGLE-3 heads often ship `pytorch_model.bin`).
+    Empty when the directory holds neither."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    return sorted(f for f in path.glob("*.bin") if f.name not in _NOT_WEIGHTS)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint at `path`, on the CPU. `.bin` files are pickles: loaded with
+    `weights_only=True`, so a file that would run code on load is refused, not executed."""
+    from safetensors.torch import load_file
+
+    files = weight_files(path)
+    if not files:
+        raise FileNotFoundError(f"EAGLE-3 checkpoint {path} has no *.safetensors or *.bin weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            tensors.update(load_file(str(f)))
+        else:
+            tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+    return tensors
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -309,21 +342,13 @@ class Eagle3Head(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, embed_tokens, device="cpu", dtype=torch.float32) -> Eagle3Head:
-        from safetensors.torch import load_file
-
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"EAGLE-3 checkpoint {path} has no config.json")
         config = Eagle3Config.from_hf_json(json.loads(cfg_file.read_text()))
         head = cls(config, embed_tokens)
-        tensors: dict[str, torch.Tensor] = {}
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"EAGLE-3 checkpoint {path} has no *.safetensors file")
-        for f in files:
-            tensors.update(load_file(str(f)))
-        head.load_serving_state(tensors)
+        head.load_serving_state(read_weights(path))
         return head.to(device=device, dtype=dtype)
 
     def load_serving_state(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -11,7 +11,8 @@
 3. `AURORA_SGL_HANDOFF_DIR` (inherited by SGLang's scheduler processes) switches the plugin on.
    The scheduler of TP rank 0 creates the ring and the weight store on its GPU and writes
    `handoff.json` (+ CUDA IPC handles beside it); a supervisor thread here waits for it and starts
-   `python -m aurora_sgl.trainer` on the trainer device, restarting it if it dies.
+   `python -m aurora_sgl.trainer` on the trainer device (by default the first GPU SGLang does not
+   use: gpus.py), restarting it if it dies.
 4. SGLang's server runs in this process (`sglang.launch_server.run_server`), as `sglang serve` would.
 """
 
@@ -148,6 +149,21 @@ def unsupported(passthrough: list[str]) -> str | None:
     return None
 
 
+def draft_error(path: str | None) -> str | None:
+    """One-line reason the draft head at `path` cannot be served and trained, or None. The plugin
+    and the trainer read the head from this directory; without weights they could not, and online
+    training would turn itself off minutes later, inside a scheduler. No path: a day-0 head."""
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        return f"--speculative-draft-model-path {path} is not a directory"
+    from aurora_sgl.engine.draft_head import weight_files
+
+    if not weight_files(path):
+        return f"--speculative-draft-model-path {path} holds no weights (model.safetensors or pytorch_model.bin)"
+    return None
+
+
 def prepare_checkpoint_dir(path: str | None) -> tuple[str | None, str | None]:
     """(absolute checkpoint dir, None), or (None, one-line error). A missing directory is created
     0700 (checkpoints are the served weights); an existing one must accept a new file, tried by
@@ -268,7 +284,8 @@ def main(args, passthrough: list[str]) -> int:
     # Before anything starts: the trainer resumes from and saves into this directory.
     args.checkpoint_dir, error = prepare_checkpoint_dir(getattr(args, "checkpoint_dir", None))
     if not error:
-        error = unsupported(passthrough) or preflight()
+        error = unsupported(passthrough) or draft_error(getattr(args, "speculative_draft_model_path", None))
+        error = error or preflight()
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -290,6 +307,19 @@ def main(args, passthrough: list[str]) -> int:
     except SystemExit as e:  # SGLang's argparse already printed its one-line error
         shutil.rmtree(handoff_dir, ignore_errors=True)
         return int(e.code or 2)
+    if args.online:  # the GPUs SGLang will use are known only now, from its own parse
+        import torch
+
+        from .gpus import trainer_device_for
+
+        choice = trainer_device_for(server_args, torch.cuda.device_count(), args.trainer_device)
+        if choice.error:
+            print(f"error: {choice.error}", file=sys.stderr)
+            shutil.rmtree(handoff_dir, ignore_errors=True)
+            return 2
+        if choice.warning:
+            log.warning("%s", choice.warning)
+        args.trainer_device = choice.device
     if args.online:  # the plugin's hooks stay inert without it
         os.environ[ENV_DIR] = handoff_dir
     plugins = os.environ.get("SGLANG_PLUGINS")

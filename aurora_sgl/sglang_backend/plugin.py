@@ -21,8 +21,8 @@ plain `sglang serve`). With it, in every scheduler process:
   Scheduler.ingest_requests (after)  every rank, once per iteration: drain staging into the ring,
                                      swap to the marked version, export counters
 
-It aborts nothing and pauses nothing: the swap is an in-place copy enqueued on the forward stream
-after the trainer's publish event, between two forwards.
+It aborts nothing and pauses nothing: the swap is an in-place copy enqueued on the stream the
+forwards run on (`forward_stream_of`) after the trainer's publish event, between two forwards.
 
 Tensor parallelism -- every rank swaps at the same iteration: SGLang's receiver broadcasts what TP
 rank 0 pulled to all TP ranks every iteration (`broadcast_pyobj` over the TP CPU group), so the
@@ -206,11 +206,21 @@ def _after_iteration(result, scheduler, *args, **kwargs):
     rt = _RUNTIME
     if rt is not None:
         try:
-            rt.iteration(getattr(scheduler, "forward_stream", None))
+            rt.iteration(forward_stream_of(scheduler))
         except Exception as e:  # serving goes on; swaps stop here and, at the next marker, everywhere
             log.error("aurora_sgl: online training disabled after an error: %s", e)
             rt.broken = True
     return None
+
+
+def forward_stream_of(scheduler):
+    """The stream the scheduler runs its forwards on: the swap is queued there, so it lands between
+    two forwards. With overlap scheduling `run_batch` enters `forward_stream` (the model runner's);
+    without it the worker runs on the event loop's current stream, `schedule_stream`
+    (`run_event_loop` enters it), and a copy on `forward_stream` would race the next forward.
+    SGLang states the same rule for its warmup in `Scheduler.init_model_worker`; its third case,
+    pipeline parallelism, is refused by `Runtime.for_worker`."""
+    return scheduler.forward_stream if scheduler.enable_overlap else scheduler.schedule_stream
 
 
 # ---- verify outputs -> VerifyStep ---------------------------------------------------------------
