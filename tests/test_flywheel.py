@@ -218,3 +218,28 @@ def test_unread_full_ring_never_blocks_and_counts_drops(closing, tiny_model, ref
     assert written > 16
     got = reader.read(1000)
     assert len(got) == 16 and reader.stats()["drops"] == written - 16
+
+
+def test_version_check_sums_without_a_float32_copy(monkeypatch):
+    # Issue 13: `.float().sum()` made an fp32 copy of every tensor after SGLang had sized GPU memory.
+    from aurora_sgl.online.version_check import refusal_reason
+    from aurora_sgl.transport.weight_store import WeightStore, layout_of
+
+    state = {"w": torch.full((64, 64), 60000.0, dtype=torch.bfloat16), "d2t": torch.zeros(4, dtype=torch.long)}
+    store = WeightStore.create("test_vc", layout_of(state))
+    try:
+        version = store.publish(state)
+        _, views = store.poll(0)
+
+        def no_copy(self, *a, **k):
+            raise AssertionError("a float32 copy of a published tensor")
+
+        monkeypatch.setattr(torch.Tensor, "float", no_copy)
+        assert refusal_reason(store, version, views) is None  # 64*64*6e4 overflows bf16, not fp32
+        monkeypatch.undo()
+        state["w"][0, 0] = float("nan")
+        version = store.publish(state)
+        _, views = store.poll(0)
+        assert refusal_reason(store, version, views) == "non-finite weights"
+    finally:
+        store.close()

@@ -20,8 +20,14 @@ def refusal_reason(store, version: int, views: list[torch.Tensor]) -> str | None
     if not intact:
         return "checksum mismatch"
     # A float32 sum propagates NaN and overflows on absurd magnitudes: one cheap pass finds both
-    # (a bf16 sum would overflow on honest weights).
-    sums = [v.float().sum() for v in views if v.is_floating_point()]
-    if sums and not bool(torch.stack(sums).isfinite().all()):
+    # (a bf16 sum would overflow on honest weights). Accumulating in float32 inside the reduction
+    # makes no float32 copy of the tensor: on SGLang's GPU, sized before we allocate, an 8B
+    # target's lm_head copy would be half a gigabyte.
+    try:
+        sums = [torch.sum(v, dtype=torch.float32) for v in views if v.is_floating_point()]
+        finite = not sums or bool(torch.stack(sums).isfinite().all())
+    except torch.OutOfMemoryError:
+        return SUPERSEDED  # look again at the next step; serving is not the place to fail
+    if not finite:
         return "non-finite weights"
     return None
