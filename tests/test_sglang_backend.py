@@ -486,3 +486,34 @@ def test_embedded_backend_still_rejects_unknown_flags():
     with pytest.raises(SystemExit) as e:
         main(["--mem-fraction-static", "0.7"])
     assert e.value.code == 2
+
+
+def test_trainer_handoff_waits_for_sglangs_graphs(tmp_path):
+    # Issue 13: the handoff (which starts the trainer) was written in the worker's __init__, before
+    # SGLang sized its KV pool and captured graphs: a trainer on that GPU allocated meanwhile.
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    order = inspect.getsource(Scheduler.init_model_worker)
+    assert order.index("self.maybe_init_draft_worker()") < order.index("self.init_memory_pools()")
+    assert order.index("self.init_memory_pools()") < order.index("self.init_all_cuda_graphs()")
+    saved = {k: list(v) for k, v in HookRegistry._hooks.items()}
+    try:
+        plugin.register()
+        hooks = HookRegistry._hooks.get(plugin.HOOK_TARGETS["graphs"], [])
+        assert any(fn is plugin._after_cuda_graphs for _, fn, _ in hooks), hooks
+    finally:
+        HookRegistry._hooks.clear()
+        HookRegistry._hooks.update(saved)
+    rt = plugin.Runtime(staging=None, ring=None, store=None, swapper=None, leader=True, handoff_dir=str(tmp_path))
+    rt.pending_handoff = (str(tmp_path), {"ring": {"name": "r"}, "store": {"name": "s"}})
+    plugin.set_runtime(rt)
+    try:
+        assert not (tmp_path / plugin.HANDOFF).exists()  # built in __init__: nothing for the trainer yet
+        plugin._after_cuda_graphs(None, object.__new__(Scheduler))
+        written = json.loads((tmp_path / plugin.HANDOFF).read_text())
+        assert written["ring"] == {"name": "r"} and rt.pending_handoff is None
+    finally:
+        plugin.set_runtime(None)

@@ -81,6 +81,7 @@ HOOK_TARGETS = {
     "pull": f"{_R}._pull_raw_reqs",
     "recv": f"{_R}.recv_requests",
     "iteration": "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
+    "graphs": "sglang.srt.managers.scheduler.Scheduler.init_all_cuda_graphs",
 }
 
 _RUNTIME: Runtime | None = None
@@ -104,6 +105,7 @@ def register() -> None:
     HookRegistry.register(HOOK_TARGETS["pull"], _after_pull, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["recv"], _after_recv, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["iteration"], _after_iteration, HookType.AFTER)
+    HookRegistry.register(HOOK_TARGETS["graphs"], _after_cuda_graphs, HookType.AFTER)
 
 
 def enabled() -> bool:
@@ -200,6 +202,19 @@ def _after_recv(result, receiver, *args, **kwargs):
     if rt is not None:
         rt.pending_version = max(r.version for r in result if isinstance(r, SwapMarker))
     return [r for r in result if not isinstance(r, SwapMarker)]
+
+
+def _after_cuda_graphs(result, scheduler, *args, **kwargs):
+    """SGLang has sized its memory pools and captured its graphs: now the trainer may start."""
+    rt = _RUNTIME
+    if rt is not None and rt.pending_handoff is not None:
+        try:
+            _write_handoff(*rt.pending_handoff)
+            log.info("aurora_sgl: handoff written; the trainer starts")
+        except Exception as e:  # serving goes on without online training
+            log.error("aurora_sgl: could not write the trainer handoff: %s", e)
+        rt.pending_handoff = None
+    return None
 
 
 def _after_iteration(result, scheduler, *args, **kwargs):
@@ -320,6 +335,7 @@ class Runtime:
         self.counters = {"swaps": 0, "failed_swaps": 0, "refused": 0, "records_written": 0, "markers": 0}
         self._last_export = 0.0
         self.broken = False  # no more swaps; with TP this rank still answers every swap's agreement
+        self.pending_handoff: tuple[str, dict] | None = None  # written once SGLang's graphs are captured
 
     @classmethod
     def broken_rank(cls, tp_group=None) -> Runtime:
@@ -366,7 +382,7 @@ class Runtime:
         hidden = aux_dim // len(aux_ids)  # final_hidden is the target's
         tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        ring = store = staging = prefill = None
+        ring = store = staging = prefill = handoff = None
         if owner:
             max_req = int(os.environ.get(ENV_STAGING_REQUESTS) or min(sa.max_running_requests or 128, 256))
             order = Sequencer()
@@ -380,7 +396,7 @@ class Runtime:
             ring = SignalRing.create("aurora_ring", records, k + 1, aux_dim, hidden, k, device=device)
             store = WeightStore.create("aurora_weights", layout, device=device)
             store.publish(state)  # version 1: what SGLang loaded from the same checkpoint
-            _write_handoff(
+            handoff = (
                 handoff_dir,
                 {
                     "ring": ring.spec(),
@@ -408,6 +424,10 @@ class Runtime:
             prefill=prefill,
         )
         rt.draft_version = 1
+        # The trainer starts when the handoff appears. Written here, before SGLang sizes its KV
+        # pool and captures its graphs, a trainer on the same GPU would allocate while SGLang
+        # measures free memory: the hook after `init_all_cuda_graphs` writes it.
+        rt.pending_handoff = handoff if owner else None
         return rt
 
     # -- leader: decide what to swap to -----------------------------------------------------------
