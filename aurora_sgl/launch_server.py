@@ -230,6 +230,7 @@ def serve(engine, args) -> int:
     from aurora_sgl.serving.app import create_app
     from aurora_sgl.serving.async_engine import AsyncEngine
     from aurora_sgl.serving.metrics import Metrics
+    from aurora_sgl.serving.timeouts import HeaderTimeoutH11Protocol
 
     metrics = Metrics(engine.k)
     aengine = AsyncEngine(
@@ -274,6 +275,8 @@ def serve(engine, args) -> int:
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=5,
+        http=HeaderTimeoutH11Protocol,
         access_log=args.log_level == "debug",
     )
     server = uvicorn.Server(config)

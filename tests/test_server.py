@@ -348,3 +348,21 @@ def test_batch_with_one_bad_prompt_is_refused_whole(server):
     time.sleep(0.5)
     info = httpx.get(server.url + "/server_info").json()
     assert info["num_running_requests"] == 0 and info["num_waiting_requests"] == 0
+
+
+def test_connections_that_never_finish_their_headers_are_closed():
+    # Issue 18: an idle connection, or one that sent half its headers, stayed open forever.
+    import socket
+
+    s = ServerProcess("--speculative-num-steps", "2", "--no-online", env={"AURORA_SGL_HEADER_TIMEOUT_S": "2"})
+    try:
+        idle = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        half = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        assert idle.recv(1) == b"" and half.recv(1) == b""  # closed by the server (recv would time out)
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200
+        idle.close()
+        half.close()
+    finally:
+        s.stop()
