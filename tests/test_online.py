@@ -15,6 +15,7 @@ from aurora_sgl.engine.engine import Engine
 from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.online.sidecar import OnlineTraining
 from aurora_sgl.serving.native_routes import training_health
+from aurora_sgl.trainer.checkpoints import newest_checkpoint
 from benchmarks.common.server import ServerProcess
 
 MAX_NEW = 48
@@ -58,7 +59,9 @@ def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp
         assert end >= start + 0.3, (start, end)  # clearly learned: +0.3 tokens per verify step
 
         # SIGKILL the trainer mid-stream: requests complete with the last good weights ...
-        os.kill(online.trainer_pid, signal.SIGKILL)
+        pid = online.trainer_pid
+        os.kill(pid, signal.SIGKILL)
+        newest_at_kill = newest_checkpoint(str(tmp_path / "ckpt"))
         version = engine.draft_version
         res = engine.generate(prompts[200:216], sp)
         assert [o["output_ids"] for o in res] == reference[200:216]
@@ -68,6 +71,8 @@ def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp
         while time.monotonic() < deadline and not (online.restarts and online.trainer_state()["alive"]):
             time.sleep(0.2)
         assert online.restarts == 1 and online.trainer_state()["alive"]
+        # ... from the newest checkpoint there was when it died, not from scratch (issue 17).
+        assert newest_at_kill is not None and online.trainer_state()["restarted_from"] == newest_at_kill
         assert any(p.name.startswith("step_") for p in (tmp_path / "ckpt").iterdir())
     finally:
         online.close()

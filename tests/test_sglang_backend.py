@@ -517,3 +517,24 @@ def test_trainer_handoff_waits_for_sglangs_graphs(tmp_path):
         assert written["ring"] == {"name": "r"} and rt.pending_handoff is None
     finally:
         plugin.set_runtime(None)
+
+
+def test_every_hook_target_exists_in_sglang():
+    # SGLang's HookRegistry only logs a target it cannot resolve: a renamed method would silently
+    # switch capture or swaps off (issue 17).
+    import importlib
+
+    for name, target in plugin.HOOK_TARGETS.items():
+        module, _, attr_path = target.partition(".srt.")
+        parts = ("sglang.srt." + attr_path).split(".")
+        obj, i = None, len(parts)
+        while i > 0:
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                i -= 1
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+            assert obj is not None, f"hook target {name}: {target} does not exist in this SGLang"
+        assert callable(obj), (name, target)
