@@ -24,7 +24,9 @@ class TrainerConfig:
     clip: float = 2.5  # gradient-norm clip
     weight_decay: float = 0.0  # AdamW
     unroll: int = 5  # TTT unroll steps (weights 0.8**k live in draft_loss); also the guardrail's K
-    tokens_per_step: int = 1024  # recorded positions per optimizer step
+    # Positions per optimizer step. Small steps learn more per trained position under a fixed
+    # trainer budget (benchmarks/README.md, traffic shift under a trainer budget).
+    tokens_per_step: int = 64
     # When the ring is empty (the trainer has caught up with the traffic), up to this many extra
     # steps per fresh step on a sample of the most recent `replay_sequences` training sequences:
     # idle compute spent on the traffic of the last minutes instead of sleeping (the figures behind
@@ -43,11 +45,11 @@ class TrainerConfig:
     # the last few lets the trainer keep up with the traffic (benchmarks/README.md, traffic shift).
     # 0 keeps none; -1 keeps every prompt position.
     prompt_tokens: int = 32
-    publish_every: int = 4  # optimizer steps between publish attempts
+    publish_every: int = 16  # optimizer steps between publish attempts (1024 positions at the default step)
     rejected_weight: float = 2.0  # kl_rejected: a position whose draft was rejected weighs 1 + this
     margin: float = 0.05  # publish if sim_tau(candidate) >= sim_tau(served) - margin
     holdout_fraction: float = 0.1  # share of sequences kept out of training for the guardrail
-    holdout_capacity: int = 32  # the most recent held-out sequences kept
+    holdout_capacity: int = 16  # the most recent held-out sequences kept (the guardrail evaluates them all)
     checkpoint_every: int = 5  # publishes between checkpoints
     keep_checkpoints: int = 3
     vocab_refresh_every: int = 10  # publishes between draft-vocabulary refreshes
