@@ -36,7 +36,18 @@ def mismatched_q_verifier(d, q, p, ua, un):
     return verify_sampling(d, torch.softmax(q.clamp(min=1e-12).log() * 2.0, -1), p, ua, un)
 
 
-def _first_two_tokens(verifier, n=60000, seed=0):
+def bonus_from_previous_verifier(d, q, p, ua, un):
+    """Bug: when every draft is accepted, the bonus token is drawn from the previous position's
+    distribution instead of the one after the last draft."""
+    acc, nxt = verify_sampling(d, q, p, ua, un)
+    k, rows = d.shape[1], torch.arange(d.shape[0])
+    wrong = sample_with_uniform(p[rows, k - 1], un)
+    return acc, torch.where(acc == k, wrong, nxt)
+
+
+def _first_two_tokens(verifier, n=60000, seed=0, k=K):
+    """Tally (first, second) generated tokens. With k = 1 the second token is the bonus whenever the
+    single draft is accepted, so the bonus's own distribution is in the tallied window."""
     g = torch.Generator().manual_seed(seed)
     prev = torch.zeros(n, dtype=torch.long)
     out = [[] for _ in range(n)]
@@ -45,7 +56,7 @@ def _first_two_tokens(verifier, n=60000, seed=0):
         b = active.numel()
         drafts, qs, ps = [], [], [P[prev]]
         cur = prev
-        for _ in range(K):
+        for _ in range(k):
             qd = Q[cur]
             tok = sample_with_uniform(qd, torch.rand(b, generator=g, dtype=torch.float64))
             drafts.append(tok)
@@ -57,7 +68,7 @@ def _first_two_tokens(verifier, n=60000, seed=0):
             d,
             torch.stack(qs, 1),
             torch.stack(ps, 1),
-            torch.rand(b, K, generator=g, dtype=torch.float64),
+            torch.rand(b, k, generator=g, dtype=torch.float64),
             torch.rand(b, generator=g, dtype=torch.float64),
         )
         keep = []
@@ -83,13 +94,16 @@ def _chi2(counts):
 CHI2_DF35_P0001 = 66.6  # chi-square critical value, 35 degrees of freedom, p = 0.001
 
 
-def test_speculative_sampling_matches_target_distribution():
-    assert _chi2(_first_two_tokens(correct_verifier)) < CHI2_DF35_P0001
+@pytest.mark.parametrize("k", [1, 2, K])
+def test_speculative_sampling_matches_target_distribution(k):
+    assert _chi2(_first_two_tokens(correct_verifier, k=k)) < CHI2_DF35_P0001
 
 
-@pytest.mark.parametrize("verifier", [no_residual_verifier, mismatched_q_verifier])
-def test_biased_verifiers_are_caught(verifier):
-    assert _chi2(_first_two_tokens(verifier)) > 3 * CHI2_DF35_P0001
+@pytest.mark.parametrize(
+    "verifier,k", [(no_residual_verifier, K), (mismatched_q_verifier, K), (bonus_from_previous_verifier, 1)]
+)
+def test_biased_verifiers_are_caught(verifier, k):
+    assert _chi2(_first_two_tokens(verifier, k=k)) > 3 * CHI2_DF35_P0001
 
 
 def test_verify_greedy_matches_naive_loop():
