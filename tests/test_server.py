@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -366,3 +367,35 @@ def test_connections_that_never_finish_their_headers_are_closed():
         half.close()
     finally:
         s.stop()
+
+
+def _in_flight(server) -> int:
+    return httpx.get(server.url + "/server_info", timeout=10).json()["num_in_flight_requests"]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/generate"])
+def test_hanging_up_a_long_stream_aborts_it(server, route):
+    # Issue 17: requests that finish on their own before the check cannot tell an abort from no
+    # abort. 1500 tokens take far longer than the bound below; a no-op abort leaves it running.
+    import socket
+
+    body = (
+        {"prompt": "def f(x):", "max_tokens": 1500, "ignore_eos": True, "stream": True, "temperature": 0}
+        if route == "/v1/completions"
+        else {"text": "def f(x):", "stream": True, "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
+    )
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(
+        f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    assert b"data:" in sock.recv(4096) or b"data:" in sock.recv(4096)  # the stream has started
+    assert _in_flight(server) == 1
+    sock.shutdown(socket.SHUT_RDWR)  # a real hang-up
+    sock.close()
+    deadline = time.monotonic() + 10
+    while _in_flight(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _in_flight(server) == 0
