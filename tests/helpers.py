@@ -79,3 +79,26 @@ PROMPTS = [
     for i, kind in enumerate(["def f(x):", "Question: apples", "ROMEO:", "The module", "import os", "Tom has"] * 3)
 ]
 MAX_NEW = 24
+
+
+def exact_two_token_dist(model, tok, prompt, params) -> dict:
+    """P(first two generated tokens) under target-only sampling with `params`, computed exactly."""
+    from aurora_sgl.engine.sampling import probs_from_logits
+
+    ids = tok(prompt, return_tensors="pt").input_ids
+    t = torch.tensor([params.temperature])
+    tp, tk = torch.tensor([params.top_p]), torch.tensor([params.top_k])
+    with torch.no_grad():
+        p1 = probs_from_logits(model(ids).logits[:, -1], t, tp, tk)[0]
+        dist = {}
+        for a in p1.nonzero().flatten().tolist():
+            p2 = probs_from_logits(model(torch.cat([ids, torch.tensor([[a]])], 1)).logits[:, -1], t, tp, tk)[0]
+            for b in p2.nonzero().flatten().tolist():
+                dist[(a, b)] = float(p1[a] * p2[b])
+    return dist
+
+
+def chi_square(counts: dict, exact: dict, n: int) -> tuple[float, int]:
+    """Chi-square of sample counts against `exact` over the cells expected at least 5 times."""
+    cells = [c for c in exact if exact[c] * n >= 5]
+    return sum((counts.get(c, 0) - exact[c] * n) ** 2 / (exact[c] * n) for c in cells), len(cells)

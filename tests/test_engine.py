@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from aurora_sgl.engine.engine import Engine, PromptTooLong
-from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
+from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.records import Outcome
-from helpers import MAX_NEW, PROMPTS  # noqa: E402
+from helpers import MAX_NEW, PROMPTS, exact_two_token_dist  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -88,25 +88,11 @@ def test_abort_frees_slot_and_others_stay_exact(model, ref_tokenizer, hf_greedy)
     assert not eng.running
 
 
-def _exact_two_token_dist(model, tok, prompt, params):
-    ids = tok(prompt, return_tensors="pt").input_ids
-    t = torch.tensor([params.temperature])
-    tp, tk = torch.tensor([params.top_p]), torch.tensor([params.top_k])
-    with torch.no_grad():
-        p1 = probs_from_logits(model(ids).logits[:, -1], t, tp, tk)[0]
-        dist = {}
-        for a in p1.nonzero().flatten().tolist():
-            p2 = probs_from_logits(model(torch.cat([ids, torch.tensor([[a]])], 1)).logits[:, -1], t, tp, tk)[0]
-            for b in p2.nonzero().flatten().tolist():
-                dist[(a, b)] = float(p1[a] * p2[b])
-    return dist
-
-
 @pytest.mark.parametrize("head", ["random", "trained"])
 def test_sampling_matches_target_distribution(model, ref_tokenizer, trained_head_dir, head):
     params = dict(max_new_tokens=2, temperature=0.9, top_k=3, ignore_eos=True)
     prompt = PROMPTS[0]
-    exact = _exact_two_token_dist(model, ref_tokenizer, prompt, SamplingParams(**params))
+    exact = exact_two_token_dist(model, ref_tokenizer, prompt, SamplingParams(**params))
     eng = _engine(
         model,
         ref_tokenizer,
