@@ -928,6 +928,22 @@ def _newest_checkpoint(root: Path) -> str | None:
     return newest_checkpoint(str(root))
 
 
+def tmpfs_available() -> bool:
+    """Whether a small tmpfs can be mounted here (root and a working mount): the only way to give
+    the trainer a really full or read-only checkpoint filesystem."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    probe = Path(tempfile.mkdtemp(prefix="aurora_tmpfs_probe_"))
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True)
+        if ok.returncode != 0:
+            return False
+        subprocess.run(["umount", str(probe)], capture_output=True)
+        return True
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def _make_unwritable(target: Path, kind: str) -> str:
     opts = "size=64k" if kind == "checkpoint_full" else "ro,size=1m"
     if (
