@@ -222,6 +222,8 @@ def test_concurrent_reader_in_another_process_sees_only_whole_records():
     assert bad == 0
     assert seqs == sorted(set(seqs)) and seqs[-1] == n - 1
     assert len(seqs) + stats["drops"] == n == stats["written"]
+    if stats["drops"] == 0:  # the writer never lapped the reader: nothing was torn to detect (issue 17)
+        pytest.skip(f"the race did not occur in this run ({n} records, none overwritten while read)")
 
 
 def test_sigterm_unlinks_the_segment():

@@ -197,4 +197,5 @@ def test_engine_racing_a_publisher_only_ever_sees_whole_versions():
         store.close()
     assert proc.exitcode == 0
     assert current == VERSIONS and swaps >= 1
-    print(f"swaps={swaps} failed copies={failures}")
+    if failures == 0:  # no copy ever overlapped a publish: the check above proved nothing (issue 17)
+        pytest.skip(f"the race did not occur in this run ({swaps} swaps, no copy overlapped a publish)")
