@@ -47,13 +47,17 @@ from benchmarks.common.paths import datasets_dir  # noqa: E402
 DATA = datasets_dir()
 
 
-def benchmark_prompts(tokenizer, per_domain: int, skip: int = 0) -> list[str]:
-    """`per_domain` prompts from each dataset, after its first `skip` (the warm-up takes later ones)."""
-    files = [
-        DATA / "humaneval" / "HumanEval.jsonl.gz",
-        DATA / "gsm8k" / "test.jsonl",
-        DATA / "mt_bench" / "question.jsonl",
-    ]
+DEFAULT_FILES = [
+    DATA / "humaneval" / "HumanEval.jsonl.gz",
+    DATA / "gsm8k" / "test.jsonl",
+    DATA / "mt_bench" / "question.jsonl",
+]
+
+
+def benchmark_prompts(tokenizer, per_domain: int, skip: int = 0, files: list[Path] | None = None) -> list[str]:
+    """`per_domain` prompts from each file (default: the three datasets), after its first `skip`
+    (the warm-up takes later ones)."""
+    files = files or DEFAULT_FILES
     out = []
     for f in files:
         out += load_prompts(f, tokenizer, limit=skip + per_domain)[skip:]
@@ -128,6 +132,11 @@ def parse_args(argv):
         "--quick", action="store_true", help="a few prompts and tokens (under a minute; what the test runs)"
     )
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--stream",
+        default=None,
+        help="comma-separated prompt files replacing the datasets (HumanEval, GSM8K test, MT-Bench)",
+    )
     ap.add_argument("--per-domain", type=int, default=None, help="prompts per dataset (default 8, quick 1)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 128, quick 16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every system (servers too)")
@@ -171,8 +180,10 @@ def main(argv=None) -> int:
     base = Engine(num_speculative_steps=0, max_running_requests=16)
     tok, hf = base.tokenizer, base.target.hf
     try:
-        prompts = benchmark_prompts(tok, per_domain)
-        warm_prompts = benchmark_prompts(tok, -(-warmup // 3), skip=per_domain)[:warmup] if warmup else []
+        files = [Path(f.strip()) for f in args.stream.split(",") if f.strip()] if args.stream else None
+        prompts = benchmark_prompts(tok, per_domain, files=files)
+        per_file = -(-warmup // len(files or DEFAULT_FILES))
+        warm_prompts = benchmark_prompts(tok, per_file, skip=per_domain, files=files)[:warmup] if warmup else []
     except PromptFileError as e:
         print(f"error: {e} (set AURORA_DATASETS to the shared/datasets folder)", file=sys.stderr)
         return 2

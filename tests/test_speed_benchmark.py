@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from benchmarks.common.paths import datasets_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,10 +27,26 @@ def run_speed(*args, timeout=240):
     )
 
 
-@pytest.mark.skipif(not (DATA / "humaneval").is_dir(), reason=f"benchmark datasets not at {DATA}")
+def _own_prompts(tmp_path) -> list[str]:
+    """Prompt files written here, for machines without ../shared/datasets (a clean clone elsewhere):
+    the run still checks every system against greedy decoding (issue 17)."""
+    rows = {
+        "code": [{"prompt": f'def {n}(values):\n    """Return the {n} of a list."""\n'} for n in ("total", "largest")],
+        "math": [{"question": f"Tom has {i + 3} apples and buys {2 * i + 1} more. How many?"} for i in range(2)],
+        "chat": [{"messages": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(2)],
+    }
+    paths = []
+    for name, items in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in items))
+        paths.append(str(path))
+    return ["--stream", ",".join(paths)]
+
+
 def test_quick_run_covers_every_system_with_greedy_outputs(tmp_path):
     out = tmp_path / "speed.json"
-    r = run_speed("--quick", "--out", str(out))
+    stream = [] if (DATA / "humaneval").is_dir() else _own_prompts(tmp_path)
+    r = run_speed("--quick", *stream, "--out", str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
 
