@@ -85,7 +85,8 @@ def test_swap_benchmark_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res, res
+    assert res["swaps"] >= 20 and res["refused"] == 0 and res["steps"] > 0, res
+    assert 0 < res["swap_pause_ms_p50"] <= res["swap_pause_ms_max"] and 0 <= res["recording_overhead_frac"] < 1
 
 
 def test_served_model_name_is_what_the_api_answers_to():
