@@ -115,3 +115,28 @@ def test_ttt_unroll_on_sequences_shorter_than_the_unroll():
         short = ttt_logits(head, aux[:, :t], nxt[:, :t], 5)
         for k in range(5):
             torch.testing.assert_close(short[k], long[k][:, :t], rtol=1e-9, atol=1e-9)
+
+
+def test_train_step_clips_the_gradient_norm_and_steps_adamw():
+    # README: "AdamW with clip 2.5" -- the clip is applied to the step, not just a default (issue 17).
+    from aurora_sgl.training.batches import HeadBatch, Sequence, train_step
+
+    head = _head().float()
+    object.__setattr__(head, "embed_weight", head.embed_weight.float())
+    gen = torch.Generator().manual_seed(5)
+    seqs = [
+        Sequence(
+            torch.randint(0, 50, (9,), generator=gen),
+            torch.randn(9, 96, generator=gen) * 50,
+            torch.randn(9, 32, generator=gen) * 50,
+            0,
+        )
+        for _ in range(3)
+    ]
+    lm_w = torch.randn(50, 32, generator=gen)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    stats = train_step(head, opt, lm_w, HeadBatch.from_sequences(seqs), unroll=3, clip=0.01)
+    total = torch.norm(torch.stack([p.grad.norm() for p in head.parameters() if p.grad is not None]))
+    assert stats["grad_norm"] > 0.01 and float(total) <= 0.01 * (1 + 1e-4), (stats["grad_norm"], float(total))
+    assert any(not torch.equal(before[n], p) for n, p in head.named_parameters())
