@@ -181,3 +181,15 @@ def test_sigkilled_server_leftovers_are_swept_by_the_next_server():
     finally:
         s2.stop(signal.SIGTERM)
     assert _leftovers(s2.pid) == []
+
+
+def test_the_server_records_only_the_prompt_positions_the_trainer_keeps(tmp_path):
+    # README: the trainer trains on "the last 32 prompt positions of each request"; the engine is
+    # wired to record only those (issue 17: the claim had no test).
+    engine = Engine(num_speculative_steps=2, max_running_requests=2)
+    for config, expected in (({}, 32), ({"prompt_tokens": 8}, 8), ({"prompt_tokens": -1}, None)):
+        online = OnlineTraining(engine, model_path=reference_model_path(), trainer_config=config)
+        try:
+            assert engine.record_prompt_tokens == expected, config
+        finally:
+            online.close()
