@@ -399,3 +399,13 @@ def test_hanging_up_a_long_stream_aborts_it(server, route):
     while _in_flight(server) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _in_flight(server) == 0
+
+
+def test_server_info_carries_sglangs_internal_states(server):
+    # Issue 16 #5: SGLang's bench_serving reads internal_states[0].avg_spec_accept_length.
+    r = httpx.post(server.url + "/generate", json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 16}})
+    tau = r.json()["meta_info"]["spec_accept_length"]
+    states = httpx.get(server.url + "/server_info").json()["internal_states"]
+    avg = states[0]["avg_spec_accept_length"]
+    assert isinstance(avg, float) and 1.0 <= avg <= 5.0 and 1.0 <= tau <= 5.0, (avg, tau)
+    assert states[0]["speculative_num_steps"] == 4

@@ -88,6 +88,8 @@ class Metrics:
         self._lock = threading.Lock()
         self._window = collections.deque(maxlen=window)  # (version, tau, per-position accepts, verify ct)
         self._history: list[dict] = []  # windowed tau per draft version over time
+        self._spec_tokens = 0.0  # tokens committed by verify steps, over the server's life
+        self._spec_verifies = 0
         self._t0 = time.time()
 
     def request_finished(self, req, submitted_at: float, first_token_at: float | None, now: float) -> None:
@@ -103,6 +105,9 @@ class Metrics:
         if not req.verify_ct:
             return
         self.accept_length.observe(req.accept_length)
+        with self._lock:
+            self._spec_tokens += req.accept_length * req.verify_ct
+            self._spec_verifies += req.verify_ct
         self.accept_rate.observe(meta["spec_accept_rate"])
         with self._lock:
             self._window.append(
@@ -122,6 +127,11 @@ class Metrics:
                 }
             )
             del self._history[:-2000]
+
+    def avg_spec_accept_length(self) -> float | None:
+        """Tokens per verify step over every finished speculative request (SGLang's figure)."""
+        with self._lock:
+            return self._spec_tokens / self._spec_verifies if self._spec_verifies else None
 
     def stats(self) -> dict:
         with self._lock:

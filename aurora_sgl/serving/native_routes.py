@@ -99,6 +99,14 @@ def server_info(ctx: ServingContext) -> dict:
         draft_version=engine.draft_version,
         engine_healthy=aengine.last_error is None,
     )
+    # SGLang's shape: its bench_serving reads internal_states[0].avg_spec_accept_length.
+    info["internal_states"] = [
+        {
+            "avg_spec_accept_length": ctx.metrics.avg_spec_accept_length(),
+            "speculative_num_steps": engine.k,
+            "draft_version": engine.draft_version,
+        }
+    ]
     return info
 
 
