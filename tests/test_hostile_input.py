@@ -143,6 +143,8 @@ HAND_CASES = [
         b'{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}',
         400,
     ),
+    ("native unknown field", "/generate", b'{"text": "x", "no_such_field": 1}', 400),
+    ("native lora_path", "/generate", b'{"text": "x", "lora_path": "adapter"}', 400),
     # One rule, one code, whatever the route.
     ("seed past 64 bits", "/v1/completions", b'{"prompt": "x", "seed": 18446744073709551616}', 400),
     ("native seed past 64 bits", "/generate", b'{"text": "x", "sampling_params": {"seed": 18446744073709551616}}', 400),

@@ -23,6 +23,9 @@ def native_prompts(body: NativeGenerateRequest) -> tuple[list, bool]:
     """(prompts, whether the caller sent a batch)."""
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text or input_ids")
+    ignored = body.unhonoured()
+    if ignored:
+        raise APIError(400, f"not supported by this server: {', '.join(ignored)}", code="unsupported_parameter")
     if body.return_logprob not in (False, [False]) and body.return_logprob:
         raise APIError(400, "return_logprob is not supported")
     if body.text is not None:

@@ -116,6 +116,28 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool | None = None
 
 
+# Top-level /generate fields of SGLang's GenerateReqInput this server does not implement, with the
+# values that change nothing. The logprob options mean nothing unless return_logprob is on (which
+# is refused), and SGLang's frontend sends them alongside it.
+NATIVE_NEUTRAL: dict[str, tuple] = {
+    "logprob_start_len": (-1, 0),
+    "top_logprobs_num": (0,),
+    "return_text_in_logprobs": (False, True),
+    "token_ids_logprob": ([],),
+    "image_data": ([], ""),
+    "audio_data": ([], ""),
+    "video_data": ([], ""),
+    "modalities": ([],),
+    "lora_path": ("",),
+    "return_hidden_states": (False,),
+    "custom_logit_processor": ("",),
+    "log_metrics": (True, False),
+    "session_params": ({},),
+    "data_parallel_rank": (),
+}
+_LOGPROB_OPTIONS = ("logprob_start_len", "top_logprobs_num", "return_text_in_logprobs", "token_ids_logprob")
+
+
 class NativeGenerateRequest(BaseModel):
     """SGLang's /generate body (the fields this server honours; the rest must keep defaults)."""
 
@@ -127,6 +149,16 @@ class NativeGenerateRequest(BaseModel):
     stream: StrictBool = False
     rid: StrictStr | list[StrictStr] | None = None
     return_logprob: StrictBool | list[StrictBool] = False
+
+    def unhonoured(self) -> list[str]:
+        """Top-level fields sent that this server would not honour (see NATIVE_NEUTRAL)."""
+        out = []
+        for name, value in (self.model_extra or {}).items():
+            if value is None or (name in _LOGPROB_OPTIONS and not self.return_logprob):
+                continue
+            if value not in NATIVE_NEUTRAL.get(name, ()):
+                out.append(name)
+        return sorted(out)
 
 
 # SGLang sampling keys we accept at their neutral value only (sent by frontend-language programs).
