@@ -48,6 +48,7 @@ def create_app(
         trainer_state=trainer_state,
         max_queued_requests=max_queued_requests,
     )
+    ctx.max_token_chars()  # one pass over the vocabulary at startup, not on the first request's event loop
     app = FastAPI(title="aurora_sgl", version=__version__, default_response_class=OrjsonResponse)
 
     # ---- middleware and error handlers ------------------------------------------------------
