@@ -512,8 +512,11 @@ class Bench:
         async def fault():
             await asyncio.sleep(3)
             victim = s.trainer()
-            st0 = await asyncio.to_thread(s.stats)
             os.kill(victim.pid, signal.SIGSTOP)
+            # The counters from before the stop are read once it has landed: a step that was
+            # finishing when the signal was sent is not a step taken while stopped.
+            await _until(lambda: victim.status() == psutil.STATUS_STOPPED, 10, every=0.01)
+            st0 = await asyncio.to_thread(s.stats)
             await asyncio.sleep(stop_s)
             st1 = await asyncio.to_thread(s.stats)
             os.kill(victim.pid, signal.SIGCONT)
