@@ -53,7 +53,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common.paths import datasets_dir  # noqa: E402
-from benchmarks.common.server import ServerProcess  # noqa: E402
+from benchmarks.common.server import ServerProcess, owned_leftovers  # noqa: E402
 
 DATASETS = datasets_dir()
 NAME = "reference_model"
@@ -834,7 +834,7 @@ class Bench:
             pid = victim.pid
             os.killpg(pid, signal.SIGKILL)
             await asyncio.to_thread(victim.stop)
-            left = _owned_leftovers(pid)
+            left = owned_leftovers(pid)
             info["left_after_sigkill"] = len(left)
             successor = await asyncio.to_thread(
                 Server, "--max-running-requests", "4", log_dir=self.work, tag="pgkill_successor"
@@ -845,7 +845,7 @@ class Bench:
                     info["successor_healthy"] = (await c.get(successor.url + "/health")).status_code == 200
             finally:
                 await asyncio.to_thread(successor.stop)
-            info["successor_left_after_sigterm"] = len(_owned_leftovers(successor.pid))
+            info["successor_left_after_sigterm"] = len(owned_leftovers(successor.pid))
 
         outcomes, _ = self.load(self.args.fault_seconds / 2, fault=fault(), seed=13)
         return dict(summarize(outcomes), **info)
@@ -897,13 +897,6 @@ class Bench:
             "restart_resumed_from_newest_checkpoint": bool(newest) and resolved == newest,
             "after_restart": after_sum,
         }
-
-
-def _owned_leftovers(pid: int) -> list[str]:
-    """Shared-memory segments and trainer spec directories named after `pid`."""
-    shm = [f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f"_{pid}_" in f]
-    tmp = tempfile.gettempdir()
-    return shm + [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"aurora_trainer_{pid}_")]
 
 
 def _gone(p: psutil.Process | None, timeout: float = 15) -> bool:

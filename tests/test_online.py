@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import stat
-import tempfile
 import time
 
 import httpx
@@ -16,7 +15,7 @@ from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.online.sidecar import OnlineTraining
 from aurora_sgl.serving.native_routes import training_health
 from aurora_sgl.trainer.checkpoints import newest_checkpoint
-from benchmarks.common.server import ServerProcess
+from benchmarks.common.server import ServerProcess, owned_leftovers
 
 MAX_NEW = 48
 WAVE = 8
@@ -147,12 +146,6 @@ def test_training_health_tells_degraded_training_from_a_healthy_one():
     assert gave_up == "degraded" and "5 times" in why
 
 
-def _leftovers(pid: int) -> list[str]:
-    shm = [f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f"_{pid}_" in f]
-    tmp = tempfile.gettempdir()
-    return shm + [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"aurora_trainer_{pid}_")]
-
-
 def test_sigkilled_server_leftovers_are_swept_by_the_next_server():
     # Issue 18: SIGKILL of the server's process group left /dev/shm segments (86 MB of ring) and the
     # trainer's spec directory behind for good. The next server removes what a dead owner left.
@@ -168,7 +161,7 @@ def test_sigkilled_server_leftovers_are_swept_by_the_next_server():
         metrics = httpx.get(s.url + "/metrics", timeout=10).text
         assert "aurora_trainer_alive 1.0" in metrics and "aurora_trainer_restarts 0.0" in metrics
         assert "aurora_trainer_positions_per_recorded_position" in metrics
-        left = _leftovers(s.pid)
+        left = owned_leftovers(s.pid)
         assert len(left) == 4, left  # ring, weight store, trainer status, the trainer's spec directory
     finally:
         os.killpg(s.pid, signal.SIGKILL)
@@ -177,10 +170,10 @@ def test_sigkilled_server_leftovers_are_swept_by_the_next_server():
     s2 = ServerProcess("--speculative-num-steps", "2", "--online")
     try:
         assert not any(os.path.exists(p) for p in left)  # ... until the next server started
-        assert len(_leftovers(s2.pid)) == 4
+        assert len(owned_leftovers(s2.pid)) == 4
     finally:
         s2.stop(signal.SIGTERM)
-    assert _leftovers(s2.pid) == []
+    assert owned_leftovers(s2.pid) == []
 
 
 def test_the_server_records_only_the_prompt_positions_the_trainer_keeps(tmp_path):

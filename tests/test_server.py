@@ -409,3 +409,18 @@ def test_server_info_carries_sglangs_internal_states(server):
     avg = states[0]["avg_spec_accept_length"]
     assert isinstance(avg, float) and 1.0 <= avg <= 5.0 and 1.0 <= tau <= 5.0, (avg, tau)
     assert states[0]["speculative_num_steps"] == 4
+
+
+def test_native_rid_is_the_request_id(server):
+    # SGLang's `rid` was accepted and ignored; now it names the request (meta_info "id").
+    r = httpx.post(
+        server.url + "/generate", json={"text": "x", "rid": "my-req", "sampling_params": {"max_new_tokens": 2}}
+    )
+    assert r.status_code == 200 and r.json()["meta_info"]["id"] == "my-req"
+    batch = httpx.post(
+        server.url + "/generate",
+        json={"text": ["x", "y"], "rid": ["a1", "b2"], "sampling_params": {"max_new_tokens": 2}},
+    )
+    assert [o["meta_info"]["id"] for o in batch.json()] == ["a1", "b2"]
+    for bad in ({"text": ["x", "y"], "rid": ["same", "same"]}, {"text": ["x", "y"], "rid": "one"}):
+        assert httpx.post(server.url + "/generate", json=bad).status_code == 400

@@ -74,10 +74,15 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.waiting)
 
-    def submit(self, prompt: str | list[int], params: SamplingParams) -> tuple[Request, asyncio.Queue]:
-        """Called from the event loop. Raises ValueError (e.g. prompt too long) before queueing."""
+    def submit(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> tuple[Request, asyncio.Queue]:
+        """Called from the event loop. Raises ValueError (e.g. prompt too long, or `request_id`
+        already in flight) before queueing."""
         loop = asyncio.get_running_loop()
-        req = self.engine.add_request(prompt, params)
+        if request_id is not None and request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        req = self.engine.add_request(prompt, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         with self._wake:
             self._streams[req.id] = _Stream(req, queue, loop)

@@ -285,7 +285,7 @@ class ServingContext:
                 "server_overloaded",
             )
 
-    def submit(self, prompt, params: SamplingParams):
+    def submit(self, prompt, params: SamplingParams, request_id: str | None = None):
         if params.max_new_tokens > self.engine.context_length:
             raise APIError(
                 400,
@@ -293,20 +293,20 @@ class ServingContext:
                 code="context_length_exceeded",
             )
         try:
-            return self.aengine.submit(prompt, params)
+            return self.aengine.submit(prompt, params, request_id)
         except PromptTooLong as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
     def submit_all(self, pairs) -> list:
-        """Submit (prompt, params) pairs; if one is refused, abort the ones already queued."""
+        """Submit (prompt, params[, request id]) tuples; if one is refused, abort the ones already queued."""
         pairs = list(pairs)
         self.admit(len(pairs))
         jobs = []
         try:
-            for prompt, params in pairs:
-                jobs.append(self.submit(prompt, params))
+            for prompt, params, *request_id in pairs:
+                jobs.append(self.submit(prompt, params, *request_id))
         except BaseException:
             for r, _ in jobs:
                 self.aengine.abort(r)

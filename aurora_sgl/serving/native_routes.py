@@ -39,6 +39,18 @@ def native_prompts(body: NativeGenerateRequest) -> tuple[list, bool]:
     return prompts, batch
 
 
+def native_rids(body: NativeGenerateRequest, n: int, batch: bool) -> list[str | None]:
+    """SGLang's `rid`: the request id (meta_info "id"), one per prompt of a batch."""
+    if body.rid is None:
+        return [None] * n
+    rids = body.rid if isinstance(body.rid, list) else [body.rid]
+    if len(rids) != n or isinstance(body.rid, list) != batch:
+        raise APIError(400, "rid must be one string per prompt (a list for a batch)")
+    if len(set(rids)) != n or not all(rids):
+        raise APIError(400, "rid values must be distinct, non-empty strings")
+    return rids
+
+
 def native_params(ctx: ServingContext, body: NativeGenerateRequest, n: int) -> list[SamplingParams]:
     sp = body.sampling_params
     sps = sp if isinstance(sp, list) else [sp] * n
@@ -174,7 +186,7 @@ def register_native_routes(app: FastAPI, ctx: ServingContext) -> None:
         if body.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports one prompt per request")
         prompts = await ctx.encode_all(prompts)
-        jobs = ctx.submit_all(zip(prompts, params))
+        jobs = ctx.submit_all(zip(prompts, params, native_rids(body, len(prompts), batch)))
         if body.stream:
             return StreamingResponse(stream_native(ctx, *jobs[0]), media_type="text/event-stream")
         if not await ctx.collect_all(request, jobs):

@@ -104,3 +104,11 @@ class ServerProcess:
             if self._own_log:
                 os.unlink(self.log_path)
         return self.proc.returncode
+
+
+def owned_leftovers(pid: int) -> list[str]:
+    """Shared-memory segments and trainer spec directories a server with this pid owns (named
+    `<prefix>_<pid>_...`): what a SIGKILL leaves behind and the next server sweeps."""
+    shm = [f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f"_{pid}_" in f]
+    tmp = tempfile.gettempdir()
+    return shm + [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"aurora_trainer_{pid}_")]
