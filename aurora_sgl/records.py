@@ -45,6 +45,7 @@ class StepRecord:
     final_hidden: torch.Tensor  # [a+1, H] view
     draft_version: int
     prefill: bool = False  # prompt positions: no drafts, but context the trainer needs
+    num_drafted: int | None = None  # drafts this step (adaptive K); None: all K
 
 
 def chain_outcome(k: int, accepted: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Embedded engine on a small random Llama: lossless greedy decoding against transformers
 `generate`, exact sampling, stop conditions, streaming, records and continuous batching."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -61,6 +63,36 @@ def test_greedy_is_lossless_for_every_k(model, ref_tokenizer, hf_greedy, trained
         assert min(taus) < 1.2
 
 
+def _changing_k(ks=(0, 3, 1, 4, 0, 0, 2, 4, 4, 1, 0, 2)):
+    """A K schedule that changes between consecutive steps of one request (and goes through 0)."""
+    it = itertools.cycle(ks)
+    return lambda reqs: next(it)
+
+
+@pytest.mark.parametrize("mode", ["changing", "adaptive"])
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_greedy_stays_lossless_when_k_changes_between_steps(
+    model, ref_tokenizer, hf_greedy, trained_head_dir, mode, concurrency
+):
+    eng = _engine(
+        model, ref_tokenizer, 4, max_running_requests=concurrency, draft_model_path=trained_head_dir, adaptive=True
+    )
+    assert eng.adaptive is not None
+    if mode == "changing":
+        eng.k_policy = _changing_k()
+    outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
+    for prompt, out, ref in zip(PROMPTS, outs, hf_greedy):
+        assert out["output_ids"] == ref, (mode, prompt)
+    k_steps = [o["meta_info"]["spec_k_steps"] for o in outs]
+    assert all(len(ks) == 5 for ks in k_steps)
+    if mode == "changing":
+        assert all(sum(1 for n in ks if n) >= 3 for ks in k_steps if sum(ks) >= 6), k_steps
+        assert max(o["meta_info"]["spec_accept_length"] for o in outs) > 1.3  # accept paths ran
+    stats = eng.adaptive.stats()
+    assert sum(stats["k_steps"].values()) == eng.adaptive.decode_steps
+    assert all(ms > 0 for ms in stats["step_cost"]["ms"].values())
+
+
 def test_requests_joining_mid_flight_stay_exact(model, ref_tokenizer, hf_greedy, trained_head_dir):
     eng = _engine(model, ref_tokenizer, 4, max_running_requests=4, draft_model_path=trained_head_dir)
     reqs = []
@@ -88,7 +120,7 @@ def test_abort_frees_slot_and_others_stay_exact(model, ref_tokenizer, hf_greedy)
     assert not eng.running
 
 
-@pytest.mark.parametrize("head", ["random", "trained"])
+@pytest.mark.parametrize("head", ["random", "trained", "trained, K changing"])
 def test_sampling_matches_target_distribution(model, ref_tokenizer, trained_head_dir, head):
     params = dict(max_new_tokens=2, temperature=0.9, top_k=3, ignore_eos=True)
     prompt = PROMPTS[0]
@@ -98,8 +130,10 @@ def test_sampling_matches_target_distribution(model, ref_tokenizer, trained_head
         ref_tokenizer,
         3,
         max_running_requests=16,
-        draft_model_path=trained_head_dir if head == "trained" else None,
+        draft_model_path=None if head == "random" else trained_head_dir,
     )
+    if head == "trained, K changing":
+        eng.k_policy = _changing_k((1, 0, 3, 2))
     n = 900
     outs = eng.generate([prompt] * n, [SamplingParams(seed=s, **params) for s in range(n)])
     counts = {}

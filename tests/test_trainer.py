@@ -418,6 +418,7 @@ def test_config_validation():
         ({"unroll": 0}, "unroll"),
         ({"tokens_per_step": 1.5}, "tokens_per_step"),
         ({"holdout_fraction": 1.0}, "holdout_fraction"),
+        ({"guardrail_on": "train"}, "guardrail_on"),
         ({"margin": -1}, "margin"),
         ({"segment_idle_s": 0}, "segment_idle_s"),
         ({"inject": ["boom@1"]}, "inject"),
@@ -583,12 +584,19 @@ def test_requests_shorter_than_the_unroll_never_stop_training(make_rig):
 
 
 # ---- (2) guardrail -----------------------------------------------------------------------------
-def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_dir, published):
+@pytest.mark.parametrize("guardrail_on", ["fresh", "held_out"])
+def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_dir, published, guardrail_on):
     rig = make_rig(pretrained_dir)
     # A small lr (Aurora's pretrained setting): honest candidates stay close to the served head.
     rig.start(
         rig.spec(
-            tokens_per_step=64, publish_every=1, unroll=3, holdout_fraction=0.5, lr=1e-5, inject=["nan@2", "random@4"]
+            tokens_per_step=64,
+            publish_every=1,
+            unroll=3,
+            guardrail_on=guardrail_on,
+            holdout_fraction=0.5,
+            lr=1e-5,
+            inject=["nan@2", "random@4"],
         )
     )
     assert rig.drive(lambda: rig.trainer.attempts >= 6)
@@ -611,8 +619,14 @@ def test_guardrail_refuses_injected_nan_and_random_heads(make_rig, pretrained_di
     served_fc = [st["fc.weight"] for _, st in ours]
     pre = Eagle3Head.load(pretrained_dir, torch.zeros(0))
     assert all((fc - pre.fc.weight).abs().max() < 0.05 for fc in served_fc)
-    # The served weights' figures are cached per held-out sequence: the cache agrees with a fresh pass.
     tr = rig.trainer
+    if guardrail_on == "fresh":
+        # Every sequence was trained on, and the judged ones are the newest: each scored before training.
+        assert not tr.holdout and 0 < len(tr.judged) <= tr.cfg.holdout_capacity
+        newest = [e[0] for e, _, _ in tr.judged]
+        assert all(any(seq is r for r, _ in tr.replay) for seq in newest[-4:])
+        return
+    # The served weights' figures are cached per held-out sequence: the cache agrees with a fresh pass.
     assert tr._served_sums and tr._served_sums_of is tr.served_state
     cached = tr._served_sim_tau()
     tr.eval_head.load_serving_state(tr.served_state)

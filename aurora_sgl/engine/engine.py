@@ -10,7 +10,11 @@ One `step()`:
      cache over the committed positions (this also yields the next step's first draft);
   4. retire finished requests and compact the slots so the running batch stays a contiguous range
      of cache rows (reads are then views, not gathers).
-K = 0 is plain autoregressive decoding by the same code path minus drafting.
+K = 0 is plain autoregressive decoding. With `adaptive`, K is chosen per step in 0..K
+(engine/adaptive.py). The draft head's own work (its KV cache over committed positions) is lazy:
+steps that do not draft (prefill, K = 0) queue their target states per request, and the next
+drafting step catches the head up over them in one batched forward, so a step at K = 0 costs what
+plain decoding costs.
 
 Every speculative step returns a `StepRecord` per request: what was drafted, what the target said
 at each draft position, and views of the target's hidden states at the committed positions. The
@@ -21,17 +25,19 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from aurora_sgl.engine.adaptive import AdaptiveK, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
 from aurora_sgl.engine.target import TargetModel, load_hf_causal_lm
 from aurora_sgl.engine.verify import sample_with_uniform, verify_greedy, verify_sampling
-from aurora_sgl.records import Outcome, StepRecord, prompt_records
+from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord, prompt_records
 
 DEFAULT_DRAFT_VOCAB = 2048
 
@@ -53,9 +59,14 @@ class Request:
     drafts_proposed: int = 0
     drafts_accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)  # steps that drafted position j
+    k_steps: list[int] = field(default_factory=list)  # decode steps per K chosen (adaptive)
     draft_versions: set[int] = field(default_factory=set)
     head_hidden: torch.Tensor | None = None  # head state after the last extend: next draft's input
     head_logits: torch.Tensor | None = None
+    # Committed positions the draft head has not run over yet: (aux_hidden [n, 3H], the token
+    # after each [n], first position), consecutive and oldest first.
+    head_pending: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -82,8 +93,9 @@ class Request:
             "spec_accept_length": round(self.accept_length, 4),
             "spec_accept_rate": round(self.drafts_accepted / self.drafts_proposed, 4) if self.drafts_proposed else 0.0,
             "spec_accept_per_position": [
-                round(a / self.verify_ct, 4) if self.verify_ct else 0.0 for a in self.accepted_per_position
+                round(a / n, 4) if n else 0.0 for a, n in zip(self.accepted_per_position, self.drafted_per_position)
             ],
+            "spec_k_steps": list(self.k_steps),
             "draft_version": max(self.draft_versions) if self.draft_versions else None,
         }
 
@@ -109,6 +121,8 @@ class Engine:
         seed: int = 0,
         model=None,
         tokenizer=None,
+        adaptive: bool = False,
+        explore_every: int = 16,
     ):
         from transformers import AutoTokenizer
 
@@ -160,6 +174,12 @@ class Engine:
         # sets it to what the trainer keeps, so the ring is not filled with positions it drops.
         self.record_prompt_tokens: int | None = None
         self.before_step: Callable[[Engine], None] | None = None  # e.g. the weight-store poll
+        # Overrides the per-step K (0..k) when set: tests and experiments pin a schedule with it.
+        self.k_policy: Callable[[list[Request]], int] | None = None
+        self.adaptive: AdaptiveK | None = None
+        if adaptive and self.k:
+            costs = StepCosts(calibrate(self._synthetic_step, self.k, max_running_requests))
+            self.adaptive = AdaptiveK(self.k, costs, explore_every)
 
     # ---- request intake ---------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -193,6 +213,8 @@ class Engine:
             params=params,
             generator=torch.Generator().manual_seed(seed),
             accepted_per_position=[0] * self.k,
+            drafted_per_position=[0] * self.k,
+            k_steps=[0] * (self.k + 1),
         )
         with self._lock:
             self.waiting.append(req)
@@ -222,7 +244,7 @@ class Engine:
             records = self._prefill_chunk(prefilling)
         decoding = [r for r in self.running if r.state == "decode"]
         if decoding:
-            records += self._decode(decoding) if self.k else self._decode_plain(decoding)
+            records += self._decode_step(decoding)
         self.retire_finished()
         if records and self.record_sink is not None:
             self.record_sink(records)
@@ -280,22 +302,17 @@ class Engine:
                 following = following + [first]
                 self._commit(r, [first])
             next_in[i, : len(following)] = torch.tensor(following, dtype=torch.long)
-        if self.k == 0:
-            for i in finishing:
-                if not reqs[i].finished:
-                    reqs[i].state = "decode"
-            return []
-        hidden = self.head.forward_cached(
-            out.aux_hidden, next_in.to(self.device), positions, self.head_k, self.head_v, slots
-        )
+        if self.k:  # the head runs over the prompt when the request first drafts (_catch_up)
+            next_in = next_in.to(self.device)
+            for i, (r, n) in enumerate(zip(reqs, lens)):
+                if not r.finished:
+                    r.head_pending.append((out.aux_hidden[i, :n], next_in[i, :n], starts[i]))
         for i in finishing:
-            r = reqs[i]
-            if r.finished:
-                continue
-            h = hidden[i, lens[i] - 1]
-            r.head_hidden, r.head_logits = h, self.head.logits(h)
-            r.state = "decode"
-        return self._prefill_records(reqs, lens, starts, tokens, next_in, out) if self.record_sink else []
+            if not reqs[i].finished:
+                reqs[i].state = "decode"
+        if not self.k or not self.record_sink:
+            return []
+        return self._prefill_records(reqs, lens, starts, tokens, next_in, out)
 
     def _prefill_records(self, reqs, lens, starts, tokens, next_in, out) -> list[StepRecord]:
         """The prompt's positions, cut into record-sized pieces: the trainer needs the context the
@@ -330,6 +347,90 @@ class Engine:
         return int(sample_with_uniform(probs, torch.rand(1, generator=r.generator))[0])
 
     # ---- decode -----------------------------------------------------------------------------
+    def _choose_k(self, reqs: list[Request]) -> int:
+        if self.k_policy is not None:
+            k = int(self.k_policy(reqs))
+            if not 0 <= k <= self.k:
+                raise ValueError(f"k_policy chose {k}, outside [0, {self.k}]")
+            return k
+        if self.adaptive is not None:
+            return self.adaptive.choose(len(reqs), self.draft_version)
+        return self.k
+
+    def _decode_step(self, reqs: list[Request]) -> list[StepRecord]:
+        k = self._choose_k(reqs)
+        for r in reqs:
+            r.k_steps[k] += 1
+        if k == 0:
+            t0 = time.perf_counter()
+            records = self._decode_plain(reqs)
+        else:
+            self._catch_up(reqs)  # deferred head work of earlier steps: not this step's cost
+            t0 = time.perf_counter()
+            records = self._decode(reqs, k)
+        if self.adaptive is not None:
+            accepted = [r.num_accepted for r in records] if k else []
+            self.adaptive.observe(len(reqs), k, time.perf_counter() - t0, accepted)
+        return records
+
+    def _catch_up(self, reqs: list[Request]) -> None:
+        """Run the draft head over every request's pending positions (in windows of at most one
+        prefill chunk), leaving its state after the newest committed token ready to draft from."""
+        todo = []
+        for r in reqs:
+            if r.head_pending:
+                aux, tok, start = zip(*r.head_pending)
+                todo.append((r, torch.cat(aux), torch.cat(tok), start[0]))
+                r.head_pending = []
+        done = 0
+        while todo:
+            width = min(self.chunk, max(a.shape[0] - done for _, a, _, _ in todo))
+            b = len(todo)
+            aux = todo[0][1].new_zeros(b, width, todo[0][1].shape[-1])
+            tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
+            positions = torch.empty(b, width, dtype=torch.long)
+            lens = []
+            for i, (_, a, t, start) in enumerate(todo):
+                n = min(width, a.shape[0] - done)
+                aux[i, :n], tokens[i, :n] = a[done : done + n], t[done : done + n]
+                # Padding continues past the pending positions: drafting overwrites those entries.
+                positions[i] = torch.arange(start + done, start + done + width)
+                lens.append(n)
+            slots = torch.tensor([r.slot for r, _, _, _ in todo], device=self.device)
+            hidden = self.head.forward_cached(aux, tokens, positions.to(self.device), self.head_k, self.head_v, slots)
+            left = []
+            for i, (entry, n) in enumerate(zip(todo, lens)):
+                if entry[1].shape[0] - done > n:
+                    left.append(entry)
+                else:
+                    r = entry[0]
+                    r.head_hidden = hidden[i, n - 1]
+                    r.head_logits = self.head.logits(r.head_hidden)
+            todo, done = left, done + width
+
+    def _synthetic_step(self, b: int, k: int) -> None:
+        """A decode step's forwards at batch b and K = k on cache rows 0..b-1, for the adaptive
+        cost calibration at startup (no request holds a slot yet)."""
+        dev = self.device
+        slots = torch.arange(b, device=dev)
+        srange = (0, b)
+        start = max(0, min(128, self.context_length - 2 * (self.k + 2)))
+        positions = start + torch.arange(k + 1, device=dev).expand(b, k + 1)
+        tokens = torch.ones(b, k + 1, dtype=torch.long, device=dev)
+        if k:
+            hc = self.head.config
+            hidden = torch.zeros(b, 1, hc.hidden_size, dtype=self.head_k.dtype, device=dev)
+            for j in range(k):
+                hidden = self.head.forward_cached(
+                    hidden, tokens[:, :1], positions[:, j : j + 1], self.head_k, self.head_v, slots, srange
+                )
+                self.head.logits(hidden[:, 0]).argmax(-1).tolist()
+        out = self.target.forward(tokens, positions, slots, srange)
+        out.logits.argmax(-1).tolist()
+        if k:
+            ext = self.head.forward_cached(out.aux_hidden, tokens, positions, self.head_k, self.head_v, slots, srange)
+            self.head.logits(ext[:, 0]).tolist()
+
     def _batch_tensors(self, reqs: list[Request]):
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
         first = reqs[0].slot
@@ -343,16 +444,46 @@ class Engine:
         return temp, top_p, top_k
 
     def _decode_plain(self, reqs: list[Request]) -> list[StepRecord]:
+        """One target token per request, no drafts. With a draft head (adaptive K = 0) the step's
+        target states are queued for the head and recorded for the trainer (the `kl` objective
+        needs no drafts), so learning goes on while speculation pauses."""
         slots, srange = self._batch_tensors(reqs)
         pos = torch.tensor([[r.last_position] for r in reqs], device=self.device)
         tok = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
         out = self.target.forward(tok, pos, slots, srange)
+        records = []
+        none = torch.full((self.k,), NO_TOKEN, dtype=torch.long, device=self.device)
+        unreached = torch.full((self.k,), Outcome.NOT_REACHED, dtype=torch.int8, device=self.device)
         for i, r in enumerate(reqs):
-            self._commit(r, [self._sample_one(out.logits[i, 0], r)])
-        return []
+            n = r.last_position
+            nxt = self._sample_one(out.logits[i, 0], r)
+            committed = self._commit(r, [nxt])
+            if not self.k:
+                continue
+            next_tokens = torch.tensor([nxt], device=self.device)
+            r.head_pending.append((out.aux_hidden[i, :1], next_tokens, n))
+            if self.record_sink is not None:
+                records.append(
+                    StepRecord(
+                        request_id=r.id,
+                        position=n,
+                        draft_tokens=none,
+                        target_tokens=none,
+                        outcome=unreached,
+                        num_accepted=0,
+                        committed=committed,
+                        input_tokens=tok[i],
+                        next_tokens=next_tokens,
+                        aux_hidden=out.aux_hidden[i, :1],
+                        final_hidden=out.final_hidden[i, :1],
+                        draft_version=self.draft_version,
+                        num_drafted=0,
+                    )
+                )
+        return records
 
-    def _decode(self, reqs: list[Request]) -> list[StepRecord]:
-        k, b, dev = self.k, len(reqs), self.device
+    def _decode(self, reqs: list[Request], k: int) -> list[StepRecord]:
+        b, dev = len(reqs), self.device
         slots, srange = self._batch_tensors(reqs)
         n = torch.tensor([r.last_position for r in reqs], device=dev)
         greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
@@ -432,6 +563,11 @@ class Engine:
             idx[:, :k] < a, Outcome.ACCEPTED, torch.where(idx[:, :k] == a, Outcome.REJECTED, Outcome.NOT_REACHED)
         ).to(torch.int8)
         target_tok = torch.where(outcome == Outcome.NOT_REACHED, -1, target_tok)
+        if k < self.k:  # records always carry the engine's K positions (the ring's layout)
+            pad = self.k - k
+            d = torch.cat([d, d.new_full((b, pad), NO_TOKEN)], dim=1)
+            target_tok = torch.cat([target_tok, target_tok.new_full((b, pad), NO_TOKEN)], dim=1)
+            outcome = torch.cat([outcome, outcome.new_full((b, pad), Outcome.NOT_REACHED)], dim=1)
         records = []
         for i, r in enumerate(reqs):
             acc = accepted_l[i]
@@ -440,6 +576,8 @@ class Engine:
             r.drafts_accepted += acc
             for j in range(acc):
                 r.accepted_per_position[j] += 1
+            for j in range(k):
+                r.drafted_per_position[j] += 1
             r.draft_versions.add(self.draft_version)
             committed = self._commit(r, d_l[i][:acc] + [next_l[i]])
             r.head_hidden, r.head_logits = new_hidden[i], new_logits[i]
@@ -457,6 +595,7 @@ class Engine:
                     aux_hidden=out.aux_hidden[i, : acc + 1],
                     final_hidden=out.final_hidden[i, : acc + 1],
                     draft_version=self.draft_version,
+                    num_drafted=k,
                 )
             )
         return records

@@ -7,7 +7,7 @@ weights are copied into the existing storage (CUDA graphs captured those pointer
 
 Whatever the trainer publishes -- late, NaN, random -- outputs stay exact, because verification
 decides every token. What a bad version can cost is speed, which the rollback bounds: when a new
-version's live accept length over its first `window` verify steps falls below the last confirmed
+version's live accept length over its first `window` drafting steps falls below the last confirmed
 version's by more than `margin`, the confirmed weights come back and the trainer is told.
 
 The two figures must come from the same traffic: after a shift (code, then math) every version
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from aurora_sgl.engine.adaptive import chain_accept_length
 from aurora_sgl.engine.engine import Engine, StepRecord
 from aurora_sgl.online.version_check import SUPERSEDED, refusal_reason
 from aurora_sgl.transport.signal_ring import SignalRing
@@ -77,12 +78,15 @@ class Flywheel:
             self.ring.write_many(records)
         self.recorded_positions += sum(r.input_tokens.numel() for r in records)
         for r in records:
-            if not r.prefill and r.request_id not in self._probe_stale:
-                self._taus[r.draft_version].append(1 + r.num_accepted)
+            drafted = self.engine.k if r.num_drafted is None else r.num_drafted
+            if drafted and not r.prefill and r.request_id not in self._probe_stale:
+                self._taus[r.draft_version].append((drafted, r.num_accepted))
 
     def live_accept_length(self, version: int) -> float | None:
+        """The accept length at the engine's K, from drafting steps of any width (adaptive K):
+        versions measured at different K mixes stay comparable."""
         taus = self._taus.get(version)
-        return sum(taus) / len(taus) if taus else None
+        return chain_accept_length(list(taus), self.engine.k) if taus else None
 
     # ---- weights in -------------------------------------------------------------------------
     def before_step(self, engine: Engine) -> None:
@@ -135,7 +139,7 @@ class Flywheel:
         taus = self._taus.get(current)
         if taus is None or len(taus) < self.window:
             return
-        new = sum(taus) / len(taus)
+        new = self.live_accept_length(current)
         old = self.live_accept_length(self.confirmed_version)
         if old is not None and new < old - self.margin:
             # `old` was measured on earlier traffic: re-measure the confirmed weights now.
@@ -162,7 +166,7 @@ class Flywheel:
         if taus is None or len(taus) < self.window:
             return
         self._probe, self._probe_stale = None, set()
-        old = sum(taus) / len(taus)
+        old = self.live_accept_length(self.confirmed_version)
         if new < old - self.margin:
             log.warning(
                 "rolling back draft version %d (live tau %.3f < %.3f of version %d on the same traffic)",
@@ -209,5 +213,7 @@ class Flywheel:
             "ring_written": ring.get("written", 0),
             "recorded_positions": self.recorded_positions,
             "ring_drops": ring.get("drops", 0),
-            "live_accept_length": {str(v): round(sum(t) / len(t), 4) for v, t in self._taus.items() if t},
+            "live_accept_length": {
+                str(v): round(self.live_accept_length(int(v)), 4) for v, t in self._taus.items() if t
+            },
         }

@@ -13,6 +13,7 @@ from aurora_sgl.training.losses import OBJECTIVES
 INJECT_KINDS = ("nan", "random", "corrupt")
 _INJECT = re.compile(r"\s*(nan|random|corrupt)\s*@\s*(\d+)\s*\Z")
 MIN_SEQUENCE_TOKENS = 3
+GUARDRAIL_DATA = ("fresh", "held_out")
 
 
 @dataclass
@@ -48,8 +49,15 @@ class TrainerConfig:
     publish_every: int = 16  # optimizer steps between publish attempts (1024 positions at the default step)
     rejected_weight: float = 2.0  # kl_rejected: a position whose draft was rejected weighs 1 + this
     margin: float = 0.05  # publish if sim_tau(candidate) >= sim_tau(served) - margin
-    holdout_fraction: float = 0.1  # share of sequences kept out of training for the guardrail
-    holdout_capacity: int = 16  # the most recent held-out sequences kept (the guardrail evaluates them all)
+    # What the guardrail judges on. "fresh": every new sequence, just before the trainer learns from
+    # it, is scored by the training head and by the served head; a candidate is compared over the
+    # newest `holdout_capacity` of them, so the judgement follows the traffic and nothing is kept
+    # out of training. "held_out": a `holdout_fraction` of sequences never trained on, the newest
+    # `holdout_capacity` kept -- it lags a shift by capacity / fraction requests and refused heads
+    # learning the new domain (benchmarks/README.md, traffic shift under a trainer budget).
+    guardrail_on: str = "fresh"
+    holdout_fraction: float = 0.1  # "held_out": share of sequences kept out of training
+    holdout_capacity: int = 16  # sequences the guardrail judges on (the newest)
     checkpoint_every: int = 5  # publishes between checkpoints
     keep_checkpoints: int = 3
     vocab_refresh_every: int = 10  # publishes between draft-vocabulary refreshes
@@ -101,6 +109,8 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         if not (_is_number(self.vocab_count_decay) and 0 < self.vocab_count_decay <= 1):
             raise ValueError(f"vocab_count_decay must be in (0, 1], got {self.vocab_count_decay!r}")
+        if self.guardrail_on not in GUARDRAIL_DATA:
+            raise ValueError(f"guardrail_on must be one of {', '.join(GUARDRAIL_DATA)}, got {self.guardrail_on!r}")
         if not isinstance(self.inject_bypass_guardrail, bool):
             raise ValueError("inject_bypass_guardrail must be true or false")
         self.inject = list(self.inject.split(",") if isinstance(self.inject, str) else (self.inject or []))

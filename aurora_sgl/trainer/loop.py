@@ -7,8 +7,9 @@ start from, the `TrainerConfig`) and owns every shared-memory segment; the train
 
 Loop: read records -> stitch them per request into `Sequence`s (`stitcher`) -> once
 `tokens_per_step` generated tokens are in finished sequences, one `training.offline.train_step` -> every
-`publish_every` steps a guardrail (simulated accept length on held-out recent sequences, candidate
-vs. the served weights) decides whether `store.publish` gets the candidate. A rollback signalled
+`publish_every` steps a guardrail (simulated accept length on the newest sequences, scored before
+the trainer learned from them, candidate vs. the served weights) decides whether `store.publish`
+gets the candidate. A rollback signalled
 by the engine (`store.last_rollback()`) reloads the version before the rolled-back one and resets
 the optimizer. The draft vocabulary follows the traffic; checkpoints are written atomically.
 
@@ -130,6 +131,9 @@ class Trainer:
         self.holdout: deque[tuple[Sequence, torch.Tensor]] = deque(maxlen=self.cfg.holdout_capacity)
         self._served_sums: dict[int, tuple] = {}  # id(held-out entry) -> (entry, served weights' tau sums)
         self._served_sums_of: dict | None = None  # the served state those sums belong to
+        # guardrail_on "fresh": (entry, training head's tau sums, served head's tau sums), each
+        # scored when the sequence arrived, before any step learned from it.
+        self.judged: deque[tuple[tuple[Sequence, torch.Tensor], tuple, tuple]] = deque(maxlen=self.cfg.holdout_capacity)
         self.counts = torch.zeros(self.vocab_size, dtype=torch.float64)
         log.info(
             "trainer ready: objective %s lr %g unroll %d, served version %d, head from %s",
@@ -293,13 +297,16 @@ class Trainer:
 
     def train_once(self) -> None:
         train = []
+        held_out = self.cfg.guardrail_on == "held_out" and self.cfg.holdout_fraction
         for seq, w in self.stitcher.take(self.cfg.tokens_per_step):
-            if self.cfg.holdout_fraction and self.rng.random() < self.cfg.holdout_fraction:
+            if held_out and self.rng.random() < self.cfg.holdout_fraction:
                 self.holdout.append((seq, self._target_argmax(seq)))
             else:
                 train.append((seq, w))
         if not train:
             return
+        if self.cfg.guardrail_on == "fresh":
+            self._judge_fresh([s for s, _ in train])
         self.replay.extend(train)
         self._replay_credit = self.cfg.replay_per_step  # replay fills idle time until the next fresh step
         self._train_on(train)
@@ -343,6 +350,15 @@ class Trainer:
         return (seq.final[1:].to(self.device) @ self.lm_w.T).argmax(-1).cpu()
 
     # ---- publish with guardrail -----------------------------------------------------------
+    def _judge_fresh(self, seqs: list[Sequence]) -> None:
+        """Score new sequences with the training head and the served head before a step learns from
+        them: the training head a few steps before a publish stands for the candidate (prequential
+        evaluation), and the guardrail always judges on the traffic of the last minutes."""
+        entries = [(s, self._target_argmax(s)) for s in seqs]
+        mine = simulated_tau_sums(self.head, entries, self.cfg.unroll)
+        served = self._sim_tau_sums(self.served_state, entries)
+        self.judged.extend(zip(entries, mine, served))
+
     def _sim_tau_sums(self, state: dict[str, torch.Tensor], entries: list) -> list[tuple[float, int]]:
         if not entries:
             return []
@@ -415,11 +431,20 @@ class Trainer:
             if fault is None:  # the training head itself diverged: back to the last sane weights
                 self._load_into_head(self.served_state if finite_state(self.served_state) else self.kept[-1][1])
             return None
-        entries = list(self.holdout)
-        candidate_sums = self._sim_tau_sums(state, entries)
-        res = mean_of_sums(candidate_sums)
+        if self.cfg.guardrail_on == "fresh":
+            judged = list(self.judged)
+            # An injected fault is not the training head: score it itself (it never trained on these).
+            mine = [m for _, m, _ in judged] if fault is None else self._sim_tau_sums(state, [e for e, _, _ in judged])
+            res, served = mean_of_sums(mine), mean_of_sums(s for _, _, s in judged)
+            entries, candidate_sums = [], []  # nothing to cache: every sequence is scored once
+            served_tau = None if served is None else served[0]
+        else:
+            entries = list(self.holdout)
+            candidate_sums = self._sim_tau_sums(state, entries)
+            res = mean_of_sums(candidate_sums)
+            served_tau = self._served_sim_tau()
         self.tau_candidate = entry["sim_tau_candidate"] = None if res is None else res[0]
-        self.tau_served = entry["sim_tau_served"] = self._served_sim_tau()
+        self.tau_served = entry["sim_tau_served"] = served_tau
         if (
             self.tau_candidate is not None
             and self.tau_served is not None

@@ -1,0 +1,186 @@
+"""Adaptive speculation: how many tokens to draft in the next step (0..K), chosen to maximise
+committed tokens per second.
+
+Expected committed tokens per request at k drafts (a chain verify accepts a prefix):
+    E(k) = 1 + sum_{j=1..k} prod_{i<=j} alpha_i,
+alpha_i = P(draft i accepted | drafts 1..i-1 accepted), estimated from the live outcomes of the
+served head over a window of recent request-steps (Beta(1, 1) prior: 0.5 where nothing is known).
+A step of k drafts at batch b costs cost(b, k) seconds: calibrated once at startup with the real
+forwards, then scaled by the measured/calibrated ratio of recent steps (a loaded machine, a long
+context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
+poor or the verify width is dear.
+
+Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
+choice (at most K), so the served head keeps being measured and can earn its way back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+PRIOR_STEPS = 32  # after a swap, the old version's rates count as this many request-steps
+
+
+def expected_tokens(rates: list[float], k: int) -> float:
+    """E(k) = 1 + sum_{j<=k} prod_{i<=j} rates[i-1]."""
+    total, run = 1.0, 1.0
+    for a in rates[:k]:
+        run *= a
+        total += run
+    return total
+
+
+def chain_accept_length(steps: list[tuple[int, int]], k: int) -> float | None:
+    """The accept length a chain of k drafts would have had, from steps of any width: each
+    (drafted, accepted) step informs the positions it reached. When every step drafted k this is
+    exactly mean(1 + accepted), so figures stay comparable when K varies between steps."""
+    reached, accepted = [0] * k, [0] * k
+    for d, a in steps:
+        for j in range(min(d, a + 1, k)):
+            reached[j] += 1
+            accepted[j] += j < a
+    if not reached or not reached[0]:
+        return None
+    rates = [accepted[j] / reached[j] if reached[j] else 0.0 for j in range(k)]
+    return expected_tokens(rates, k)
+
+
+class AcceptanceWindow:
+    """Per-position reached / accepted counts over the last `capacity` request-steps."""
+
+    def __init__(self, k_max: int, capacity: int = 512):
+        self.k_max = k_max
+        self.steps: deque[tuple[int, int]] = deque()
+        self.capacity = capacity
+        self.reached = [0.0] * k_max
+        self.accepted = [0.0] * k_max
+
+    def add(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        self._count(drafted, accepted, +1)
+        self.steps.append((drafted, accepted))
+        if len(self.steps) > self.capacity:
+            self._count(*self.steps.popleft(), -1)
+
+    def _count(self, drafted: int, accepted: int, sign: int) -> None:
+        for j in range(min(drafted, accepted + 1, self.k_max)):
+            self.reached[j] += sign
+            self.accepted[j] += sign * (j < accepted)
+
+    def rates(self) -> list[float]:
+        return [(a + 1.0) / (r + 2.0) for a, r in zip(self.accepted, self.reached)]
+
+    def new_version(self) -> None:
+        """A swap: forget the old version's steps but keep its rates as a light prior."""
+        scale = min(1.0, PRIOR_STEPS / self.reached[0]) if self.reached and self.reached[0] else 0.0
+        self.reached = [r * scale for r in self.reached]
+        self.accepted = [a * scale for a in self.accepted]
+        self.steps.clear()
+
+
+def bucket_of(batch: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if batch <= b:
+            return b
+    return buckets[-1]
+
+
+class StepCosts:
+    """Seconds per decode step at (batch bucket, k): the startup calibration times the ratio of
+    measured to calibrated of recent steps -- per entry when that entry ran lately, else over all
+    steps (so entries not chosen for a while follow the machine's load too)."""
+
+    def __init__(self, calibrated: dict[tuple[int, int], float], ema: float = 0.1, fresh_steps: int = 256):
+        self.calibrated = calibrated
+        self.buckets = sorted({b for b, _ in calibrated})
+        self.ema = ema
+        self.fresh_steps = fresh_steps
+        self.ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (bucket, k) -> (ratio EMA, step seen)
+        self.global_ratio = 1.0
+        self.steps = 0
+
+    def cost(self, batch: int, k: int) -> float:
+        key = (bucket_of(batch, self.buckets), k)
+        seen = self.ratio.get(key)
+        ratio = seen[0] if seen is not None and self.steps - seen[1] <= self.fresh_steps else self.global_ratio
+        return self.calibrated[key] * ratio
+
+    def observe(self, batch: int, k: int, seconds: float) -> None:
+        key = (bucket_of(batch, self.buckets), k)
+        r = seconds / self.calibrated[key]
+        self.steps += 1
+        old = self.ratio.get(key)
+        self.ratio[key] = (r if old is None else old[0] + self.ema * (r - old[0]), self.steps)
+        self.global_ratio += self.ema * (r - self.global_ratio)
+
+    def table(self) -> dict:
+        return {
+            "global_ratio": round(self.global_ratio, 4),
+            "ms": {f"b{b}_k{k}": round(self.cost(b, k) * 1e3, 3) for b, k in sorted(self.calibrated)},
+        }
+
+
+class AdaptiveK:
+    """The per-step choice of K (0..k_max) for the embedded engine."""
+
+    def __init__(self, k_max: int, costs: StepCosts, explore_every: int = 16, window: int = 512):
+        self.k_max = k_max
+        self.costs = costs
+        self.explore_every = explore_every
+        self.acceptance = AcceptanceWindow(k_max, window)
+        self.version: int | None = None
+        self.decode_steps = 0
+        self.explored = 0
+        self.k_counts = [0] * (k_max + 1)  # decode steps per chosen K, since start
+
+    def choose(self, batch: int, version: int) -> int:
+        if version != self.version:
+            if self.version is not None:
+                self.acceptance.new_version()
+            self.version = version
+        rates = self.acceptance.rates()
+        best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.cost(batch, k), -k))
+        self.decode_steps += 1
+        if best < self.k_max and self.decode_steps % self.explore_every == 0:
+            best += 1
+            self.explored += 1
+        self.k_counts[best] += 1
+        return best
+
+    def observe(self, batch: int, k: int, seconds: float, accepted: list[int]) -> None:
+        self.costs.observe(batch, k, seconds)
+        for a in accepted:
+            self.acceptance.add(k, a)
+
+    def stats(self) -> dict:
+        rates = self.acceptance.rates()
+        return {
+            "k_max": self.k_max,
+            "k_steps": {str(k): n for k, n in enumerate(self.k_counts)},
+            "explore_every": self.explore_every,
+            "explored_steps": self.explored,
+            "accept_rate_per_position": [round(a, 4) for a in rates],
+            "expected_tokens_per_k": [round(expected_tokens(rates, k), 4) for k in range(self.k_max + 1)],
+            "step_cost": self.costs.table(),
+        }
+
+
+def calibrate(run_step: Callable[[int, int], None], k_max: int, max_batch: int, reps: int = 3) -> dict:
+    """Time `run_step(batch, k)` (one synthetic decode step) for every batch bucket (powers of two
+    up to max_batch, and max_batch) and k in 0..k_max; the median of `reps` after one warm-up."""
+    buckets = sorted({min(2**i, max_batch) for i in range(int(math.log2(max_batch)) + 2)})
+    out = {}
+    for b in buckets:
+        for k in range(k_max + 1):
+            run_step(b, k)
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                run_step(b, k)
+                samples.append(time.perf_counter() - t0)
+            out[(b, k)] = max(sorted(samples)[len(samples) // 2], 1e-6)
+    return out

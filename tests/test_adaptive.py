@@ -1,0 +1,129 @@
+"""Adaptive speculation's math (engine/adaptive.py) against naive references, and the choice it
+makes on cost tables where the right answer is known."""
+
+import random
+
+import pytest
+
+from aurora_sgl.engine.adaptive import (
+    AcceptanceWindow,
+    AdaptiveK,
+    StepCosts,
+    bucket_of,
+    calibrate,
+    chain_accept_length,
+    expected_tokens,
+)
+
+
+def _naive_expected(rates, k):
+    # E[committed] = sum over accepted counts a of P(a) * (a + 1), a chain stopping at the first reject.
+    total = 0.0
+    for a in range(k + 1):
+        p = 1.0
+        for i in range(a):
+            p *= rates[i]
+        if a < k:
+            p *= 1 - rates[a]
+        total += p * (a + 1)
+    return total
+
+
+def test_expected_tokens_matches_the_chain_distribution():
+    rng = random.Random(0)
+    for _ in range(50):
+        rates = [rng.random() for _ in range(6)]
+        for k in range(7):
+            assert expected_tokens(rates, k) == pytest.approx(_naive_expected(rates, k))
+
+
+def test_chain_accept_length_is_the_plain_mean_when_k_is_fixed_and_unbiased_when_it_varies():
+    rng = random.Random(1)
+    fixed = [(4, rng.randint(0, 4)) for _ in range(200)]
+    assert chain_accept_length(fixed, 4) == pytest.approx(sum(1 + a for _, a in fixed) / len(fixed))
+    assert chain_accept_length([], 4) is None
+    # Steps of random width from one head with known rates: the estimate at K = 4 finds E(4).
+    rates = [0.8, 0.7, 0.6, 0.5]
+    steps = []
+    for _ in range(40000):
+        d = rng.randint(1, 4)
+        a = 0
+        while a < d and rng.random() < rates[a]:
+            a += 1
+        steps.append((d, a))
+    assert chain_accept_length(steps, 4) == pytest.approx(expected_tokens(rates, 4), abs=0.03)
+    # The naive mean of those steps would be far lower: the reason for the estimator.
+    assert sum(1 + a for _, a in steps) / len(steps) < expected_tokens(rates, 4) - 0.3
+
+
+def test_acceptance_window_forgets_old_steps_and_keeps_a_light_prior_on_a_new_version():
+    w = AcceptanceWindow(k_max=3, capacity=4)
+    assert w.rates() == [0.5, 0.5, 0.5]  # Beta(1, 1): nothing known
+    for _ in range(4):
+        w.add(3, 0)  # rejected at position 1
+    assert w.reached == [4, 0, 0] and w.accepted == [0, 0, 0]
+    for _ in range(4):
+        w.add(2, 2)  # the window now holds only these
+    assert w.reached == [4, 4, 0] and w.accepted == [4, 4, 0]
+    w.add(0, 0)  # a step without drafts is no evidence
+    assert len(w.steps) == 4
+    w.new_version()
+    assert not w.steps and w.reached == [4, 4, 0]  # fewer than PRIOR_STEPS: kept whole
+    big = AcceptanceWindow(k_max=1, capacity=1000)
+    for _ in range(320):
+        big.add(1, 1)
+    big.new_version()
+    assert big.reached == [32] and big.accepted == [32]
+
+
+def test_step_costs_follow_measurements_and_the_machine_load():
+    costs = StepCosts({(1, 0): 1.0, (1, 1): 2.0, (4, 0): 3.0, (4, 1): 5.0}, ema=0.5)
+    assert bucket_of(1, costs.buckets) == 1 and bucket_of(3, costs.buckets) == 4 and bucket_of(9, costs.buckets) == 4
+    assert costs.cost(2, 1) == 5.0
+    costs.observe(1, 0, 2.0)  # ratio 2 for (1, 0): the entry and the global ratio move
+    assert costs.cost(1, 0) == 2.0 and costs.global_ratio == pytest.approx(1.5)
+    assert costs.cost(1, 1) == pytest.approx(3.0)  # not measured: scaled by the global load
+
+
+def _chooser(costs, k_max=4, explore_every=1000):
+    return AdaptiveK(k_max, StepCosts(costs), explore_every=explore_every)
+
+
+def _flat(k_max, per_k):
+    return {(b, k): 1.0 + per_k * k for b in (1, 2) for k in range(k_max + 1)}
+
+
+def test_adaptive_k_drafts_as_far_as_pays_and_not_at_all_for_a_useless_head():
+    good = _chooser(_flat(4, 0.1))
+    for _ in range(400):
+        good.observe(1, 4, 1.4, [4])  # every draft accepted
+    assert good.choose(1, version=0) == 4
+    bad = _chooser(_flat(4, 0.1))
+    for _ in range(400):
+        bad.observe(1, 4, 1.4, [0])
+    assert bad.choose(1, version=0) == 0
+    # Free drafts: even a poor head should draft the maximum, and a dear verify none at all.
+    free = _chooser(_flat(4, 0.0))
+    for _ in range(400):
+        free.observe(1, 4, 1.0, [0])
+    assert free.choose(1, version=0) == 4
+    dear = _chooser(_flat(4, 2.0))
+    for _ in range(400):
+        dear.observe(1, 4, 9.0, [4])
+    assert dear.choose(1, version=0) == 0
+
+
+def test_adaptive_k_explores_one_more_draft_on_a_share_of_steps():
+    ch = _chooser(_flat(3, 0.5), k_max=3, explore_every=4)
+    for _ in range(400):
+        ch.observe(1, 3, 2.5, [0])
+    picks = [ch.choose(1, version=0) for _ in range(40)]
+    assert picks.count(1) == 10 and picks.count(0) == 30  # 1 in 4 drafts one token
+    assert ch.explored == 10 and ch.stats()["k_steps"] == {"0": 30, "1": 10, "2": 0, "3": 0}
+
+
+def test_calibrate_times_every_bucket_and_k():
+    seen = []
+    table = calibrate(lambda b, k: seen.append((b, k)), k_max=2, max_batch=6, reps=2)
+    assert sorted(table) == [(b, k) for b in (1, 2, 4, 6) for k in range(3)]
+    assert all(v > 0 for v in table.values()) and len(seen) == 3 * len(table)
