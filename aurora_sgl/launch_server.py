@@ -30,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--speculative-num-steps",
         type=int,
         default=None,
-        help="draft tokens per step (0: no speculation; default 4 embedded, 5 sglang)",
+        help="draft tokens per step (0: no speculation; default 4 embedded, 5 sglang); with "
+        "--speculative-adaptive, the most a step drafts",
+    )
+    ap.add_argument(
+        "--speculative-adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="embedded: choose K per step in 0..--speculative-num-steps from the live acceptance and the "
+        "measured step cost (default on); not available with --backend sglang",
     )
     ap.add_argument(
         "--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)"
@@ -80,6 +88,8 @@ def resolve_defaults(args) -> None:
     sglang = args.backend == "sglang"
     if args.speculative_num_steps is None:
         args.speculative_num_steps = 5 if sglang else 4
+    if args.speculative_adaptive is None:
+        args.speculative_adaptive = not sglang
     if args.max_running_requests is None and not sglang:
         args.max_running_requests = 16
     if args.max_queued_requests is None and not sglang:
@@ -118,6 +128,11 @@ def validate(args) -> str | None:
             return error
     if args.checkpoint_dir and not args.online:
         return "--checkpoint-dir is only used with --online"
+    if args.backend == "sglang" and args.speculative_adaptive:
+        return (
+            "--speculative-adaptive is embedded-only: SGLang captures its CUDA graphs per step count, "
+            "so --backend sglang drafts a fixed --speculative-num-steps"
+        )
     if args.backend == "sglang" and args.speculative_num_steps == 0:
         return "--backend sglang runs EAGLE-3: --speculative-num-steps must be at least 1"
     return None
@@ -170,15 +185,12 @@ def main(argv=None) -> int:
     args, passthrough = ap.parse_known_args(argv)
     if passthrough and args.backend != "sglang":
         ap.error(f"unrecognized arguments: {' '.join(passthrough)} (SGLang flags need --backend sglang)")
-    if args.backend == "sglang":
+    resolve_defaults(args)
+    error = validate(args)  # a bad flag is named first, before any check of the machine
+    if not error and args.backend == "sglang":
         from .sglang_backend.launcher import preflight
 
         error = preflight()  # before anything imports CUDA state or loads a model
-        if error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    resolve_defaults(args)
-    error = validate(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -215,6 +227,7 @@ def main(argv=None) -> int:
             max_running_requests=args.max_running_requests,
             context_length=args.context_length,
             device=args.device,
+            adaptive=args.speculative_adaptive,
         )
     except (OSError, ValueError) as e:
         print(f"error: could not load the model: {str(e).splitlines()[0]}", file=sys.stderr)

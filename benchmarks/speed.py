@@ -8,10 +8,12 @@ Systems, all greedy on the same prompts and max tokens:
     (`hf_prompt_lookup`);
   our engine, in process, concurrency 1 / 4 / 16 (closed loop: all prompts submitted, at most
     `concurrency` running): K = 0 (`aurora_k0`), the offline head at K in {2, 4, 6}
-    (`aurora_eagle3`), and the online head (`aurora_online`, K = 4: the trainer sidecar learns
+    (`aurora_eagle3`), the offline head with K chosen per step up to the largest K
+    (`aurora_adaptive`; `adaptive_over_best_c*` divides it by the best of K = 0 and every fixed K
+    at that concurrency), and the online head (`aurora_online`, K = 4: the trainer sidecar learns
     from a warm-up of requests from the same datasets, then the head is measured frozen);
   the real HTTP server (`python -m aurora_sgl.launch_server`, streaming /generate) at K = 0 and
-    K = 4: TTFT and time per output token, p50 / p99, concurrency 1 / 4 / 16.
+    K = 4 (adaptive, the launch default): TTFT and time per output token, p50 / p99, concurrency 1 / 4 / 16.
 Every system's tokens are compared with plain transformers greedy (`mismatches`, expected 0).
 With `--rounds R` every system is measured R times, interleaved; tok/s is the median.
 Also measured: one draft-head step vs one target step, in FLOPs and in CPU time (batch 1).
@@ -198,6 +200,15 @@ def main(argv=None) -> int:
             engines[k] = Engine(
                 num_speculative_steps=k, draft_model_path=args.head, max_running_requests=16, model=hf, tokenizer=tok
             )
+        # Adaptive K up to the largest fixed K: judged against the best of K = 0 and every fixed K.
+        adaptive_engine = Engine(
+            num_speculative_steps=max(ks),
+            draft_model_path=args.head,
+            max_running_requests=16,
+            model=hf,
+            tokenizer=tok,
+            adaptive=True,
+        )
         online_engine = Engine(
             num_speculative_steps=online_k, draft_model_path=args.head, max_running_requests=16, model=hf, tokenizer=tok
         )
@@ -228,6 +239,10 @@ def main(argv=None) -> int:
                         lambda eng=eng, c=c: run_engine(eng, prompts, max_new, c),
                     )
                 )
+        for c in concs:
+            systems.append(
+                (("aurora_adaptive", max(ks), c), lambda c=c: run_engine(adaptive_engine, prompts, max_new, c))
+            )
         for c in concs:
             systems.append((("aurora_online", online_k, c), lambda c=c: run_engine(online_engine, prompts, max_new, c)))
         for c in concs:  # K = 0 and K = 4 back to back at each concurrency
@@ -271,6 +286,7 @@ def main(argv=None) -> int:
         },
         "hf_prompt_lookup_num_tokens": args.prompt_lookup_tokens,
         "online": online,
+        "adaptive": adaptive_engine.adaptive.stats(),
         "step_costs": costs,
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
     }
@@ -341,6 +357,9 @@ def compute_ratios(rows, ks, concs, online_k) -> dict:
             get("server", online_k, c, "ttft_p50_ms") / get("server", 0, c, "ttft_p50_ms"), 3
         )
     ratios["server_k0_over_inprocess_k0_c1"] = round(get("server", 0, 1) / k0, 3)
+    for c in concs:  # adaptive K against the best fixed choice at that concurrency, K = 0 included
+        best = max([get("aurora_k0", 0, c)] + [get("aurora_eagle3", k, c) for k in ks])
+        ratios[f"adaptive_over_best_c{c}"] = round(get("aurora_adaptive", max(ks), c) / best, 3)
     return ratios
 
 

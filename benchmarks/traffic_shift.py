@@ -19,6 +19,8 @@ Arms (same stream, same per-request seeds):
   offline        the reference head trained offline on the reference corpus (code, math, prose), never updated;
   day0           online training from a random head;
   online_static  online training starting from the static head.
+Speculative arms choose K per step (0..`--k`, engine/adaptive.py) as the server does, unless
+`--fixed-k`; their accept length is then per drafting step, and `k_steps` counts the steps per K.
 Online arms run `OnlineTraining` + `Engine` in this process -- the objects the server runs, the
 trainer in its own process. With `--url` the script instead drives a running server through
 POST /generate and reads `spec_accept_length`, `spec_accept_per_position` and `draft_version` from
@@ -158,7 +160,9 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
         model=hf,
         tokenizer=tokenizer,
         seed=args.seed,
+        adaptive=not args.fixed_k,
     )
+    k_steps = [0] * (k + 1)  # decode steps per K chosen, over the arm
     online = None
     if arm in ONLINE_ARMS:
         from aurora_sgl.online.sidecar import OnlineTraining
@@ -200,10 +204,11 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                     continue
                 del in_flight[rid]
                 meta = req.meta_info()
+                k_steps = [a + b for a, b in zip(k_steps, meta["spec_k_steps"])]
                 steps = online.trainer_state()["train_steps"] if online else None
                 rows[i] = _row(
                     stream[i],
-                    meta["spec_accept_length"] if k else 1.0,
+                    meta["spec_accept_length"] if meta["spec_verify_ct"] else 1.0,
                     meta["spec_accept_per_position"],
                     meta["completion_tokens"],
                     meta["prompt_tokens"],
@@ -214,9 +219,9 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                 )
                 bar.update(1)
         wall = time.perf_counter() - t_start
-        extra = {}
+        extra = {"k_steps": k_steps, "adaptive": engine.adaptive.stats() if engine.adaptive else None}
         if online is not None:
-            extra = {
+            extra |= {
                 "trainer": online.trainer_state(),
                 "flywheel": online.flywheel.stats(),
                 "positions_per_recorded_position": positions_ratio(
@@ -563,7 +568,14 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per step (the most, when adaptive)")
+    ap.add_argument(
+        "--fixed-k",
+        action="store_true",
+        help="draft --k tokens every step (default: adaptive K per step, as the server runs); the accept "
+        "length of a fixed K is what the trainer's learning is measured by, and lockstep runs are then "
+        "deterministic",
+    )
     ap.add_argument("--window", type=int, default=None, help="requests per window (plot, recovery, last window)")
     ap.add_argument("--objective", choices=("kl", "kl_rejected", "accept"), default="kl")
     ap.add_argument("--lr", type=float, default=None, help="trainer learning rate (default: TrainerConfig's)")
@@ -714,6 +726,7 @@ def main(argv=None) -> int:
             "seed": args.seed,
             "concurrency": args.concurrency,
             "k": args.k,
+            "fixed_k": args.fixed_k,
             "window": args.window,
             "objective": args.objective,
             "trainer_config": args.trainer_config,

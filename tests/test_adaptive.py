@@ -2,6 +2,7 @@
 makes on cost tables where the right answer is known."""
 
 import random
+import time
 
 import pytest
 
@@ -127,3 +128,10 @@ def test_calibrate_times_every_bucket_and_k():
     table = calibrate(lambda b, k: seen.append((b, k)), k_max=2, max_batch=6, reps=2)
     assert sorted(table) == [(b, k) for b in (1, 2, 4, 6) for k in range(3)]
     assert all(v > 0 for v in table.values()) and len(seen) == 3 * len(table)
+
+
+def test_calibration_fits_a_line_over_k_so_one_disturbed_sample_does_not_decide():
+    cost = {0: 1.0, 1: 2.0, 2: 9.0, 3: 4.0, 4: 5.0}  # k = 2 disturbed
+    table = calibrate(lambda b, k: time.sleep(cost[k] * 1e-3), k_max=4, max_batch=1, reps=1)
+    assert [table[(1, k)] for k in range(5)] == sorted(table[(1, k)] for k in range(5))  # non-decreasing in k
+    assert table[(1, 2)] < 6e-3 and table[(1, 0)] == pytest.approx(1e-3, rel=0.5)

@@ -179,11 +179,14 @@ def test_service_routes(server):
     assert info["model_path"] == reference_model_path() and info["is_generation"] is True
     assert httpx.get(server.url + "/model_info").status_code == 200
     si = httpx.get(server.url + "/server_info").json()
-    assert si["speculative_num_steps"] == 4 and si["backend"] == "embedded"
+    assert si["speculative_num_steps"] == 4 and si["backend"] == "embedded" and si["speculative_adaptive"] is True
     assert httpx.get(server.url + "/health_generate", timeout=60).status_code == 200
     assert httpx.post(server.url + "/flush_cache").status_code == 200
     stats = httpx.get(server.url + "/aurora/stats").json()
     assert "accept_length" in stats and "trainer" in stats
+    adaptive = stats["adaptive"]  # the cost model the per-step K is chosen with
+    assert adaptive["k_max"] == 4 and len(adaptive["expected_tokens_per_k"]) == 5
+    assert all(ms > 0 for ms in adaptive["step_cost"]["ms"].values())
 
 
 def test_metrics_parse_and_count(server):
@@ -210,6 +213,7 @@ def test_metrics_parse_and_count(server):
     ):
         assert name in after, name
     assert "aurora_spec_accept_rate_per_position" in after
+    assert after["aurora_spec_decode_steps_by_k"] > before.get("aurora_spec_decode_steps_by_k", 0)
 
 
 def _metrics(server) -> dict:

@@ -56,6 +56,7 @@ def test_quick_run_covers_every_system_with_greedy_outputs(tmp_path):
         want |= {
             ("aurora_k0", 0, c),
             ("aurora_eagle3", 4, c),
+            ("aurora_adaptive", 4, c),
             ("aurora_online", 4, c),
             ("server", 0, c),
             ("server", 4, c),
@@ -82,8 +83,12 @@ def test_quick_run_covers_every_system_with_greedy_outputs(tmp_path):
         "online_over_k0_c1",
         "online_over_offline_c1",
         "server_tpot_p50_k4_over_k0_c16",
+        "adaptive_over_best_c1",
+        "adaptive_over_best_c4",
+        "adaptive_over_best_c16",
     ):
         assert res["ratios"][key] > 0, key
+    assert sum(res["adaptive"]["k_steps"].values()) > 0 and res["adaptive"]["k_max"] == 4
     assert res["online"]["warmup_requests"] == 3 and res["online"]["measured"] == "frozen after warm-up"
     assert res["hf_assisted"]["draft_lm"] == "benchmarks/reference/draft_lm"
 

@@ -169,9 +169,12 @@ class AdaptiveK:
         }
 
 
-def calibrate(run_step: Callable[[int, int], None], k_max: int, max_batch: int, reps: int = 3) -> dict:
+def calibrate(run_step: Callable[[int, int], None], k_max: int, max_batch: int, reps: int = 2) -> dict:
     """Time `run_step(batch, k)` (one synthetic decode step) for every batch bucket (powers of two
-    up to max_batch, and max_batch) and k in 0..k_max; the median of `reps` after one warm-up."""
+    up to max_batch, and max_batch) and k in 0..k_max: the fastest of `reps` after one warm-up
+    (interference only ever adds time). Per bucket, the drafting steps (k >= 1) are then fitted by
+    a line in k -- k draft steps plus a verify of width k + 1 grow about linearly in k on a CPU and
+    a GPU alike -- so one disturbed sample cannot make a K look cheap or dear."""
     buckets = sorted({min(2**i, max_batch) for i in range(int(math.log2(max_batch)) + 2)})
     out = {}
     for b in buckets:
@@ -182,5 +185,18 @@ def calibrate(run_step: Callable[[int, int], None], k_max: int, max_batch: int, 
                 t0 = time.perf_counter()
                 run_step(b, k)
                 samples.append(time.perf_counter() - t0)
-            out[(b, k)] = max(sorted(samples)[len(samples) // 2], 1e-6)
+            out[(b, k)] = max(min(samples), 1e-6)
+        if k_max >= 2:
+            ks = list(range(1, k_max + 1))
+            slope, intercept = _line([float(k) for k in ks], [out[(b, k)] for k in ks])
+            for k in ks:
+                out[(b, k)] = max(intercept + slope * k, out[(b, 0)], 1e-6)
     return out
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope (at least 0: a wider step never costs less) and intercept."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
+    return slope, my - slope * mx

@@ -48,6 +48,12 @@ class Metrics:
             ["position"],
             registry=r,
         )
+        self.k_steps = Gauge(
+            "aurora_spec_decode_steps_by_k",
+            "Decode steps that drafted k tokens, since start (adaptive speculation; rate() gives the mix over time)",
+            ["k"],
+            registry=r,
+        )
         self.rejected = Counter(
             "aurora_requests_rejected", "Requests refused with 503 by admission control", registry=r
         )
@@ -86,7 +92,7 @@ class Metrics:
         self.swap_pause = Gauge("aurora_last_swap_pause_seconds", "Pause of the last swap", registry=r)
         self.k = num_spec_steps
         self._lock = threading.Lock()
-        self._window = collections.deque(maxlen=window)  # (version, tau, per-position accepts, verify ct)
+        self._window = collections.deque(maxlen=window)  # (version, tau, accepts per position, drafts per position)
         self._history: list[dict] = []  # windowed tau per draft version over time
         self._spec_tokens = 0.0  # tokens committed by verify steps, over the server's life
         self._spec_verifies = 0
@@ -111,11 +117,18 @@ class Metrics:
         self.accept_rate.observe(meta["spec_accept_rate"])
         with self._lock:
             self._window.append(
-                (meta["draft_version"], req.accept_length, list(req.accepted_per_position), req.verify_ct)
+                (
+                    meta["draft_version"],
+                    req.accept_length,
+                    list(req.accepted_per_position),
+                    list(req.drafted_per_position),
+                )
             )
-            steps = sum(w[3] for w in self._window)
             for pos in range(self.k):
-                self.accept_per_position.labels(position=str(pos + 1)).set(sum(w[2][pos] for w in self._window) / steps)
+                drafted = sum(w[3][pos] for w in self._window)
+                if drafted:
+                    rate = sum(w[2][pos] for w in self._window) / drafted
+                    self.accept_per_position.labels(position=str(pos + 1)).set(rate)
             version = meta["draft_version"]
             same = [w[1] for w in self._window if w[0] == version]
             self._history.append(

@@ -106,6 +106,7 @@ def server_info(ctx: ServingContext) -> dict:
         model_path=ctx.model_path,
         backend="embedded",
         speculative_num_steps=engine.k,
+        speculative_adaptive=engine.adaptive is not None,
         max_running_requests=engine.max_running,
         context_length=engine.context_length,
         num_running_requests=aengine.num_running,
@@ -130,6 +131,9 @@ def render_metrics(ctx: ServingContext) -> bytes:
     metrics.running.set(ctx.aengine.num_running)
     metrics.waiting.set(ctx.aengine.num_waiting)
     metrics.draft_version.set(engine.draft_version)
+    if engine.adaptive is not None:
+        for k, n in enumerate(engine.adaptive.k_counts):
+            metrics.k_steps.labels(k=str(k)).set(n)
     if ctx.flywheel is not None:
         fw = ctx.flywheel.stats()
         metrics.swaps.set(fw["swaps"])
@@ -242,6 +246,7 @@ def register_native_routes(app: FastAPI, ctx: ServingContext) -> None:
         return {
             "draft_version": ctx.engine.draft_version,
             "speculative_num_steps": ctx.engine.k,
+            "adaptive": ctx.engine.adaptive.stats() if ctx.engine.adaptive is not None else None,
             "accept_length": ctx.metrics.stats(),
             "flywheel": ctx.flywheel.stats() if ctx.flywheel is not None else None,
             "trainer": dict(ctx.trainer_state(), online=True) if ctx.trainer_state else {"online": False},

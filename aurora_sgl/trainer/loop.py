@@ -9,9 +9,9 @@ Loop: read records -> stitch them per request into `Sequence`s (`stitcher`) -> o
 `tokens_per_step` generated tokens are in finished sequences, one `training.offline.train_step` -> every
 `publish_every` steps a guardrail (simulated accept length on the newest sequences, scored before
 the trainer learned from them, candidate vs. the served weights) decides whether `store.publish`
-gets the candidate. A rollback signalled
-by the engine (`store.last_rollback()`) reloads the version before the rolled-back one and resets
-the optimizer. The draft vocabulary follows the traffic; checkpoints are written atomically.
+gets the candidate. A rollback signalled by the engine (`store.last_rollback()`) reloads the
+version before the rolled-back one and resets the optimizer. The draft vocabulary follows the
+traffic; checkpoints are written atomically.
 
 The trainer opens no sockets. SIGTERM / SIGINT finish the current step and exit 0.
 """
