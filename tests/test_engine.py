@@ -223,6 +223,44 @@ def test_step_records_describe_each_verify(model, ref_tokenizer, trained_head_di
     assert sorted(prompt_rows.values()) == lens
 
 
+def test_records_cover_every_committed_position_when_k_changes(model, ref_tokenizer, trained_head_dir):
+    """Steps at K = 0 still record the target's states (the trainer's kl objective needs no drafts),
+    every record carries the ring's K positions, and together the records of a request cover each
+    committed position once, in order."""
+    from aurora_sgl.records import NO_TOKEN
+    from aurora_sgl.transport.signal_ring import SignalRing
+
+    eng = _engine(model, ref_tokenizer, 4, draft_model_path=trained_head_dir)
+    eng.k_policy = _changing_k((0, 0, 2, 4, 0, 1))
+    records = []
+    eng.record_sink = records.extend
+    outs = eng.generate(PROMPTS[:3], SamplingParams(max_new_tokens=MAX_NEW))
+    decode = [r for r in records if not r.prefill]
+    assert {r.num_drafted for r in decode} == {0, 1, 2, 4}
+    for r in decode:
+        assert r.draft_tokens.shape == r.target_tokens.shape == r.outcome.shape == (4,)
+        d = r.num_drafted
+        assert bool((r.draft_tokens[d:] == NO_TOKEN).all()) and bool((r.draft_tokens[:d] != NO_TOKEN).all())
+        assert bool((r.outcome[d:] == Outcome.NOT_REACHED).all()) and r.num_accepted <= d
+    for out in outs:
+        mine = [r for r in decode if r.request_id == out["meta_info"]["id"]]
+        positions = [p for r in mine for p in range(r.position, r.position + r.input_tokens.numel())]
+        first = out["meta_info"]["prompt_tokens"]
+        assert positions == list(range(first, first + len(positions)))
+        committed = [t for r in mine for t in r.committed]
+        assert committed == out["output_ids"][1:]  # the first token comes from the prefill
+    h = model.config.hidden_size
+    writer = SignalRing.create("test_eng_kmix", len(records), 5, 3 * h, h, 4)
+    reader = SignalRing.attach(writer.spec())
+    try:
+        writer.write_many(records)  # the ring takes every record as it is
+        back = reader.read(len(records))
+        assert [b.num_accepted for b in back] == [r.num_accepted for r in records]
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_records_keep_only_the_last_prompt_positions_when_asked(model, ref_tokenizer, trained_head_dir):
     """Chunked prefill (chunks of 5) with record_prompt_tokens = 3: each request's prompt records
     cover exactly its last 3 prompt positions, the piece containing them included."""

@@ -127,7 +127,7 @@ class StepCosts:
 class AdaptiveK:
     """The per-step choice of K (0..k_max) for the embedded engine."""
 
-    def __init__(self, k_max: int, costs: StepCosts, explore_every: int = 16, window: int = 512):
+    def __init__(self, k_max: int, costs: StepCosts, explore_every: int = 32, window: int = 512):
         self.k_max = k_max
         self.costs = costs
         self.explore_every = explore_every

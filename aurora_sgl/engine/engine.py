@@ -122,7 +122,7 @@ class Engine:
         model=None,
         tokenizer=None,
         adaptive: bool = False,
-        explore_every: int = 16,
+        explore_every: int = 32,
     ):
         from transformers import AutoTokenizer
 
@@ -451,36 +451,41 @@ class Engine:
         pos = torch.tensor([[r.last_position] for r in reqs], device=self.device)
         tok = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
         out = self.target.forward(tok, pos, slots, srange)
-        records = []
+        if all(r.params.greedy for r in reqs):
+            nxt = out.logits[:, 0].argmax(-1)
+            nxt_l = nxt.tolist()
+        else:
+            nxt_l = [self._sample_one(out.logits[i, 0], r) for i, r in enumerate(reqs)]
+            nxt = torch.tensor(nxt_l, device=self.device)
+        positions = [r.last_position for r in reqs]
+        committed = [self._commit(r, [t]) for r, t in zip(reqs, nxt_l)]
+        if not self.k:
+            return []
+        nxt = nxt.unsqueeze(1)
+        for i, r in enumerate(reqs):
+            r.head_pending.append((out.aux_hidden[i, :1], nxt[i], positions[i]))
+        if self.record_sink is None:
+            return []
         none = torch.full((self.k,), NO_TOKEN, dtype=torch.long, device=self.device)
         unreached = torch.full((self.k,), Outcome.NOT_REACHED, dtype=torch.int8, device=self.device)
-        for i, r in enumerate(reqs):
-            n = r.last_position
-            nxt = self._sample_one(out.logits[i, 0], r)
-            committed = self._commit(r, [nxt])
-            if not self.k:
-                continue
-            next_tokens = torch.tensor([nxt], device=self.device)
-            r.head_pending.append((out.aux_hidden[i, :1], next_tokens, n))
-            if self.record_sink is not None:
-                records.append(
-                    StepRecord(
-                        request_id=r.id,
-                        position=n,
-                        draft_tokens=none,
-                        target_tokens=none,
-                        outcome=unreached,
-                        num_accepted=0,
-                        committed=committed,
-                        input_tokens=tok[i],
-                        next_tokens=next_tokens,
-                        aux_hidden=out.aux_hidden[i, :1],
-                        final_hidden=out.final_hidden[i, :1],
-                        draft_version=self.draft_version,
-                        num_drafted=0,
-                    )
-                )
-        return records
+        return [
+            StepRecord(
+                request_id=r.id,
+                position=positions[i],
+                draft_tokens=none,
+                target_tokens=none,
+                outcome=unreached,
+                num_accepted=0,
+                committed=committed[i],
+                input_tokens=tok[i],
+                next_tokens=nxt[i],
+                aux_hidden=out.aux_hidden[i, :1],
+                final_hidden=out.final_hidden[i, :1],
+                draft_version=self.draft_version,
+                num_drafted=0,
+            )
+            for i, r in enumerate(reqs)
+        ]
 
     def _decode(self, reqs: list[Request], k: int) -> list[StepRecord]:
         b, dev = len(reqs), self.device
