@@ -430,6 +430,19 @@ def test_config_validation():
             TrainerConfig.from_dict(bad)
 
 
+def test_reservoir_keeps_a_uniform_sample_of_all_history():
+    tr = Trainer(_unattached_spec(replay_reservoir=50, seed=3))
+    for start in range(0, 5000, 100):  # sequences arrive in steps, as train_once hands them over
+        tr._add_to_reservoir([(i, None) for i in range(start, start + 100)])
+    kept = sorted(i for i, _ in tr.reservoir)
+    assert len(kept) == 50 and len(set(kept)) == 50
+    # Uniform over 0..4999: about half from each half of history (a recent-only buffer would hold 4950+).
+    assert 15 <= sum(i < 2500 for i in kept) <= 35, kept
+    off = Trainer(_unattached_spec())
+    off._add_to_reservoir([(1, None)])
+    assert off.reservoir == []
+
+
 def test_trainer_stops_when_its_parent_goes_away():
     assert not Trainer(_unattached_spec(), parent_pid=os.getppid()).should_stop()
     orphan = Trainer(_unattached_spec(), parent_pid=os.getppid() + 1_000_000)  # "reparented"

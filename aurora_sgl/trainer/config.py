@@ -40,6 +40,10 @@ class TrainerConfig:
     # however fast this machine serves.
     position_budget: float = 0.0
     replay_sequences: int = 64
+    # A uniform sample (reservoir) of every sequence trained on so far, this many; replay steps then
+    # draw from it half the time, so a domain the traffic left is rehearsed and not forgotten
+    # by the time it comes back. 0: replay the recent sequences only.
+    replay_reservoir: int = 0
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
     # Prompt positions kept per request: the last ones before the first generated token. The head
     # drafts generated tokens, and on a long prompt the prompt is most of a step's compute; keeping
@@ -79,6 +83,12 @@ class TrainerConfig:
         for name in ("clip", "idle_sleep_s", "segment_idle_s", "heartbeat_s"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if (
+            not isinstance(self.replay_reservoir, int)
+            or isinstance(self.replay_reservoir, bool)
+            or self.replay_reservoir < 0
+        ):
+            raise ValueError(f"replay_reservoir must be an integer >= 0, got {self.replay_reservoir!r}")
         for name in ("weight_decay", "rejected_weight", "margin", "replay_per_step", "position_budget"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")

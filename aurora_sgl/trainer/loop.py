@@ -76,6 +76,8 @@ class Trainer:
         self.rng = random.Random(self.cfg.seed)
         self.counters = {name: 0 for name in TrainerStatus.COUNTERS}
         self.replay: deque[tuple[Sequence, torch.Tensor]] = deque(maxlen=self.cfg.replay_sequences)
+        self.reservoir: list[tuple[Sequence, torch.Tensor]] = []  # uniform over everything trained on
+        self._reservoir_seen = 0
         self._replay_credit = 0.0
         self.loss = self.tau_candidate = self.tau_served = self.last_step_time = None
         self.losses: list[float] = []
@@ -308,12 +310,26 @@ class Trainer:
         if self.cfg.guardrail_on == "fresh":
             self._judge_fresh([s for s, _ in train])
         self.replay.extend(train)
+        self._add_to_reservoir(train)
         self._replay_credit = self.cfg.replay_per_step  # replay fills idle time until the next fresh step
         self._train_on(train)
 
+    def _add_to_reservoir(self, train: list[tuple[Sequence, torch.Tensor]]) -> None:
+        for item in train:  # reservoir sampling: each sequence seen is kept with equal probability
+            self._reservoir_seen += 1
+            if len(self.reservoir) < self.cfg.replay_reservoir:
+                self.reservoir.append(item)
+            elif self.cfg.replay_reservoir:
+                j = self.rng.randrange(self._reservoir_seen)
+                if j < self.cfg.replay_reservoir:
+                    self.reservoir[j] = item
+
     def replay_once(self) -> None:
-        """One step on recent sequences already trained on, drawn at random up to a step's tokens."""
-        pool = list(self.replay)
+        """One step on sequences already trained on, drawn at random up to a step's tokens: from the
+        recent ones, or (every other step on average, a step often holding one sequence) from the
+        reservoir of all history when there is one."""
+        use_reservoir = bool(self.reservoir) and self.rng.random() < 0.5
+        pool = list(self.reservoir if use_reservoir else self.replay)
         self.rng.shuffle(pool)
         train, tokens = [], 0
         for seq, w in pool:
