@@ -146,10 +146,13 @@ def test_sampling_matches_target_distribution(model, ref_tokenizer, trained_head
     assert chi2 < 27.9, (chi2, len(cells))  # df <= 8 at p = 0.001
 
 
-def test_seeded_sampling_is_reproducible(model, ref_tokenizer, trained_head_dir):
-    eng = _engine(model, ref_tokenizer, 4, draft_model_path=trained_head_dir)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_seeded_sampling_is_reproducible(model, ref_tokenizer, trained_head_dir, adaptive):
+    eng = _engine(model, ref_tokenizer, 4, draft_model_path=trained_head_dir, adaptive=adaptive)
     sp = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=123)
     a = eng.generate(PROMPTS[:3], sp)
+    if adaptive:  # whatever K the timings would choose, a seeded request drafts the maximum
+        assert all(o["meta_info"]["spec_k_steps"][:4] == [0, 0, 0, 0] for o in a)
     b = eng.generate(PROMPTS[:3], sp)
     assert [x["output_ids"] for x in a] == [x["output_ids"] for x in b]
 

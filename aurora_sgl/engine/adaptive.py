@@ -137,11 +137,15 @@ class AdaptiveK:
         self.explored = 0
         self.k_counts = [0] * (k_max + 1)  # decode steps per chosen K, since start
 
-    def choose(self, batch: int, version: int) -> int:
+    def choose(self, batch: int, version: int, pinned: int | None = None) -> int:
+        """K for the next step at this batch size; `pinned` overrides the choice (still counted)."""
         if version != self.version:
             if self.version is not None:
                 self.acceptance.new_version()
             self.version = version
+        if pinned is not None:
+            self.k_counts[pinned] += 1
+            return pinned
         rates = self.acceptance.rates()
         best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.cost(batch, k), -k))
         self.decode_steps += 1

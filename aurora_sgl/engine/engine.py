@@ -353,9 +353,12 @@ class Engine:
             if not 0 <= k <= self.k:
                 raise ValueError(f"k_policy chose {k}, outside [0, {self.k}]")
             return k
-        if self.adaptive is not None:
-            return self.adaptive.choose(len(reqs), self.draft_version)
-        return self.k
+        if self.adaptive is None:
+            return self.k
+        # At T > 0 the text a seed gives depends on the K of every step; a choice made from timings
+        # would make the same seed give different text. A seeded sampling request pins K instead.
+        seeded = any(r.params.seed is not None and not r.params.greedy for r in reqs)
+        return self.adaptive.choose(len(reqs), self.draft_version, pinned=self.k if seeded else None)
 
     def _decode_step(self, reqs: list[Request]) -> list[StepRecord]:
         k = self._choose_k(reqs)
