@@ -186,3 +186,208 @@ def test_stop_string_truncation_keeps_lengths(tiny_model, ref_tokenizer):
     assert out["meta_info"]["finish_reason"] == "stop"
     assert len(lp["output_token_logprobs"][0]) == len(out["output_ids"]) == len(lp["output_top_logprobs"])
     assert all(math.isfinite(x) for x in lp["output_token_logprobs"][0])
+
+
+# ---- the real server (reference model, K = 4) against an in-process K = 0 engine ----------------
+NAME = "reference_model"
+SERVER_PROMPTS = ["def add(a, b):\n", "KING HENRY:\n", "The json module"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from aurora_sgl import reference_head_path
+    from benchmarks.common.server import ServerProcess
+
+    s = ServerProcess(
+        "--speculative-num-steps",
+        "4",
+        "--speculative-draft-model-path",
+        reference_head_path(),
+        "--max-running-requests",
+        "8",
+        "--no-speculative-adaptive",  # every step at K = 4 (the engine tests above mix K)
+        "--no-online",
+    )
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def k0():
+    """K = 0 engine on the server's model: the reference values."""
+    eng = Engine(num_speculative_steps=0, max_running_requests=4)
+
+    def run(prompt, **params):
+        params.setdefault("temperature", 0.0)
+        out = eng.generate(prompt, SamplingParams(return_logprob=True, **params))[0]
+        return out["output_ids"], out["logprobs"]
+
+    run.engine = eng
+    return run
+
+
+def test_native_generate_logprobs(server, k0):
+    import httpx
+
+    prompt = SERVER_PROMPTS[0]
+    body = {
+        "text": prompt,
+        "sampling_params": {"max_new_tokens": 16, "temperature": 0},
+        "return_logprob": True,
+        "top_logprobs_num": 3,
+        "logprob_start_len": 0,
+        "token_ids_logprob": [5, 9],
+        "return_text_in_logprobs": True,
+    }
+    r = httpx.post(server.url + "/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]
+    ids, ref = k0(prompt, max_new_tokens=16, top_logprobs_num=3, logprob_start_len=0, token_ids_logprob=(5, 9))
+    assert r.json()["output_ids"] == ids
+    assert meta["spec_k_steps"][4] == meta["spec_verify_ct"] > 0
+    out = meta["output_token_logprobs"]
+    assert [t[1] for t in out] == ids and meta["output_token_logprobs_length"] == len(ids)
+    _close([t[0] for t in out], ref["output_token_logprobs"][0])
+    tok = k0.engine.tokenizer
+    assert [t[2] for t in out] == [tok.decode([i]) for i in ids]
+    inp = meta["input_token_logprobs"]
+    assert [t[1] for t in inp] == ref["input_token_logprobs"][1] and inp[0][0] is None
+    _close([t[0] for t in inp], ref["input_token_logprobs"][0])
+    assert meta["input_top_logprobs"][0] is None and len(meta["input_top_logprobs"]) == len(inp)
+    for got, (vals, top_ids) in zip(meta["output_top_logprobs"], ref["output_top_logprobs"], strict=True):
+        _close([g[0] for g in got], vals)
+        assert [g[1] for g in got][:1] == top_ids[:1]
+    for got, want in zip(meta["output_token_ids_logprobs"], ref["output_token_ids_logprobs"], strict=True):
+        assert [g[1] for g in got] == [5, 9]
+        _close([g[0] for g in got], want)
+    assert meta["input_token_ids_logprobs"][0] is None
+
+    # streaming: cumulative, like SGLang's default; the last event carries everything
+    import json
+
+    with httpx.stream("POST", server.url + "/generate", json=dict(body, stream=True), timeout=60) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    lens = [len(e["meta_info"]["output_token_logprobs"]) for e in events]
+    assert lens == sorted(lens) and lens[-1] == len(ids)
+    assert all(len(e["meta_info"]["output_token_logprobs"]) == len(e["output_ids"]) for e in events)
+    _close([t[0] for t in events[-1]["meta_info"]["output_token_logprobs"]], ref["output_token_logprobs"][0])
+
+    # a batch with return_logprob per prompt
+    r = httpx.post(
+        server.url + "/generate",
+        json={
+            "text": SERVER_PROMPTS[:2],
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+            "return_logprob": [True, False],
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()[0]["meta_info"]["output_token_logprobs"]) == 4
+    assert "output_token_logprobs" not in r.json()[1]["meta_info"]
+    bad = httpx.post(server.url + "/generate", json={"text": prompt, "return_logprob": [True, True]}, timeout=60)
+    assert bad.status_code == 400 and "return_logprob" in bad.json()["error"]["message"]
+    bad = httpx.post(
+        server.url + "/generate", json={"text": prompt, "return_logprob": True, "logprob_start_len": 10_000}
+    )
+    assert bad.status_code == 400 and "logprob_start_len" in bad.json()["error"]["message"]
+
+
+def test_openai_chat_logprobs(server, k0):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    msgs = [{"role": "user", "content": "Name a color."}]
+    r = client.chat.completions.create(
+        model=NAME, messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
+    )
+    tok = k0.engine.tokenizer
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids, ref = k0(k0.engine.encode(prompt), max_new_tokens=12, top_logprobs_num=3)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [tok.decode([i]) for i in ids]
+    _close([c.logprob for c in content], ref["output_token_logprobs"][0])
+    for c, (vals, _) in zip(content, ref["output_top_logprobs"], strict=True):
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token  # greedy: chosen is top
+        _close([t.logprob for t in c.top_logprobs], vals)
+        assert c.bytes == list(c.token.encode())
+    stream = client.chat.completions.create(
+        model=NAME, messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True
+    )
+    streamed = [c for ch in stream for c in ((ch.choices[0].logprobs.content or []) if ch.choices[0].logprobs else [])]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    _close([c.logprob for c in streamed], ref["output_token_logprobs"][0])
+    # without top_logprobs: empty alternatives; above OpenAI's 20: refused by name
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=3, temperature=0, logprobs=True)
+    assert all(c.top_logprobs == [] for c in r.choices[0].logprobs.content)
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=NAME, messages=msgs, max_tokens=3, logprobs=True, top_logprobs=21)
+
+
+def test_openai_completions_echo_logprobs(server, k0):
+    """What lm-evaluation-harness sends for loglikelihood: echo, logprobs, max_tokens 0."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    prompt = SERVER_PROMPTS[1] + " I think"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    _, ref = k0(prompt, max_new_tokens=0, top_logprobs_num=1, logprob_start_len=0)
+    vals, ids = ref["input_token_logprobs"]
+    assert r.choices[0].text == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    _close(lp.token_logprobs, vals)
+    tok = k0.engine.tokenizer
+    assert lp.tokens == [tok.decode([i]) for i in ids]
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    # token ids as the prompt, echo and generate: prompt entries then output entries
+    ids_prompt = k0.engine.encode(prompt)
+    r = client.completions.create(model=NAME, prompt=ids_prompt, max_tokens=5, echo=True, logprobs=2, temperature=0)
+    out_ids, ref = k0(ids_prompt, max_new_tokens=5, top_logprobs_num=2, logprob_start_len=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids_prompt) + len(out_ids)
+    _close(lp.token_logprobs, ref["input_token_logprobs"][0] + ref["output_token_logprobs"][0])
+    # no echo: the output's only; streaming adds up to the same
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, logprobs=0, temperature=0)
+    out_ids, ref = k0(prompt, max_new_tokens=8)
+    _close(r.choices[0].logprobs.token_logprobs, ref["output_token_logprobs"][0])
+    chunks = list(
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=8, logprobs=0, temperature=0, stream=True)
+    )
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    _close(streamed, ref["output_token_logprobs"][0])
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=1, logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=1, suffix="x")
+
+
+def test_sglang_select(server, k0):
+    """SGLang's frontend `select` scores each choice with return_logprob / logprob_start_len on
+    /generate; it picks what the target's own logprobs pick."""
+    import sglang as sgl
+
+    @sgl.function
+    def pick(s, prompt, choices):
+        s += prompt
+        s += sgl.select("answer", choices=choices)
+
+    choices = [" red", " blue", " green apples and more"]
+    sgl.set_default_backend(sgl.RuntimeEndpoint(server.url))
+    state = pick.run(prompt="The sky is", choices=choices)
+    # the same choice by the token-length-normalized prompt logprob (select's default), computed
+    # in-process at K = 0
+    scores = []
+    for c in choices:
+        _, ref = k0("The sky is" + c, max_new_tokens=0, logprob_start_len=0)
+        n = len(k0.engine.encode("The sky is"))
+        vals = [v for v in ref["input_token_logprobs"][0][max(n - 2, 0) :] if v is not None]
+        scores.append(sum(vals) / len(vals))
+    assert state["answer"] == choices[scores.index(max(scores))]
+    meta = state.get_meta_info("answer")
+    assert meta is not None and len(meta["normalized_prompt_logprobs"]) == len(choices)
