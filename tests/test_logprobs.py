@@ -291,6 +291,8 @@ def test_native_generate_logprobs(server, k0):
         server.url + "/generate", json={"text": prompt, "return_logprob": True, "logprob_start_len": 10_000}
     )
     assert bad.status_code == 400 and "logprob_start_len" in bad.json()["error"]["message"]
+    bad = httpx.post(server.url + "/generate", json={"text": prompt, "return_logprob": True, "top_logprobs_num": 21})
+    assert bad.status_code == 400 and "top_logprobs_num" in bad.json()["error"]["message"]
 
 
 def test_openai_chat_logprobs(server, k0):
@@ -324,6 +326,8 @@ def test_openai_chat_logprobs(server, k0):
 
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model=NAME, messages=msgs, max_tokens=3, logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs requires logprobs"):
+        client.chat.completions.create(model=NAME, messages=msgs, max_tokens=3, top_logprobs=2)
 
 
 def test_openai_completions_echo_logprobs(server, k0):

@@ -16,6 +16,11 @@ steps that do not draft (prefill, K = 0) queue their target states per request, 
 drafting step catches the head up over them in one batched forward, so a step at K = 0 costs what
 plain decoding costs.
 
+Logprobs (SamplingParams.return_logprob) are read off the target's logits at each committed
+position, so they are the target's whatever K and draft head: SGLang's definitions, output tokens
+log_softmax(logits / temperature) (raw for greedy), prompt tokens the raw log_softmax (computed
+only for requests that ask; see `_output_logprobs`, `_input_logprobs`).
+
 Every speculative step returns a `StepRecord` per request: what was drafted, what the target said
 at each draft position, and views of the target's hidden states at the committed positions. The
 online trainer's ring consumes these; the engine never waits on it.
@@ -816,12 +821,15 @@ class Engine:
             if len(req.output_ids) > sent or req.finished:
                 new = req.output_ids[sent:]
                 sent = len(req.output_ids)
-                yield {
+                update = {
                     "token_ids": new,
                     "text": self.output_text(req),
                     "finished": req.finished,
                     "meta_info": req.meta_info(),
                 }
+                if req.params.return_logprob:
+                    update["logprobs"] = req.logprob_output()  # cumulative
+                yield update
             if req.finished:
                 return
 
