@@ -354,6 +354,19 @@ def test_openai_completions_echo_logprobs(server, k0):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(ids_prompt) + len(out_ids)
     _close(lp.token_logprobs, ref["input_token_logprobs"][0] + ref["output_token_logprobs"][0])
+    chunks = list(
+        client.completions.create(
+            model=NAME, prompt=ids_prompt, max_tokens=5, echo=True, logprobs=2, temperature=0, stream=True
+        )
+    )
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    _close(streamed, ref["input_token_logprobs"][0] + ref["output_token_logprobs"][0])
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    chunks = list(
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1, stream=True)
+    )
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    _close(streamed, vals)  # max_tokens 0 streamed: the prompt's logprobs with the last chunk
     # no echo: the output's only; streaming adds up to the same
     r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, logprobs=0, temperature=0)
     out_ids, ref = k0(prompt, max_new_tokens=8)

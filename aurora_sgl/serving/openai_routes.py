@@ -126,6 +126,7 @@ async def stream_openai(
     now = int(time.time())
     lp_sent = [0] * len(jobs)  # output positions whose logprobs went out, per choice
     text_sent = [0] * len(jobs)  # characters of text, per choice (completions' text_offset)
+    echo_sent = [echoes is None] * len(jobs)  # the prompt's logprobs went out (echo), per choice
 
     def logprobs(i, req, count):
         """The logprobs of choice i's positions not sent yet, up to `count` (None: not asked)."""
@@ -134,7 +135,7 @@ async def stream_openai(
         start, lp_sent[i] = lp_sent[i], max(lp_sent[i], count)
         if kind == "chat":
             return chat_logprobs(req, ctx.tokenizer, start, count)
-        echo = echoes is not None and start == 0
+        echo, echo_sent[i] = not echo_sent[i], True
         return completion_logprobs(req, ctx.tokenizer, echo, start, count, 0 if echo else text_sent[i])
 
     def chunk(i, text=None, reason=None, role=False, req=None, count=None):
@@ -162,9 +163,9 @@ async def stream_openai(
         if kind == "chat":
             for i in range(len(jobs)):
                 yield chunk(i, role=True)
-        elif echoes is not None:  # the prompt first (with its logprobs when asked)
-            for i, (r, _) in enumerate(jobs):
-                yield chunk(i, echoes[i], req=r, count=0)
+        elif echoes is not None:  # the prompt first; its logprobs (prefill's) with the next chunk
+            for i in range(len(jobs)):
+                yield chunk(i, echoes[i])
         remaining = len(jobs)
         while remaining:
             i, text, done, req, count = await merged.get()
@@ -174,7 +175,7 @@ async def stream_openai(
                 remaining -= 1
                 if req.finish_reason == "error":
                     yield sse(error_body(500, "the engine failed while running this request", "internal_error"))
-                pending = req if count is not None and count > lp_sent[i] else None
+                pending = req if count is not None and (count > lp_sent[i] or not echo_sent[i]) else None
                 yield chunk(i, None if kind == "chat" else "", finish_reason(req), req=pending, count=count)
         if include_usage:
             yield sse(
