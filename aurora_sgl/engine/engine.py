@@ -16,6 +16,11 @@ steps that do not draft (prefill, K = 0) queue their target states per request, 
 drafting step catches the head up over them in one batched forward, so a step at K = 0 costs what
 plain decoding costs.
 
+Logprobs (SamplingParams.return_logprob) are read off the target's logits at each committed
+position, so they are the target's whatever K and draft head: SGLang's definitions, output tokens
+log_softmax(logits / temperature) (raw for greedy), prompt tokens the raw log_softmax (computed
+only for requests that ask; see `_output_logprobs`, `_input_logprobs`).
+
 Every speculative step returns a `StepRecord` per request: what was drafted, what the target said
 at each draft position, and views of the target's hidden states at the committed positions. The
 online trainer's ring consumes these; the engine never waits on it.
@@ -67,6 +72,16 @@ class Request:
     # Committed positions the draft head has not run over yet: (aux_hidden [n, 3H], the token
     # after each [n], first position), consecutive and oldest first.
     head_pending: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    # Logprobs (params.return_logprob), SGLang's layout: one entry per output token (kept the
+    # length of output_ids), and per prompt token from logprob_start_len on (the first is None).
+    # Top entries are (values, ids) sorted by value; token-ids entries are values in the order
+    # of params.token_ids_logprob.
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[tuple[list[float], list[int]]] = field(default_factory=list)
+    output_token_ids_logprobs: list[list[float]] = field(default_factory=list)
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[tuple[list[float], list[int]] | None] = field(default_factory=list)
+    input_token_ids_logprobs: list[list[float] | None] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -78,9 +93,43 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
     @property
+    def input_logprob_start(self) -> int:
+        """First prompt position with an input logprob entry (len(prompt_ids): none)."""
+        s = self.params.logprob_start_len
+        return len(self.prompt_ids) if s < 0 or not self.params.return_logprob else s
+
+    @property
+    def input_logprob_ids(self) -> list[int]:
+        """The prompt tokens the input logprob entries belong to."""
+        return self.prompt_ids[self.input_logprob_start :]
+
+    def _trim_logprobs(self) -> None:
+        """Stop strings cut output_ids after commit: keep the logprob lists the same length."""
+        n = len(self.output_ids)
+        del self.output_logprobs[n:], self.output_top_logprobs[n:], self.output_token_ids_logprobs[n:]
+
+    @property
     def accept_length(self) -> float:
         """tau = 1 + accepted drafts per verify step (includes the bonus token)."""
         return 1.0 + self.drafts_accepted / self.verify_ct if self.verify_ct else 0.0
+
+    def logprob_output(self) -> dict | None:
+        """The logprobs asked for (None unless params.return_logprob), in SGLang's raw layout:
+        values and token ids side by side, top alternatives as (values, ids) per position."""
+        p = self.params
+        if not p.return_logprob:
+            return None
+        out = {
+            "input_token_logprobs": (list(self.input_logprobs), self.input_logprob_ids),
+            "output_token_logprobs": (list(self.output_logprobs), list(self.output_ids)),
+        }
+        if p.top_logprobs_num:
+            out["input_top_logprobs"] = list(self.input_top_logprobs)
+            out["output_top_logprobs"] = list(self.output_top_logprobs)
+        if p.token_ids_logprob is not None:
+            out["input_token_ids_logprobs"] = list(self.input_token_ids_logprobs)
+            out["output_token_ids_logprobs"] = list(self.output_token_ids_logprobs)
+        return out
 
     def meta_info(self) -> dict:
         return {
@@ -202,6 +251,12 @@ class Engine:
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        if params.token_ids_logprob and any(i >= self.target.vocab_size for i in params.token_ids_logprob):
+            raise ValueError(f"token_ids_logprob must be token ids in [0, {self.target.vocab_size})")
+        if params.return_logprob and params.logprob_start_len > len(ids):
+            raise ValueError(
+                f"logprob_start_len is {params.logprob_start_len}, more than the prompt's {len(ids)} tokens"
+            )
         if len(ids) >= self.context_length:
             raise PromptTooLong(
                 f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}"
@@ -286,8 +341,10 @@ class Engine:
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
         last = torch.tensor([n - 1 for n in lens], device=self.device)
         out = self.target.forward(tokens, positions, slots, logits_rows=last)
+        self._input_logprobs(reqs, lens, out.final_hidden)
         next_in = torch.zeros_like(tokens)  # draft input at t is x_{t+1}
         finishing = []
+        logprob_rows = []
         starts = [r.prefilled for r in reqs]
         for i, (r, n) in enumerate(zip(reqs, lens)):
             start = r.prefilled
@@ -301,7 +358,10 @@ class Engine:
                 first = self._sample_one(out.logits[i, 0], r)
                 following = following + [first]
                 self._commit(r, [first])
+                if r.params.return_logprob:
+                    logprob_rows.append((r, out.logits[i], 0))
             next_in[i, : len(following)] = torch.tensor(following, dtype=torch.long)
+        self._output_logprobs(logprob_rows)
         if self.k:  # the head runs over the prompt when the request first drafts (_catch_up)
             next_in = next_in.to(self.device)
             for i, (r, n) in enumerate(zip(reqs, lens)):
@@ -345,6 +405,77 @@ class Engine:
             logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_p]), torch.tensor([p.top_k])
         )
         return int(sample_with_uniform(probs, torch.rand(1, generator=r.generator))[0])
+
+    # ---- logprobs ---------------------------------------------------------------------------
+    def _output_logprobs(self, items: list[tuple[Request, torch.Tensor, int]]) -> None:
+        """Logprobs of the tokens each request committed this step. `items`: (request, the
+        target's logits rows for the step [T, V], len(output_ids) before the step); committed
+        token j sits at row j. SGLang's sampler definition: log_softmax(logits / temperature),
+        after temperature and before top-k/top-p (greedy: raw log_softmax), from the target's
+        logits alone, so the values do not depend on K or on the draft head."""
+        rows, temps, toks, spans = [], [], [], []
+        for r, logits, before in items:
+            new = r.output_ids[before:]  # a prefix of what was committed (stop strings may cut)
+            if not new:
+                continue
+            rows.append(logits[: len(new)])
+            temps.append(torch.full((len(new),), r.params.logprob_temperature, device=logits.device))
+            toks += new
+            spans.append((r, len(new)))
+        if not spans:
+            return
+        lp = torch.log_softmax(torch.cat(rows).float() / torch.cat(temps).unsqueeze(1), dim=-1)
+        lp.clamp_(min=torch.finfo(lp.dtype).min)
+        chosen = lp.gather(1, torch.tensor(toks, device=lp.device).unsqueeze(1))[:, 0].tolist()
+        row_reqs = [r for r, n in spans for _ in range(n)]
+        top, ids = _top_and_ids(lp, row_reqs)
+        at = 0
+        for r, n in spans:
+            r.output_logprobs += chosen[at : at + n]
+            if r.params.top_logprobs_num:
+                r.output_top_logprobs += top[at : at + n]
+            if r.params.token_ids_logprob is not None:
+                r.output_token_ids_logprobs += ids[at : at + n]
+            at += n
+
+    def _input_logprobs(self, reqs: list[Request], lens: list[int], final_hidden: torch.Tensor) -> None:
+        """Prompt logprobs for the requests that ask (logprob_start_len below the prompt length),
+        computed over this chunk's rows they need only: SGLang's logits_processor definition, the
+        raw log_softmax of the target's logits (no temperature). Entry for prompt token t > start
+        is log p(x_t | x_<t), from row t - 1; the entry for token `start` is None (SGLang drops
+        the last row, the sampling one, and puts None first)."""
+        rows, toks, spans = [], [], []
+        for i, (r, n) in enumerate(zip(reqs, lens)):
+            start, size = r.input_logprob_start, len(r.prompt_ids)
+            if start >= size:
+                continue
+            c0 = r.prefilled  # this chunk covers prompt positions c0 .. c0 + n - 1
+            if c0 <= start < c0 + n:
+                r.input_logprobs.append(None)
+                if r.params.top_logprobs_num:
+                    r.input_top_logprobs.append(None)
+                if r.params.token_ids_logprob is not None:
+                    r.input_token_ids_logprobs.append(None)
+            lo, hi = max(start, c0), min(c0 + n, size - 1)  # rows lo..hi-1 predict tokens lo+1..hi
+            if hi <= lo:
+                continue
+            rows.append(final_hidden[i, lo - c0 : hi - c0])
+            toks += r.prompt_ids[lo + 1 : hi + 1]
+            spans.append((r, hi - lo))
+        if not spans:
+            return
+        logits = self.target.hf.lm_head(torch.cat(rows)).float()
+        lp = torch.log_softmax(logits, dim=-1).clamp_(min=torch.finfo(torch.float32).min)
+        chosen = lp.gather(1, torch.tensor(toks, device=lp.device).unsqueeze(1))[:, 0].tolist()
+        top, ids = _top_and_ids(lp, [r for r, n in spans for _ in range(n)])
+        at = 0
+        for r, n in spans:
+            r.input_logprobs += chosen[at : at + n]
+            if r.params.top_logprobs_num:
+                r.input_top_logprobs += top[at : at + n]
+            if r.params.token_ids_logprob is not None:
+                r.input_token_ids_logprobs += ids[at : at + n]
+            at += n
 
     # ---- decode -----------------------------------------------------------------------------
     def _choose_k(self, reqs: list[Request]) -> int:
@@ -461,7 +592,9 @@ class Engine:
             nxt_l = [self._sample_one(out.logits[i, 0], r) for i, r in enumerate(reqs)]
             nxt = torch.tensor(nxt_l, device=self.device)
         positions = [r.last_position for r in reqs]
+        before = [len(r.output_ids) for r in reqs]
         committed = [self._commit(r, [t]) for r, t in zip(reqs, nxt_l)]
+        self._output_logprobs([(r, out.logits[i], before[i]) for i, r in enumerate(reqs) if r.params.return_logprob])
         if not self.k:
             return []
         nxt = nxt.unsqueeze(1)
@@ -577,6 +710,7 @@ class Engine:
             target_tok = torch.cat([target_tok, target_tok.new_full((b, pad), NO_TOKEN)], dim=1)
             outcome = torch.cat([outcome, outcome.new_full((b, pad), Outcome.NOT_REACHED)], dim=1)
         records = []
+        before = [len(r.output_ids) for r in reqs]
         for i, r in enumerate(reqs):
             acc = accepted_l[i]
             r.verify_ct += 1
@@ -606,6 +740,8 @@ class Engine:
                     num_drafted=k,
                 )
             )
+        # Committed token j of this step (d_1..d_a, then the target's) sits at verify row j.
+        self._output_logprobs([(r, out.logits[i], before[i]) for i, r in enumerate(reqs) if r.params.return_logprob])
         return records
 
     # ---- commit and stop conditions ---------------------------------------------------------
@@ -642,6 +778,7 @@ class Engine:
         ):
             keep += 1
         del r.output_ids[keep:]
+        r._trim_logprobs()
         r.text = text[:cut]
         r.state, r.finish_reason, r.matched_stop = "done", "stop", s
 
@@ -668,9 +805,13 @@ class Engine:
             params = [params or SamplingParams()] * len(plist)
         reqs = [self.add_request(p, sp) for p, sp in zip(plist, params)]
         self.run_until_done(reqs)
-        return [
-            {"text": self.output_text(r), "output_ids": list(r.output_ids), "meta_info": r.meta_info()} for r in reqs
-        ]
+        outs = []
+        for r in reqs:
+            out = {"text": self.output_text(r), "output_ids": list(r.output_ids), "meta_info": r.meta_info()}
+            if r.params.return_logprob:
+                out["logprobs"] = r.logprob_output()
+            outs.append(out)
+        return outs
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[dict]:
         """Yield {"token_ids": new ids, "text": cumulative text, "finished", "meta_info"} as tokens
@@ -683,14 +824,37 @@ class Engine:
             if len(req.output_ids) > sent or req.finished:
                 new = req.output_ids[sent:]
                 sent = len(req.output_ids)
-                yield {
+                update = {
                     "token_ids": new,
                     "text": self.output_text(req),
                     "finished": req.finished,
                     "meta_info": req.meta_info(),
                 }
+                if req.params.return_logprob:
+                    update["logprobs"] = req.logprob_output()  # cumulative
+                yield update
             if req.finished:
                 return
+
+
+def _top_and_ids(lp: torch.Tensor, row_reqs: list[Request]) -> tuple[list, list]:
+    """Per row of logprobs [N, V]: the request's top_logprobs_num alternatives as (values, ids)
+    sorted by value, and the values at its token_ids_logprob (None where not asked)."""
+    kmax = max(r.params.top_logprobs_num for r in row_reqs)
+    top: list = [None] * len(row_reqs)
+    if kmax:
+        vals, idx = lp.topk(min(kmax, lp.shape[-1]), dim=-1)
+        vals, idx = vals.tolist(), idx.tolist()
+        for j, r in enumerate(row_reqs):
+            k = r.params.top_logprobs_num
+            if k:
+                top[j] = (vals[j][:k], idx[j][:k])
+    ids: list = [None] * len(row_reqs)
+    for j, r in enumerate(row_reqs):
+        want = r.params.token_ids_logprob
+        if want is not None:
+            ids[j] = lp[j, list(want)].tolist() if want else []
+    return top, ids
 
 
 def _eos_ids(config, tokenizer) -> set[int]:

@@ -14,6 +14,8 @@ import torch
 MAX_STOP_STRINGS = 64
 MAX_STOP_LEN = 512
 MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on alternatives per position
+MAX_TOKEN_IDS_LOGPROB = 64
 # Temperatures below this sample greedily (SGLang's rule too): dividing float32 logits by a
 # temperature like 1e-300 overflows to inf and the softmax to NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-6
@@ -29,7 +31,12 @@ def _is_num(x) -> bool:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy. top_k <= 0 disables top-k (SGLang uses -1)."""
+    """temperature 0 means greedy. top_k <= 0 disables top-k (SGLang uses -1).
+
+    The logprob options ride along (they change what is returned, never what is sampled):
+    `return_logprob` turns them on; `top_logprobs_num` alternatives per position; `token_ids_logprob`
+    the logprobs of these ids at every position; `logprob_start_len` the first prompt position
+    that gets an input logprob (-1: none; SGLang's meaning)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -39,6 +46,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     seed: int | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    token_ids_logprob: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -73,10 +84,32 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self._check_logprob_options()
+
+    def _check_logprob_options(self) -> None:
+        if not isinstance(self.return_logprob, bool):
+            raise ValueError(f"return_logprob must be a boolean, got {self.return_logprob!r}")
+        n = self.top_logprobs_num
+        if not _is_int(n) or not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS}], got {n!r}")
+        if not _is_int(self.logprob_start_len) or self.logprob_start_len < -1:
+            raise ValueError(f"logprob_start_len must be an integer >= -1, got {self.logprob_start_len!r}")
+        ids = self.token_ids_logprob
+        if ids is not None:
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+                raise ValueError("token_ids_logprob must be a list of non-negative integers")
+            if len(ids) > MAX_TOKEN_IDS_LOGPROB:
+                raise ValueError(f"at most {MAX_TOKEN_IDS_LOGPROB} token_ids_logprob are allowed, got {len(ids)}")
+            object.__setattr__(self, "token_ids_logprob", tuple(ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """What output logprobs divide the logits by: the temperature, 1 for greedy (SGLang's)."""
+        return self.temperature or 1.0
 
 
 def probs_from_logits(

@@ -346,18 +346,24 @@ class ServingContext:
 
     async def text_updates(self, req, queue) -> AsyncIterator[tuple[str, bool]]:
         """(new text, finished) as tokens arrive; aborts the request if the consumer goes away."""
+        async for text, done, _ in self.token_updates(req, queue):
+            yield text, done
+
+    async def token_updates(self, req, queue) -> AsyncIterator[tuple[str, bool, int]]:
+        """(new text, finished, output tokens published so far): the count bounds what a stream
+        may read of the request's per-token lists (logprobs) while the engine thread runs on."""
         sent = ""
         try:
             while True:
                 update = await queue.get()
                 if update.finished:
                     final = self.engine.output_text(req)
-                    yield (final[len(sent) :] if final.startswith(sent) else ""), True
+                    yield (final[len(sent) :] if final.startswith(sent) else ""), True, len(req.output_ids)
                     return
                 text = self.tokenizer.decode(update.token_ids, skip_special_tokens=True)
                 text = text[: len(text) - holdback(text, req.params.stop)]
                 if len(text) > len(sent) and text.startswith(sent):
-                    yield text[len(sent) :], False
+                    yield text[len(sent) :], False, len(update.token_ids)
                     sent = text
         finally:
             if not req.finished:

@@ -4,6 +4,7 @@ operator's views (/metrics for Prometheus, /aurora/stats for the online loop).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from aurora_sgl import __version__
 from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.serving.context import RETRY_AFTER_S, OrjsonResponse, ServingContext, error_response, sse
+from aurora_sgl.serving.logprobs import native_logprob_meta
 from aurora_sgl.serving.protocol import APIError, NativeGenerateRequest, native_sampling_params
 
 NATIVE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default for /generate
@@ -26,8 +28,6 @@ def native_prompts(body: NativeGenerateRequest) -> tuple[list, bool]:
     ignored = body.unhonoured()
     if ignored:
         raise APIError(400, f"not supported by this server: {', '.join(ignored)}", code="unsupported_parameter")
-    if body.return_logprob not in (False, [False]) and body.return_logprob:
-        raise APIError(400, "return_logprob is not supported")
     if body.text is not None:
         batch = isinstance(body.text, list)
         prompts = body.text if batch else [body.text]
@@ -51,16 +51,24 @@ def native_rids(body: NativeGenerateRequest, n: int, batch: bool) -> list[str | 
     return rids
 
 
-def native_params(ctx: ServingContext, body: NativeGenerateRequest, n: int) -> list[SamplingParams]:
+def native_params(ctx: ServingContext, body: NativeGenerateRequest, n: int, batch: bool) -> list[SamplingParams]:
     sp = body.sampling_params
     sps = sp if isinstance(sp, list) else [sp] * n
     if len(sps) != n:
         raise APIError(400, "sampling_params list must match the batch size")
     default_max = min(NATIVE_DEFAULT_MAX_NEW_TOKENS, ctx.engine.context_length)
-    return [native_sampling_params(s, default_max) for s in sps]
+    out = []
+    for s, opts in zip(sps, body.logprob_options(n, batch)):
+        params = native_sampling_params(s, default_max)
+        try:
+            out.append(dataclasses.replace(params, **opts) if opts else params)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+    return out
 
 
-def native_meta(req) -> dict:
+def native_meta(req, tokenizer=None, with_text: bool = False, limit: int | None = None) -> dict:
+    """meta_info of a /generate answer; with the logprobs when the request asked for them."""
     meta = req.meta_info()
     fr = meta.pop("finish_reason")
     stop = meta.pop("matched_stop")
@@ -69,16 +77,19 @@ def native_meta(req) -> dict:
         if fr is None
         else ({"type": "length", "length": len(req.output_ids)} if fr == "length" else {"type": fr, "matched": stop})
     )
+    if req.params.return_logprob:
+        meta.update(native_logprob_meta(req, tokenizer, with_text, limit))
     return meta
 
 
-async def stream_native(ctx: ServingContext, req, queue):
+async def stream_native(ctx: ServingContext, req, queue, with_text: bool = False):
     text = ""
     try:
-        async for delta, done in ctx.text_updates(req, queue):
+        async for delta, done, count in ctx.token_updates(req, queue):
             text += delta
             if delta or done:
-                yield sse({"text": text, "output_ids": list(req.output_ids), "meta_info": native_meta(req)})
+                meta = native_meta(req, ctx.tokenizer, with_text, count)
+                yield sse({"text": text, "output_ids": list(req.output_ids[:count]), "meta_info": meta})
         yield b"data: [DONE]\n\n"
     finally:
         if not req.finished:
@@ -186,17 +197,23 @@ def register_native_routes(app: FastAPI, ctx: ServingContext) -> None:
     async def generate(request: Request):
         body = await ctx.parse(NativeGenerateRequest, request)
         prompts, batch = native_prompts(body)
-        params = native_params(ctx, body, len(prompts))
+        params = native_params(ctx, body, len(prompts), batch)
         if body.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports one prompt per request")
         prompts = await ctx.encode_all(prompts)
         jobs = ctx.submit_all(zip(prompts, params, native_rids(body, len(prompts), batch)))
         if body.stream:
-            return StreamingResponse(stream_native(ctx, *jobs[0]), media_type="text/event-stream")
+            return StreamingResponse(
+                stream_native(ctx, *jobs[0], body.return_text_in_logprobs), media_type="text/event-stream"
+            )
         if not await ctx.collect_all(request, jobs):
             return Response(status_code=499)
         out = [
-            {"text": ctx.engine.output_text(r), "output_ids": list(r.output_ids), "meta_info": native_meta(r)}
+            {
+                "text": ctx.engine.output_text(r),
+                "output_ids": list(r.output_ids),
+                "meta_info": native_meta(r, ctx.tokenizer, body.return_text_in_logprobs),
+            }
             for r, _ in jobs
         ]
         return out if batch else out[0]

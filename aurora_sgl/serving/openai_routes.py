@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from aurora_sgl.serving.context import ServingContext, finish_reason, sse, usage
+from aurora_sgl.serving.logprobs import chat_logprobs, completion_logprobs
 from aurora_sgl.serving.protocol import MAX_N, APIError, ChatCompletionRequest, CompletionRequest, error_body
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -66,32 +67,48 @@ def chat_prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> list[in
 
 
 # ---- run: blocking or streaming ----------------------------------------------------------------
-async def run_openai(ctx: ServingContext, request: Request, body, prompts: list, kind: str, default_max: int):
-    """`prompts` are token ids (the caller validated the body and tokenized off the event loop)."""
+async def run_openai(
+    ctx: ServingContext,
+    request: Request,
+    body,
+    prompts: list,
+    kind: str,
+    default_max: int,
+    echo_texts: list[str] | None = None,
+):
+    """`prompts` are token ids (the caller validated the body and tokenized off the event loop).
+    `echo_texts`: completions with echo, the prompt texts each choice's text starts with."""
     params = [body.sampling_params(default_max, j) for j in range(body.n)]
     jobs = ctx.submit_all((p, sp) for p in prompts for sp in params)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    echoes = [echo_texts[i // body.n] for i in range(len(jobs))] if echo_texts is not None else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            stream_openai(ctx, jobs, rid, kind, include_usage, body.n), media_type="text/event-stream"
+            stream_openai(ctx, jobs, rid, kind, include_usage, body.n, echoes), media_type="text/event-stream"
         )
     if not await ctx.collect_all(request, jobs):
         return Response(status_code=499)
     choices = []
     for i, (r, _) in enumerate(jobs):
         text = ctx.engine.output_text(r)
+        lp = r.params.return_logprob
         if kind == "chat":
             choices.append(
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": finish_reason(r),
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(r, ctx.tokenizer) if lp else None,
                 }
             )
         else:
-            choices.append({"index": i, "text": text, "finish_reason": finish_reason(r), "logprobs": None})
+            echo = echoes[i] if echoes is not None else None
+            logprobs = None
+            if lp:
+                logprobs = completion_logprobs(r, ctx.tokenizer, echo is not None)
+            text = (echo or "") + text
+            choices.append({"index": i, "text": text, "finish_reason": finish_reason(r), "logprobs": logprobs})
     return {
         "id": rid,
         "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -102,43 +119,64 @@ async def run_openai(ctx: ServingContext, request: Request, body, prompts: list,
     }
 
 
-async def stream_openai(ctx: ServingContext, jobs, rid: str, kind: str, include_usage: bool, n: int = 1):
+async def stream_openai(
+    ctx: ServingContext, jobs, rid: str, kind: str, include_usage: bool, n: int = 1, echoes: list[str] | None = None
+):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     now = int(time.time())
+    lp_sent = [0] * len(jobs)  # output positions whose logprobs went out, per choice
+    text_sent = [0] * len(jobs)  # characters of text, per choice (completions' text_offset)
+    echo_sent = [echoes is None] * len(jobs)  # the prompt's logprobs went out (echo), per choice
 
-    def chunk(i, text=None, reason=None, role=False):
+    def logprobs(i, req, count):
+        """The logprobs of choice i's positions not sent yet, up to `count` (None: not asked)."""
+        if not req.params.return_logprob or count is None:
+            return None
+        start, lp_sent[i] = lp_sent[i], max(lp_sent[i], count)
+        if kind == "chat":
+            return chat_logprobs(req, ctx.tokenizer, start, count)
+        echo, echo_sent[i] = not echo_sent[i], True
+        return completion_logprobs(req, ctx.tokenizer, echo, start, count, 0 if echo else text_sent[i])
+
+    def chunk(i, text=None, reason=None, role=False, req=None, count=None):
+        lp = logprobs(i, req, count) if req is not None else None
         if kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            c = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+            c = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": lp}
         else:
-            c = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+            c = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": lp}
+            text_sent[i] += len(text or "")
         return sse({"id": rid, "object": obj, "created": now, "model": ctx.served_model_name, "choices": [c]})
 
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, req, queue):
         try:
-            async for text, done in ctx.text_updates(req, queue):
-                await merged.put((i, text, done, req))
+            async for text, done, count in ctx.token_updates(req, queue):
+                await merged.put((i, text, done, req, count))
         except Exception:  # never leave the response waiting for a choice that cannot finish
             req.finish_reason = "error"
-            await merged.put((i, "", True, req))
+            await merged.put((i, "", True, req, None))
 
     tasks = [asyncio.create_task(pump(i, r, q)) for i, (r, q) in enumerate(jobs)]
     try:
         if kind == "chat":
             for i in range(len(jobs)):
                 yield chunk(i, role=True)
+        elif echoes is not None:  # the prompt first; its logprobs (prefill's) with the next chunk
+            for i in range(len(jobs)):
+                yield chunk(i, echoes[i])
         remaining = len(jobs)
         while remaining:
-            i, text, done, req = await merged.get()
+            i, text, done, req, count = await merged.get()
             if text:
-                yield chunk(i, text)
+                yield chunk(i, text, req=req, count=count)
             if done:
                 remaining -= 1
                 if req.finish_reason == "error":
                     yield sse(error_body(500, "the engine failed while running this request", "internal_error"))
-                yield chunk(i, None if kind == "chat" else "", finish_reason(req))
+                pending = req if count is not None and (count > lp_sent[i] or not echo_sent[i]) else None
+                yield chunk(i, None if kind == "chat" else "", finish_reason(req), req=pending, count=count)
         if include_usage:
             yield sse(
                 {
@@ -197,17 +235,23 @@ def register_openai_routes(app: FastAPI, ctx: ServingContext) -> None:
     async def completions(request: Request):
         body = await ctx.parse(CompletionRequest, request)
         validate(ctx, body)
-        if body.echo or body.logprobs or body.suffix:
-            raise APIError(400, "echo, logprobs and suffix are not supported")
-        prompts = await ctx.encode_all(completion_prompts(body))
-        return await run_openai(ctx, request, body, prompts, "completion", OPENAI_DEFAULT_MAX_TOKENS)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", code="unsupported_parameter")
+        body.logprob_options()  # refuse bad values before tokenizing
+        raw = completion_prompts(body)
+        prompts = await ctx.encode_all(raw)
+        echo_texts = None
+        if body.echo:
+            echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in raw]
+        return await run_openai(
+            ctx, request, body, prompts, "completion", OPENAI_DEFAULT_MAX_TOKENS, echo_texts=echo_texts
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await ctx.parse(ChatCompletionRequest, request)
         validate(ctx, body)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported")
+        body.logprob_options()  # refuse bad values before tokenizing
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         prompt = await asyncio.to_thread(chat_prompt_ids, ctx, body)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from aurora_sgl.engine.sampling import SamplingParams
+from aurora_sgl.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16
 
@@ -82,6 +82,10 @@ class _SamplingFields(BaseModel):
             out.append(name)
         return sorted(out)
 
+    def logprob_options(self) -> dict:
+        """SamplingParams' logprob fields this body asks for (none by default)."""
+        return {}
+
     def sampling_params(self, default_max_tokens: int, index: int = 0) -> SamplingParams:
         if not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}")
@@ -95,14 +99,32 @@ class _SamplingFields(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             seed=seed,
+            **self.logprob_options(),
         )
+
+
+def _check_top(name: str, value: int | None) -> None:
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", code="invalid_value")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = None  # top alternatives per position (0: the chosen token's only)
     suffix: StrictStr | None = None
+
+    def logprob_options(self) -> dict:
+        """SGLang's mapping: logprobs N -> return_logprob with N alternatives; with echo the
+        prompt's logprobs too (from its first token, whose logprob is null)."""
+        _check_top("logprobs", self.logprobs)
+        if self.logprobs is None:
+            return {}
+        return {
+            "return_logprob": True,
+            "top_logprobs_num": self.logprobs,
+            "logprob_start_len": 0 if self.echo else -1,
+        }
 
 
 class ChatMessage(BaseModel):
@@ -114,16 +136,20 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+
+    def logprob_options(self) -> dict:
+        _check_top("top_logprobs", self.top_logprobs)
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true", code="invalid_value")
+        if not self.logprobs:
+            return {}
+        return {"return_logprob": True, "top_logprobs_num": self.top_logprobs or 0}
 
 
 # Top-level /generate fields of SGLang's GenerateReqInput this server does not implement, with the
-# values that change nothing. The logprob options mean nothing unless return_logprob is on (which
-# is refused), and SGLang's frontend sends them alongside it.
+# values that change nothing.
 NATIVE_NEUTRAL: dict[str, tuple] = {
-    "logprob_start_len": (-1, 0),
-    "top_logprobs_num": (0,),
-    "return_text_in_logprobs": (False, True),
-    "token_ids_logprob": ([],),
     "image_data": ([], ""),
     "audio_data": ([], ""),
     "video_data": ([], ""),
@@ -135,7 +161,6 @@ NATIVE_NEUTRAL: dict[str, tuple] = {
     "session_params": ({},),
     "data_parallel_rank": (),
 }
-_LOGPROB_OPTIONS = ("logprob_start_len", "top_logprobs_num", "return_text_in_logprobs", "token_ids_logprob")
 
 
 class NativeGenerateRequest(BaseModel):
@@ -149,12 +174,51 @@ class NativeGenerateRequest(BaseModel):
     stream: StrictBool = False
     rid: StrictStr | list[StrictStr] | None = None
     return_logprob: StrictBool | list[StrictBool] = False
+    top_logprobs_num: StrictInt | list[StrictInt] = 0
+    logprob_start_len: StrictInt | list[StrictInt] = -1
+    token_ids_logprob: list[StrictInt] | list[list[StrictInt]] | None = None
+    return_text_in_logprobs: StrictBool = False
+
+    def logprob_options(self, n: int, batch: bool) -> list[dict]:
+        """Per prompt, SamplingParams' logprob fields. Each option is one value for all prompts
+        or, in a batch, a list with one per prompt (SGLang's rule); token_ids_logprob is a list
+        of ids, or a list of such lists in a batch."""
+
+        def per_prompt(name: str, value, is_list) -> list:
+            if is_list:
+                if not batch or len(value) != n:
+                    raise APIError(400, f"{name}: a list needs one value per prompt of a batch ({n})")
+                return list(value)
+            return [value] * n
+
+        ret = per_prompt("return_logprob", self.return_logprob, isinstance(self.return_logprob, list))
+        top = per_prompt("top_logprobs_num", self.top_logprobs_num, isinstance(self.top_logprobs_num, list))
+        start = per_prompt("logprob_start_len", self.logprob_start_len, isinstance(self.logprob_start_len, list))
+        t = self.token_ids_logprob
+        ids = per_prompt("token_ids_logprob", t, bool(t) and isinstance(t[0], list))
+        opts = []
+        for r, k, s, i in zip(ret, top, start, ids):
+            if not r:  # SGLang ignores the options when return_logprob is off
+                opts.append({})
+                continue
+            _check_top("top_logprobs_num", k)
+            if s < -1:
+                raise APIError(400, f"logprob_start_len must be >= -1, got {s}")
+            opts.append(
+                {
+                    "return_logprob": True,
+                    "top_logprobs_num": k,
+                    "logprob_start_len": s,
+                    "token_ids_logprob": None if i is None else tuple(i),
+                }
+            )
+        return opts
 
     def unhonoured(self) -> list[str]:
         """Top-level fields sent that this server would not honour (see NATIVE_NEUTRAL)."""
         out = []
         for name, value in (self.model_extra or {}).items():
-            if value is None or (name in _LOGPROB_OPTIONS and not self.return_logprob):
+            if value is None:
                 continue
             if value not in NATIVE_NEUTRAL.get(name, ()):
                 out.append(name)
