@@ -19,7 +19,7 @@ plain decoding costs.
 Logprobs (SamplingParams.return_logprob) are read off the target's logits at each committed
 position, so they are the target's whatever K and draft head: SGLang's definitions, output tokens
 log_softmax(logits / temperature) (raw for greedy), prompt tokens the raw log_softmax (computed
-only for requests that ask; see `_output_logprobs`, `_input_logprobs`).
+only for requests that ask; engine/logprobs.py).
 
 Every speculative step returns a `StepRecord` per request: what was drafted, what the target said
 at each draft position, and views of the target's hidden states at the committed positions. The
@@ -39,6 +39,7 @@ import torch
 
 from aurora_sgl.engine.adaptive import AdaptiveK, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
+from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
 from aurora_sgl.engine.target import TargetModel, load_hf_causal_lm
 from aurora_sgl.engine.verify import sample_with_uniform, verify_greedy, verify_sampling
@@ -341,7 +342,7 @@ class Engine:
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
         last = torch.tensor([n - 1 for n in lens], device=self.device)
         out = self.target.forward(tokens, positions, slots, logits_rows=last)
-        self._input_logprobs(reqs, lens, out.final_hidden)
+        add_input_logprobs(reqs, lens, out.final_hidden, self.target.hf.lm_head)
         next_in = torch.zeros_like(tokens)  # draft input at t is x_{t+1}
         finishing = []
         logprob_rows = []
@@ -361,7 +362,7 @@ class Engine:
                 if r.params.return_logprob:
                     logprob_rows.append((r, out.logits[i], 0))
             next_in[i, : len(following)] = torch.tensor(following, dtype=torch.long)
-        self._output_logprobs(logprob_rows)
+        add_output_logprobs(logprob_rows)
         if self.k:  # the head runs over the prompt when the request first drafts (_catch_up)
             next_in = next_in.to(self.device)
             for i, (r, n) in enumerate(zip(reqs, lens)):
@@ -405,77 +406,6 @@ class Engine:
             logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_p]), torch.tensor([p.top_k])
         )
         return int(sample_with_uniform(probs, torch.rand(1, generator=r.generator))[0])
-
-    # ---- logprobs ---------------------------------------------------------------------------
-    def _output_logprobs(self, items: list[tuple[Request, torch.Tensor, int]]) -> None:
-        """Logprobs of the tokens each request committed this step. `items`: (request, the
-        target's logits rows for the step [T, V], len(output_ids) before the step); committed
-        token j sits at row j. SGLang's sampler definition: log_softmax(logits / temperature),
-        after temperature and before top-k/top-p (greedy: raw log_softmax), from the target's
-        logits alone, so the values do not depend on K or on the draft head."""
-        rows, temps, toks, spans = [], [], [], []
-        for r, logits, before in items:
-            new = r.output_ids[before:]  # a prefix of what was committed (stop strings may cut)
-            if not new:
-                continue
-            rows.append(logits[: len(new)])
-            temps.append(torch.full((len(new),), r.params.logprob_temperature, device=logits.device))
-            toks += new
-            spans.append((r, len(new)))
-        if not spans:
-            return
-        lp = torch.log_softmax(torch.cat(rows).float() / torch.cat(temps).unsqueeze(1), dim=-1)
-        lp.clamp_(min=torch.finfo(lp.dtype).min)
-        chosen = lp.gather(1, torch.tensor(toks, device=lp.device).unsqueeze(1))[:, 0].tolist()
-        row_reqs = [r for r, n in spans for _ in range(n)]
-        top, ids = _top_and_ids(lp, row_reqs)
-        at = 0
-        for r, n in spans:
-            r.output_logprobs += chosen[at : at + n]
-            if r.params.top_logprobs_num:
-                r.output_top_logprobs += top[at : at + n]
-            if r.params.token_ids_logprob is not None:
-                r.output_token_ids_logprobs += ids[at : at + n]
-            at += n
-
-    def _input_logprobs(self, reqs: list[Request], lens: list[int], final_hidden: torch.Tensor) -> None:
-        """Prompt logprobs for the requests that ask (logprob_start_len below the prompt length),
-        computed over this chunk's rows they need only: SGLang's logits_processor definition, the
-        raw log_softmax of the target's logits (no temperature). Entry for prompt token t > start
-        is log p(x_t | x_<t), from row t - 1; the entry for token `start` is None (SGLang drops
-        the last row, the sampling one, and puts None first)."""
-        rows, toks, spans = [], [], []
-        for i, (r, n) in enumerate(zip(reqs, lens)):
-            start, size = r.input_logprob_start, len(r.prompt_ids)
-            if start >= size:
-                continue
-            c0 = r.prefilled  # this chunk covers prompt positions c0 .. c0 + n - 1
-            if c0 <= start < c0 + n:
-                r.input_logprobs.append(None)
-                if r.params.top_logprobs_num:
-                    r.input_top_logprobs.append(None)
-                if r.params.token_ids_logprob is not None:
-                    r.input_token_ids_logprobs.append(None)
-            lo, hi = max(start, c0), min(c0 + n, size - 1)  # rows lo..hi-1 predict tokens lo+1..hi
-            if hi <= lo:
-                continue
-            rows.append(final_hidden[i, lo - c0 : hi - c0])
-            toks += r.prompt_ids[lo + 1 : hi + 1]
-            spans.append((r, hi - lo))
-        if not spans:
-            return
-        logits = self.target.hf.lm_head(torch.cat(rows)).float()
-        lp = torch.log_softmax(logits, dim=-1).clamp_(min=torch.finfo(torch.float32).min)
-        chosen = lp.gather(1, torch.tensor(toks, device=lp.device).unsqueeze(1))[:, 0].tolist()
-        top, ids = _top_and_ids(lp, [r for r, n in spans for _ in range(n)])
-        at = 0
-        for r, n in spans:
-            r.input_logprobs += chosen[at : at + n]
-            if r.params.top_logprobs_num:
-                r.input_top_logprobs += top[at : at + n]
-            if r.params.token_ids_logprob is not None:
-                r.input_token_ids_logprobs += ids[at : at + n]
-            at += n
 
     # ---- decode -----------------------------------------------------------------------------
     def _choose_k(self, reqs: list[Request]) -> int:
@@ -594,7 +524,7 @@ class Engine:
         positions = [r.last_position for r in reqs]
         before = [len(r.output_ids) for r in reqs]
         committed = [self._commit(r, [t]) for r, t in zip(reqs, nxt_l)]
-        self._output_logprobs([(r, out.logits[i], before[i]) for i, r in enumerate(reqs) if r.params.return_logprob])
+        add_output_logprobs([(r, out.logits[i], before[i]) for i, r in enumerate(reqs) if r.params.return_logprob])
         if not self.k:
             return []
         nxt = nxt.unsqueeze(1)
@@ -741,7 +671,7 @@ class Engine:
                 )
             )
         # Committed token j of this step (d_1..d_a, then the target's) sits at verify row j.
-        self._output_logprobs([(r, out.logits[i], before[i]) for i, r in enumerate(reqs) if r.params.return_logprob])
+        add_output_logprobs([(r, out.logits[i], before[i]) for i, r in enumerate(reqs) if r.params.return_logprob])
         return records
 
     # ---- commit and stop conditions ---------------------------------------------------------
@@ -835,26 +765,6 @@ class Engine:
                 yield update
             if req.finished:
                 return
-
-
-def _top_and_ids(lp: torch.Tensor, row_reqs: list[Request]) -> tuple[list, list]:
-    """Per row of logprobs [N, V]: the request's top_logprobs_num alternatives as (values, ids)
-    sorted by value, and the values at its token_ids_logprob (None where not asked)."""
-    kmax = max(r.params.top_logprobs_num for r in row_reqs)
-    top: list = [None] * len(row_reqs)
-    if kmax:
-        vals, idx = lp.topk(min(kmax, lp.shape[-1]), dim=-1)
-        vals, idx = vals.tolist(), idx.tolist()
-        for j, r in enumerate(row_reqs):
-            k = r.params.top_logprobs_num
-            if k:
-                top[j] = (vals[j][:k], idx[j][:k])
-    ids: list = [None] * len(row_reqs)
-    for j, r in enumerate(row_reqs):
-        want = r.params.token_ids_logprob
-        if want is not None:
-            ids[j] = lp[j, list(want)].tolist() if want else []
-    return top, ids
 
 
 def _eos_ids(config, tokenizer) -> set[int]:
