@@ -34,6 +34,10 @@ def figures(run: dict, fixed: dict) -> dict:
         out["online_over_static_after_shift"] = round(
             _mean(taus["online_static"][per:]) / _mean(taus["static"][per:]), 3
         )
+    if "offline" in taus and "static" in taus:
+        # What a head as good as the offline one on every domain would score: a ceiling for the
+        # online arm on streams where a post-shift phase is the static head's own domain.
+        out["offline_over_static_after_shift"] = round(_mean(taus["offline"][per:]) / _mean(taus["static"][per:]), 3)
     if "day0" in run["arms"] and "offline" in taus:
         out["day0_over_offline"] = round(_mean(taus["day0"][n - w :]) / _mean(taus["offline"][n - w :]), 3)
     if run["config"]["shift"] == "return" and "online_static" in run["arms"]:

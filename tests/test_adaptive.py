@@ -86,8 +86,8 @@ def test_step_costs_follow_measurements_and_the_machine_load():
     assert costs.cost(1, 1) == pytest.approx(3.0)  # not measured: scaled by the global load
 
 
-def _chooser(costs, k_max=4, explore_every=1000):
-    return AdaptiveK(k_max, StepCosts(costs), explore_every=explore_every)
+def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0):
+    return AdaptiveK(k_max, StepCosts(costs), explore_every=explore_every, warmup_steps=warmup_steps)
 
 
 def _flat(k_max, per_k):
@@ -121,6 +121,16 @@ def test_adaptive_k_explores_one_more_draft_on_a_share_of_steps():
     picks = [ch.choose(1, version=0) for _ in range(40)]
     assert picks.count(1) == 10 and picks.count(0) == 30  # 1 in 4 drafts one token
     assert ch.explored == 10 and ch.stats()["k_steps"] == {"0": 30, "1": 10, "2": 0, "3": 0}
+
+
+def test_the_first_steps_draft_the_maximum_to_measure_the_head_and_a_pin_wins():
+    ch = _chooser(_flat(4, 0.5), warmup_steps=3)
+    assert [ch.choose(1, version=0) for _ in range(3)] == [4, 4, 4]
+    for _ in range(100):
+        ch.observe(1, 4, 3.0, [0])
+    assert ch.choose(1, version=0) == 0  # measured useless: no drafting
+    assert ch.choose(1, version=0, pinned=4) == 4 and ch.decode_steps == 4
+    assert ch.stats()["k_steps"] == {"0": 1, "1": 0, "2": 0, "3": 0, "4": 4}
 
 
 def test_calibrate_times_every_bucket_and_k():

@@ -50,10 +50,13 @@ def test_quick_run_through_every_arm(tmp_path):
         stream, domains = [], ["humaneval", "mt_bench", "gsm8k", "humaneval"]
     else:
         stream, domains = _own_stream(tmp_path)
-    res = _run("--quick", "--shift", "return", *stream, "--out", str(out))
+    # A fixed K: what is checked here is that every arm runs and the trained heads draft.
+    res = _run("--quick", "--fixed-k", "--shift", "return", *stream, "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     n = 4 * ts.QUICK["requests_per_phase"]  # return stream: three domains, then the first again
+    assert data["config"]["fixed_k"] and data["arms"]["static"]["adaptive"] is None
+    assert data["arms"]["static"]["k_steps"][:4] == [0, 0, 0, 0] and data["arms"]["static"]["k_steps"][4] > 0
     assert [r["domain"] for r in data["stream"]][:: ts.QUICK["requests_per_phase"]] == domains
     assert set(data["arms"]) == set(ts.ARMS)
     for arm, res_arm in data["arms"].items():
@@ -77,6 +80,21 @@ def test_quick_run_through_every_arm(tmp_path):
     assert set(s["return_retention"]) == set(ts.ARMS) - {"nospec"}
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "online_over_static_after_shift" in res.stdout
+
+
+def test_arms_choose_k_per_step_unless_fixed(tmp_path):
+    stream, _ = _own_stream(tmp_path)
+    out = tmp_path / "adaptive.json"
+    res = _run("--quick", "--arms", "nospec,static", *stream, "--out", str(out), "--no-plot")
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    static = data["arms"]["static"]
+    assert not data["config"]["fixed_k"] and static["adaptive"]["k_max"] == 4
+    # The first steps draft K to measure the head; the arm's steps add up over its requests.
+    assert static["k_steps"][4] >= static["adaptive"]["k_steps"]["4"] > 0
+    assert sum(static["k_steps"]) >= sum(static["adaptive"]["k_steps"].values())
+    assert all(1.0 <= r["accept_length"] <= 5.0 for r in static["requests"])
+    assert data["summary"]["speedup_over_nospec"]["static"] > 0
 
 
 def test_trainer_budget_keeps_the_trainer_in_lockstep(tmp_path):

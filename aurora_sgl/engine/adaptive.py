@@ -11,7 +11,9 @@ context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins 
 poor or the verify width is dear.
 
 Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
-choice (at most K), so the served head keeps being measured and can earn its way back.
+choice (at most K), so the served head keeps being measured and can earn its way back. The first
+`warmup_steps` decode steps after startup draft K: the prior (0.5 at every position) is no
+measurement, and a good head would otherwise wait for exploration to show it.
 """
 
 from __future__ import annotations
@@ -127,10 +129,13 @@ class StepCosts:
 class AdaptiveK:
     """The per-step choice of K (0..k_max) for the embedded engine."""
 
-    def __init__(self, k_max: int, costs: StepCosts, explore_every: int = 32, window: int = 512):
+    def __init__(
+        self, k_max: int, costs: StepCosts, explore_every: int = 32, window: int = 512, warmup_steps: int = 16
+    ):
         self.k_max = k_max
         self.costs = costs
         self.explore_every = explore_every
+        self.warmup_steps = warmup_steps
         self.acceptance = AcceptanceWindow(k_max, window)
         self.version: int | None = None
         self.decode_steps = 0
@@ -146,12 +151,15 @@ class AdaptiveK:
         if pinned is not None:
             self.k_counts[pinned] += 1
             return pinned
-        rates = self.acceptance.rates()
-        best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.cost(batch, k), -k))
         self.decode_steps += 1
-        if best < self.k_max and self.decode_steps % self.explore_every == 0:
-            best += 1
-            self.explored += 1
+        if self.decode_steps <= self.warmup_steps:
+            best = self.k_max
+        else:
+            rates = self.acceptance.rates()
+            best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.cost(batch, k), -k))
+            if best < self.k_max and self.decode_steps % self.explore_every == 0:
+                best += 1
+                self.explored += 1
         self.k_counts[best] += 1
         return best
 
