@@ -82,8 +82,10 @@ def test_step_costs_follow_measurements_and_the_machine_load():
     assert bucket_of(1, costs.buckets) == 1 and bucket_of(3, costs.buckets) == 4 and bucket_of(9, costs.buckets) == 4
     assert costs.cost(2, 1) == 5.0
     costs.observe(1, 0, 2.0)  # ratio 2 for (1, 0): the entry and the global ratio move
-    assert costs.cost(1, 0) == 2.0 and costs.global_ratio == pytest.approx(1.5)
+    assert costs.cost(1, 0) == pytest.approx(1.5) and costs.global_ratio == pytest.approx(1.5)
     assert costs.cost(1, 1) == pytest.approx(3.0)  # not measured: scaled by the global load
+    costs.observe(1, 0, 100.0)  # an outlier moves the estimate by at most a factor of two
+    assert costs.cost(1, 0) == pytest.approx(1.5 + 0.5 * (3.0 - 1.5))
 
 
 def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0):
@@ -121,6 +123,18 @@ def test_adaptive_k_explores_one_more_draft_on_a_share_of_steps():
     picks = [ch.choose(1, version=0) for _ in range(40)]
     assert picks.count(1) == 10 and picks.count(0) == 30  # 1 in 4 drafts one token
     assert ch.explored == 10 and ch.stats()["k_steps"] == {"0": 30, "1": 10, "2": 0, "3": 0}
+
+
+def test_exploration_also_goes_one_draft_down_so_a_dear_looking_k_is_measured_again():
+    ch = _chooser(_flat(4, 0.1), explore_every=2)
+    for _ in range(400):
+        ch.observe(1, 4, 1.4, [4])
+    picks = [ch.choose(1, version=0) for _ in range(8)]
+    assert picks == [4, 3, 4, 3, 4, 3, 4, 3]  # at the maximum, exploring can only go down
+    mid = _chooser({(1, k): [1.0, 1.5, 1.6, 9.0, 9.0][k] for k in range(5)}, explore_every=2)
+    for _ in range(400):
+        mid.observe(1, 2, 1.6, [2])
+    assert [mid.choose(1, version=0) for _ in range(8)] == [2, 3, 2, 1, 2, 3, 2, 1]
 
 
 def test_the_first_steps_draft_the_maximum_to_measure_the_head_and_a_pin_wins():

@@ -11,7 +11,9 @@ context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins 
 poor or the verify width is dear.
 
 Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
-choice (at most K), so the served head keeps being measured and can earn its way back. The first
+choice (at most K), so the served head keeps being measured and can earn its way back; every other
+such step drafts one fewer instead (when the choice is above 0), so a K whose cost was once
+over-estimated is measured again rather than avoided for good. The first
 `warmup_steps` decode steps after startup draft K: the prior (0.5 at every position) is no
 measurement, and a good head would otherwise wait for exploration to show it.
 """
@@ -116,7 +118,14 @@ class StepCosts:
         r = seconds / self.calibrated[key]
         self.steps += 1
         old = self.ratio.get(key)
-        self.ratio[key] = (r if old is None else old[0] + self.ema * (r - old[0]), self.steps)
+        if old is None or self.steps - old[1] > self.fresh_steps:
+            base = self.global_ratio
+        else:
+            base = old[0]
+        # One step's time is noisy (the trainer, the collector): a sample moves an estimate by at
+        # most a factor of two, so one outlier cannot make a K look dear for long.
+        r = min(max(r, base / 2), base * 2)
+        self.ratio[key] = (base + self.ema * (r - base), self.steps)
         self.global_ratio += self.ema * (r - self.global_ratio)
 
     def table(self) -> dict:
@@ -157,8 +166,9 @@ class AdaptiveK:
         else:
             rates = self.acceptance.rates()
             best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.cost(batch, k), -k))
-            if best < self.k_max and self.decode_steps % self.explore_every == 0:
-                best += 1
+            if self.decode_steps % self.explore_every == 0:
+                down = best == self.k_max or (best > 0 and self.explored % 2 == 1)
+                best += -1 if down else 1
                 self.explored += 1
         self.k_counts[best] += 1
         return best
