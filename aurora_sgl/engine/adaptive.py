@@ -94,38 +94,37 @@ def bucket_of(batch: int, buckets: list[int]) -> int:
 
 
 class StepCosts:
-    """Seconds per decode step at (batch bucket, k): the startup calibration times the ratio of
-    measured to calibrated of recent steps -- per entry when that entry ran lately, else over all
-    steps (so entries not chosen for a while follow the machine's load too)."""
+    """Seconds per decode step at (batch bucket, k): the startup calibration times one ratio of
+    measured to calibrated per batch bucket, learned from every step in that bucket whatever its K
+    (a bucket not seen lately follows the ratio over all steps, the machine's load). The ratio is
+    shared by all K of a bucket so their order stays the calibrated one: one correction per K, fed
+    by single noisy step times, drifted apart and priced some K far off."""
 
     def __init__(self, calibrated: dict[tuple[int, int], float], ema: float = 0.1, fresh_steps: int = 256):
         self.calibrated = calibrated
         self.buckets = sorted({b for b, _ in calibrated})
         self.ema = ema
         self.fresh_steps = fresh_steps
-        self.ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (bucket, k) -> (ratio EMA, step seen)
+        self.ratio: dict[int, tuple[float, int]] = {}  # bucket -> (ratio EMA, step last seen)
         self.global_ratio = 1.0
         self.steps = 0
 
+    def _ratio(self, bucket: int) -> float:
+        seen = self.ratio.get(bucket)
+        return seen[0] if seen is not None and self.steps - seen[1] <= self.fresh_steps else self.global_ratio
+
     def cost(self, batch: int, k: int) -> float:
-        key = (bucket_of(batch, self.buckets), k)
-        seen = self.ratio.get(key)
-        ratio = seen[0] if seen is not None and self.steps - seen[1] <= self.fresh_steps else self.global_ratio
-        return self.calibrated[key] * ratio
+        bucket = bucket_of(batch, self.buckets)
+        return self.calibrated[(bucket, k)] * self._ratio(bucket)
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
-        key = (bucket_of(batch, self.buckets), k)
-        r = seconds / self.calibrated[key]
+        bucket = bucket_of(batch, self.buckets)
+        base = self._ratio(bucket)
         self.steps += 1
-        old = self.ratio.get(key)
-        if old is None or self.steps - old[1] > self.fresh_steps:
-            base = self.global_ratio
-        else:
-            base = old[0]
         # One step's time is noisy (the trainer, the collector): a sample moves an estimate by at
-        # most a factor of two, so one outlier cannot make a K look dear for long.
-        r = min(max(r, base / 2), base * 2)
-        self.ratio[key] = (base + self.ema * (r - base), self.steps)
+        # most a factor of two, so one outlier cannot make drafting look dear for long.
+        r = min(max(seconds / self.calibrated[(bucket, k)], base / 2), base * 2)
+        self.ratio[bucket] = (base + self.ema * (r - base), self.steps)
         self.global_ratio += self.ema * (r - self.global_ratio)
 
     def table(self) -> dict:
