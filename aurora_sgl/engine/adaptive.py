@@ -6,16 +6,16 @@ Expected committed tokens per request at k drafts (a chain verify accepts a pref
 alpha_i = P(draft i accepted | drafts 1..i-1 accepted), estimated from the live outcomes of the
 served head over a window of recent request-steps (Beta(1, 1) prior: 0.5 where nothing is known).
 A step of k drafts at batch b costs cost(b, k) seconds: calibrated once at startup with the real
-forwards, then scaled by the measured/calibrated ratio of recent steps (a loaded machine, a long
-context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
+forwards, then scaled by the measured/calibrated ratio of recent steps of that batch size (a
+loaded machine, a long context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
 poor or the verify width is dear.
 
 Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
 choice (at most K), so the served head keeps being measured and can earn its way back; every other
 such step drafts one fewer instead (when the choice is above 0), so a K whose cost was once
-over-estimated is measured again rather than avoided for good. The first
-`warmup_steps` decode steps after startup draft K: the prior (0.5 at every position) is no
-measurement, and a good head would otherwise wait for exploration to show it.
+over-estimated is measured again rather than avoided for good. The first `warmup_steps` decode
+steps after startup draft K: the prior (0.5 at every position) is no measurement, and a good head
+would otherwise wait for exploration to show it.
 """
 
 from __future__ import annotations
