@@ -6,16 +6,16 @@ Expected committed tokens per request at k drafts (a chain verify accepts a pref
 alpha_i = P(draft i accepted | drafts 1..i-1 accepted), estimated from the live outcomes of the
 served head over a window of recent request-steps (Beta(1, 1) prior: 0.5 where nothing is known).
 A step of k drafts at batch b costs cost(b, k) seconds: calibrated once at startup with the real
-forwards, then scaled by the measured/calibrated ratio of recent steps of that batch size (a
-loaded machine, a long context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
+forwards, then scaled by the measured/calibrated ratio of recent steps (a loaded machine, a long
+context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
 poor or the verify width is dear.
 
 Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
 choice (at most K), so the served head keeps being measured and can earn its way back; every other
 such step drafts one fewer instead (when the choice is above 0), so a K whose cost was once
-over-estimated is measured again rather than avoided for good. The first `warmup_steps` decode
-steps after startup draft K: the prior (0.5 at every position) is no measurement, and a good head
-would otherwise wait for exploration to show it.
+over-estimated is measured again rather than avoided for good. The first
+`warmup_steps` decode steps after startup draft K: the prior (0.5 at every position) is no
+measurement, and a good head would otherwise wait for exploration to show it.
 """
 
 from __future__ import annotations
@@ -94,37 +94,38 @@ def bucket_of(batch: int, buckets: list[int]) -> int:
 
 
 class StepCosts:
-    """Seconds per decode step at (batch bucket, k): the startup calibration times one ratio of
-    measured to calibrated per batch bucket, learned from every step in that bucket whatever its K
-    (a bucket not seen lately follows the ratio over all steps, the machine's load). The ratio is
-    shared by all K of a bucket so their order stays the calibrated one: one correction per K, fed
-    by single noisy step times, drifted apart and priced some K far off."""
+    """Seconds per decode step at (batch bucket, k): the startup calibration times the ratio of
+    measured to calibrated of recent steps -- per entry when that entry ran lately, else over all
+    steps (so entries not chosen for a while follow the machine's load too)."""
 
     def __init__(self, calibrated: dict[tuple[int, int], float], ema: float = 0.1, fresh_steps: int = 256):
         self.calibrated = calibrated
         self.buckets = sorted({b for b, _ in calibrated})
         self.ema = ema
         self.fresh_steps = fresh_steps
-        self.ratio: dict[int, tuple[float, int]] = {}  # bucket -> (ratio EMA, step last seen)
+        self.ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (bucket, k) -> (ratio EMA, step seen)
         self.global_ratio = 1.0
         self.steps = 0
 
-    def _ratio(self, bucket: int) -> float:
-        seen = self.ratio.get(bucket)
-        return seen[0] if seen is not None and self.steps - seen[1] <= self.fresh_steps else self.global_ratio
-
     def cost(self, batch: int, k: int) -> float:
-        bucket = bucket_of(batch, self.buckets)
-        return self.calibrated[(bucket, k)] * self._ratio(bucket)
+        key = (bucket_of(batch, self.buckets), k)
+        seen = self.ratio.get(key)
+        ratio = seen[0] if seen is not None and self.steps - seen[1] <= self.fresh_steps else self.global_ratio
+        return self.calibrated[key] * ratio
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
-        bucket = bucket_of(batch, self.buckets)
-        base = self._ratio(bucket)
+        key = (bucket_of(batch, self.buckets), k)
+        r = seconds / self.calibrated[key]
         self.steps += 1
+        old = self.ratio.get(key)
+        if old is None or self.steps - old[1] > self.fresh_steps:
+            base = self.global_ratio
+        else:
+            base = old[0]
         # One step's time is noisy (the trainer, the collector): a sample moves an estimate by at
-        # most a factor of two, so one outlier cannot make drafting look dear for long.
-        r = min(max(seconds / self.calibrated[(bucket, k)], base / 2), base * 2)
-        self.ratio[bucket] = (base + self.ema * (r - base), self.steps)
+        # most a factor of two, so one outlier cannot make a K look dear for long.
+        r = min(max(r, base / 2), base * 2)
+        self.ratio[key] = (base + self.ema * (r - base), self.steps)
         self.global_ratio += self.ema * (r - self.global_ratio)
 
     def table(self) -> dict:
