@@ -30,18 +30,7 @@ def add_output_logprobs(items: list[tuple[Request, torch.Tensor, int]]) -> None:
     if not spans:
         return
     lp = torch.log_softmax(torch.cat(rows).float() / torch.cat(temps).unsqueeze(1), dim=-1)
-    lp.clamp_(min=torch.finfo(lp.dtype).min)
-    chosen = lp.gather(1, torch.tensor(toks, device=lp.device).unsqueeze(1))[:, 0].tolist()
-    row_reqs = [r for r, n in spans for _ in range(n)]
-    top, ids = _top_and_ids(lp, row_reqs)
-    at = 0
-    for r, n in spans:
-        r.output_logprobs += chosen[at : at + n]
-        if r.params.top_logprobs_num:
-            r.output_top_logprobs += top[at : at + n]
-        if r.params.token_ids_logprob is not None:
-            r.output_token_ids_logprobs += ids[at : at + n]
-        at += n
+    _append(lp, toks, spans, "output")
 
 
 def add_input_logprobs(
@@ -72,17 +61,22 @@ def add_input_logprobs(
         spans.append((r, hi - lo))
     if not spans:
         return
-    logits = lm_head(torch.cat(rows)).float()
-    lp = torch.log_softmax(logits, dim=-1).clamp_(min=torch.finfo(torch.float32).min)
+    _append(torch.log_softmax(lm_head(torch.cat(rows)).float(), dim=-1), toks, spans, "input")
+
+
+def _append(lp: torch.Tensor, toks: list[int], spans: list[tuple[Request, int]], side: str) -> None:
+    """Hand rows of logprobs [N, V] out to their requests' `side` ("input" / "output") lists:
+    the chosen token's value, and the top alternatives and asked-for ids where requested."""
+    lp.clamp_(min=torch.finfo(lp.dtype).min)
     chosen = lp.gather(1, torch.tensor(toks, device=lp.device).unsqueeze(1))[:, 0].tolist()
     top, ids = _top_and_ids(lp, [r for r, n in spans for _ in range(n)])
     at = 0
     for r, n in spans:
-        r.input_logprobs += chosen[at : at + n]
+        getattr(r, f"{side}_logprobs").extend(chosen[at : at + n])
         if r.params.top_logprobs_num:
-            r.input_top_logprobs += top[at : at + n]
+            getattr(r, f"{side}_top_logprobs").extend(top[at : at + n])
         if r.params.token_ids_logprob is not None:
-            r.input_token_ids_logprobs += ids[at : at + n]
+            getattr(r, f"{side}_token_ids_logprobs").extend(ids[at : at + n])
         at += n
 
 

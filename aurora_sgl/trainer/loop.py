@@ -123,6 +123,7 @@ class Trainer:
             )
         self.head = head.train().requires_grad_(True)
         self.eval_head = Eagle3Head(head.config, self.embed).to(self.device).requires_grad_(False).eval()
+        self._eval_holds: dict | None = None  # the state dict eval_head was last loaded with
         self.lr = self.cfg.resolved_lr(spec.starts_pretrained)
         self.opt = self._new_optimizer()
         self.served_state = served_state
@@ -378,7 +379,11 @@ class Trainer:
     def _sim_tau_sums(self, state: dict[str, torch.Tensor], entries: list) -> list[tuple[float, int]]:
         if not entries:
             return []
-        self.eval_head.load_serving_state(state)
+        # State dicts are snapshots (never changed in place): the fresh guardrail scores against
+        # the served weights every fresh step, and reloading them each time is a copy of the head.
+        if self._eval_holds is not state:
+            self.eval_head.load_serving_state(state)
+            self._eval_holds = state
         return simulated_tau_sums(self.eval_head, entries, self.cfg.unroll)
 
     def _served_sim_tau(self) -> float | None:
