@@ -423,6 +423,8 @@ def test_config_validation():
         ({"segment_idle_s": 0}, "segment_idle_s"),
         ({"inject": ["boom@1"]}, "inject"),
         ({"inject": ["nan@0"]}, "inject"),
+        ({"inject_hold_s": -1}, "inject_hold_s"),
+        ({"inject_hold_s": float("inf")}, "inject_hold_s"),
         ({"keep_checkpoints": 0}, "keep_checkpoints"),
         ({"nope": 1}, "unknown trainer config keys"),
     ):
@@ -685,6 +687,30 @@ def test_bypass_publishes_nan_and_rollback_reloads_the_previous_version(make_rig
     assert all(v != latest for v, _ in trainer.kept)
     rig.finish()
     assert rig.snap()["rollbacks_seen"] == 1
+
+
+def test_a_published_fault_holds_new_versions_until_the_engine_answers(make_rig, pretrained_dir):
+    """A drill must be judged: while the engine has not refused or rolled back the injected version,
+    the trainer trains on but publishes nothing that would supersede it."""
+    rig = make_rig(pretrained_dir)
+    rig.start(
+        rig.spec(
+            tokens_per_step=64,
+            publish_every=1,
+            unroll=3,
+            lr=1e-3,
+            margin=10.0,
+            inject=["nan@2"],
+            inject_bypass_guardrail=True,
+        )
+    )
+    assert rig.drive(lambda: rig.store.version >= 3)  # attempt 2 -> version 3 (1 is the launcher's)
+    steps = rig.snap()["train_steps"]
+    assert rig.drive(lambda: rig.snap()["train_steps"] >= steps + 4)
+    assert rig.store.version == 3  # four publish rounds held
+    rig.store.request_rollback(3)
+    assert rig.drive(lambda: rig.store.version >= 4)
+    rig.finish()
 
 
 # ---- (3) failing checkpoint writes are counted, never fatal ------------------------------------

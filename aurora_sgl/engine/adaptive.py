@@ -191,7 +191,13 @@ class AdaptiveK:
         }
 
 
-def calibrate(run_step: Callable[[int, int], None], k_max: int, max_batch: int, reps: int = 2) -> dict:
+def calibrate(
+    run_step: Callable[[int, int], None],
+    k_max: int,
+    max_batch: int,
+    reps: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """Time `run_step(batch, k)` (one synthetic decode step) for every batch bucket (powers of two
     up to max_batch, and max_batch) and k in 0..k_max: the fastest of `reps` after one warm-up
     (interference only ever adds time). Per bucket, the drafting steps (k >= 1) are then fitted by
@@ -204,9 +210,9 @@ def calibrate(run_step: Callable[[int, int], None], k_max: int, max_batch: int, 
             run_step(b, k)
             samples = []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 run_step(b, k)
-                samples.append(time.perf_counter() - t0)
+                samples.append(clock() - t0)
             out[(b, k)] = max(min(samples), 1e-6)
         if k_max >= 2:
             ks = list(range(1, k_max + 1))

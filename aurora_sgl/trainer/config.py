@@ -74,6 +74,10 @@ class TrainerConfig:
     seed: int = 0
     inject: list[str] = field(default_factory=list)  # faults (trainer/faults.py): ["nan@2", "corrupt@4"]
     inject_bypass_guardrail: bool = False  # injected faults skip the guardrail (engine-side tests)
+    # After a published fault, no new version goes out until the serving side has answered it (its
+    # rollback or refusal) or this many seconds pass: a drill whose fault was superseded before the
+    # engine looked at it would prove nothing.
+    inject_hold_s: float = 120.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -121,6 +125,8 @@ class TrainerConfig:
             raise ValueError(f"vocab_count_decay must be in (0, 1], got {self.vocab_count_decay!r}")
         if self.guardrail_on not in GUARDRAIL_DATA:
             raise ValueError(f"guardrail_on must be one of {', '.join(GUARDRAIL_DATA)}, got {self.guardrail_on!r}")
+        if not isinstance(self.inject_hold_s, (int, float)) or not 0 <= self.inject_hold_s < float("inf"):
+            raise ValueError(f"inject_hold_s must be a finite number of seconds >= 0, got {self.inject_hold_s!r}")
         if not isinstance(self.inject_bypass_guardrail, bool):
             raise ValueError("inject_bypass_guardrail must be true or false")
         self.inject = list(self.inject.split(",") if isinstance(self.inject, str) else (self.inject or []))

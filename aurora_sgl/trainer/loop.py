@@ -73,6 +73,7 @@ class Trainer:
         self.device = torch.device(spec.device)
         self.checkpoint_dir = spec.checkpoint_dir
         self.inject = self.cfg.inject_at()
+        self._fault_unanswered: tuple[int, float] | None = None  # (version, published at): see inject_hold_s
         self.rng = random.Random(self.cfg.seed)
         self.counters = {name: 0 for name in TrainerStatus.COUNTERS}
         self.replay: deque[tuple[Sequence, torch.Tensor]] = deque(maxlen=self.cfg.replay_sequences)
@@ -404,6 +405,8 @@ class Trainer:
     def publish_round(self) -> bool:
         """One publish attempt: the candidate (the training head, or an injected fault), the
         guardrail, the publish, then the periodic checkpoint and vocabulary refresh."""
+        if self._fault_held():
+            return False
         self.attempts += 1
         fault = self.inject.get(self.attempts)
         state = faulty_state(self.head.serving_state(), fault, seed=self.cfg.seed + 7919 * self.attempts)
@@ -439,6 +442,16 @@ class Trainer:
             self.checkpoint()
         if n % self.cfg.vocab_refresh_every == 0:
             self.refresh_vocab()
+        return True
+
+    def _fault_held(self) -> bool:
+        """True while a published fault waits for the serving side's answer (`inject_hold_s`)."""
+        if self._fault_unanswered is None:
+            return False
+        version, since = self._fault_unanswered
+        if self.store.last_rollback() >= version or time.monotonic() - since > self.cfg.inject_hold_s:
+            self._fault_unanswered = None
+            return False
         return True
 
     def _guardrail(self, state: dict[str, torch.Tensor], entry: dict, fault: str | None) -> list | None:
@@ -491,6 +504,8 @@ class Trainer:
         self.counters["publishes"] += 1
         self.counters["last_published_version"] = version
         self.served_state = state
+        if fault is not None:
+            self._fault_unanswered = (version, time.monotonic())
         if candidate_sums is not None:  # the candidate's figures are now the served ones
             self._served_sums = {id(e): (e, s) for e, s in candidate_sums}
             self._served_sums_of = state
