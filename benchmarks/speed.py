@@ -200,15 +200,6 @@ def main(argv=None) -> int:
             engines[k] = Engine(
                 num_speculative_steps=k, draft_model_path=args.head, max_running_requests=16, model=hf, tokenizer=tok
             )
-        # Adaptive K up to the largest fixed K: judged against the best of K = 0 and every fixed K.
-        adaptive_engine = Engine(
-            num_speculative_steps=max(ks),
-            draft_model_path=args.head,
-            max_running_requests=16,
-            model=hf,
-            tokenizer=tok,
-            adaptive=True,
-        )
         online_engine = Engine(
             num_speculative_steps=online_k, draft_model_path=args.head, max_running_requests=16, model=hf, tokenizer=tok
         )
@@ -222,6 +213,17 @@ def main(argv=None) -> int:
         print(f"online head after warm-up: {online}", flush=True)
         for s in servers.values():
             s.wait_ready()
+        # Adaptive K up to the largest fixed K: judged against the best of K = 0 and every fixed K.
+        # Built last: its startup cost calibration must not time the servers loading or the
+        # online warm-up's trainer (a server calibrates on its own machine before it serves).
+        adaptive_engine = Engine(
+            num_speculative_steps=max(ks),
+            draft_model_path=args.head,
+            max_running_requests=16,
+            model=hf,
+            tokenizer=tok,
+            adaptive=True,
+        )
 
         systems = [
             (("hf_generate", 0, 1), lambda: run_hf(hf, tok, prompts, max_new)),

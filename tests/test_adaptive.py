@@ -77,14 +77,22 @@ def test_acceptance_window_forgets_old_steps_and_keeps_a_light_prior_on_a_new_ve
 
 
 def test_step_costs_follow_measurements_and_the_machine_load():
-    costs = StepCosts({(1, 0): 1.0, (1, 1): 2.0, (4, 0): 3.0, (4, 1): 5.0}, ema=0.5)
+    costs = StepCosts({(1, 0): 1.0, (1, 1): 2.0, (4, 0): 3.0, (4, 1): 5.0}, prior_weight=2)
     assert bucket_of(1, costs.buckets) == 1 and bucket_of(3, costs.buckets) == 4 and bucket_of(9, costs.buckets) == 4
     assert costs.cost(2, 1) == 5.0
-    costs.observe(1, 0, 2.0)  # ratio 2 for (1, 0): the entry and the global ratio move
-    assert costs.cost(1, 0) == pytest.approx(1.5) and costs.global_ratio == pytest.approx(1.5)
-    assert costs.cost(1, 1) == pytest.approx(3.0)  # not measured: scaled by the global load
-    costs.observe(1, 0, 100.0)  # an outlier moves the estimate by at most a factor of two
-    assert costs.cost(1, 0) == pytest.approx(1.5 + 0.5 * (3.0 - 1.5))
+    costs.observe(1, 0, 100.0)  # one disturbed step: the entry keeps its two prior samples' value
+    assert costs.global_ratio == 100.0 and costs.cost(1, 0) == 100.0  # ...which is the global ratio (1 sample)
+    for _ in range(4):
+        costs.observe(1, 0, 2.0)  # a machine twice as slow as calibrated, consistently
+    assert costs.global_ratio == 2.0 and costs.cost(1, 0) == 2.0
+    assert costs.cost(1, 1) == 4.0  # not measured: scaled by the global load
+    costs.observe(1, 1, 20.0)  # one outlier on an entry: the median of [20, 2, 2] ignores it
+    assert costs.cost(1, 1) == 4.0
+    for _ in range(5):
+        costs.observe(1, 1, 3.0)  # consistent samples outvote the outlier and the two prior ones
+    assert costs.cost(1, 1) == 3.0
+    costs.steps += costs.fresh_steps  # stale samples give way to the global ratio again
+    assert costs.cost(1, 1) == 2.0 * costs.global_ratio
 
 
 def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0):

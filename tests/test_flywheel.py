@@ -217,6 +217,25 @@ def test_a_suspect_version_is_judged_on_the_same_traffic(
         assert torch.equal(p, expected[name]), name
 
 
+def test_a_new_version_is_compared_with_more_than_the_confirmed_versions_last_window(
+    closing, tiny_model, ref_tokenizer, tiny_head_dir
+):
+    """The confirmed version drafted well for many steps, then a low tail (the last tokens of a
+    few requests). A useless new version must not pass the margin against that tail alone."""
+    eng, store, _, fw = _setup(closing, tiny_model, ref_tokenizer, tiny_head_dir, window=16, margin=0.25)
+    v1_state = {k: v.clone() for k, v in eng.head.serving_state().items()}
+    store.publish(v1_state)
+    fw.before_step(eng)
+    _serve(fw, eng, 96, 3)
+    _serve(fw, eng, 16, 0)  # the tail: one window at tau 1
+    assert fw.confirmed_version == 1
+    store.publish({k: (v * 0.5 if v.is_floating_point() else v) for k, v in v1_state.items()})
+    fw.before_step(eng)
+    assert eng.draft_version == 2
+    _serve(fw, eng, 16, 0)  # as poor as the tail, far below version 1's record
+    assert fw.probes == 1 and eng.draft_version == 1 and fw.confirmed_version == 1
+
+
 def test_unread_full_ring_never_blocks_and_counts_drops(closing, tiny_model, ref_tokenizer, reference):
     eng, store, ring, fw = _setup(closing, tiny_model, ref_tokenizer, ring_capacity=16)
     reader = SignalRing.attach(ring.spec())  # a trainer that attached, then stalled

@@ -6,8 +6,8 @@ Expected committed tokens per request at k drafts (a chain verify accepts a pref
 alpha_i = P(draft i accepted | drafts 1..i-1 accepted), estimated from the live outcomes of the
 served head over a window of recent request-steps (Beta(1, 1) prior: 0.5 where nothing is known).
 A step of k drafts at batch b costs cost(b, k) seconds: calibrated once at startup with the real
-forwards, then scaled by the measured/calibrated ratio of recent steps (a loaded machine, a long
-context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
+forwards, then scaled by the median measured/calibrated ratio of recent steps (a loaded machine, a
+long context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
 poor or the verify width is dear.
 
 Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
@@ -94,45 +94,57 @@ def bucket_of(batch: int, buckets: list[int]) -> int:
 
 
 class StepCosts:
-    """Seconds per decode step at (batch bucket, k): the startup calibration times the ratio of
-    measured to calibrated of recent steps -- per entry when that entry ran lately, else over all
-    steps (so entries not chosen for a while follow the machine's load too)."""
+    """Seconds per decode step at (batch bucket, k): the startup calibration times a ratio of
+    measured to calibrated time. Per entry, the ratio is the median of its recent samples together
+    with `prior_weight` pseudo-samples of the global ratio (the median over every recent step), so
+    one disturbed step cannot move an entry, a few consistent ones do, and an entry not chosen for
+    a while follows the machine's load through the global ratio. Medians, not averages: a step's
+    time on a shared machine has a long right tail (the trainer, the collector)."""
 
-    def __init__(self, calibrated: dict[tuple[int, int], float], ema: float = 0.1, fresh_steps: int = 256):
+    def __init__(
+        self,
+        calibrated: dict[tuple[int, int], float],
+        samples: int = 9,
+        prior_weight: int = 2,
+        fresh_steps: int = 256,
+        global_window: int = 64,
+    ):
         self.calibrated = calibrated
         self.buckets = sorted({b for b, _ in calibrated})
-        self.ema = ema
+        self.prior_weight = prior_weight
         self.fresh_steps = fresh_steps
-        self.ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (bucket, k) -> (ratio EMA, step seen)
+        self.samples: dict[tuple[int, int], deque] = {key: deque(maxlen=samples) for key in calibrated}
+        self.recent: deque[float] = deque(maxlen=global_window)
         self.global_ratio = 1.0
         self.steps = 0
 
+    def ratio(self, key: tuple[int, int]) -> float:
+        fresh = [r for r, step in self.samples[key] if self.steps - step < self.fresh_steps]
+        return _median(fresh + [self.global_ratio] * self.prior_weight)
+
     def cost(self, batch: int, k: int) -> float:
         key = (bucket_of(batch, self.buckets), k)
-        seen = self.ratio.get(key)
-        ratio = seen[0] if seen is not None and self.steps - seen[1] <= self.fresh_steps else self.global_ratio
-        return self.calibrated[key] * ratio
+        return self.calibrated[key] * self.ratio(key)
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
         key = (bucket_of(batch, self.buckets), k)
         r = seconds / self.calibrated[key]
         self.steps += 1
-        old = self.ratio.get(key)
-        if old is None or self.steps - old[1] > self.fresh_steps:
-            base = self.global_ratio
-        else:
-            base = old[0]
-        # One step's time is noisy (the trainer, the collector): a sample moves an estimate by at
-        # most a factor of two, so one outlier cannot make a K look dear for long.
-        r = min(max(r, base / 2), base * 2)
-        self.ratio[key] = (base + self.ema * (r - base), self.steps)
-        self.global_ratio += self.ema * (r - self.global_ratio)
+        self.samples[key].append((r, self.steps))
+        self.recent.append(r)
+        self.global_ratio = _median(list(self.recent))
 
     def table(self) -> dict:
         return {
             "global_ratio": round(self.global_ratio, 4),
             "ms": {f"b{b}_k{k}": round(self.cost(b, k) * 1e3, 3) for b, k in sorted(self.calibrated)},
         }
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 class AdaptiveK:

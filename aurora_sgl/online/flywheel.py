@@ -8,7 +8,8 @@ weights are copied into the existing storage (CUDA graphs captured those pointer
 Whatever the trainer publishes -- late, NaN, random -- outputs stay exact, because verification
 decides every token. What a bad version can cost is speed, which the rollback bounds: when a new
 version's live accept length over its first `window` drafting steps falls below the last confirmed
-version's by more than `margin`, the confirmed weights come back and the trainer is told.
+version's (over its last `baseline` steps) by more than `margin`, the confirmed weights come back
+and the trainer is told.
 
 The two figures must come from the same traffic: after a shift (code, then math) every version
 looks worse than the one measured before it, and blaming the new weights would throw away exactly
@@ -39,7 +40,14 @@ SWAP_RETRIES = 3
 
 class Flywheel:
     def __init__(
-        self, engine: Engine, ring: SignalRing | None, store: WeightStore, *, window: int = 64, margin: float = 0.25
+        self,
+        engine: Engine,
+        ring: SignalRing | None,
+        store: WeightStore,
+        *,
+        window: int = 64,
+        margin: float = 0.25,
+        baseline: int | None = None,
     ):
         self.engine = engine
         self.ring = ring
@@ -58,7 +66,12 @@ class Flywheel:
         self.confirmed_version = engine.draft_version
         self.window = window
         self.margin = margin
-        self._taus: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+        # A new version is judged after `window` drafting steps, against the confirmed version's
+        # last `baseline` (default 8 windows): a baseline of one window is the tail of a few
+        # requests (at batch 8, eight steps of the same eight), and a low tail once let a random
+        # head through the margin.
+        baseline = max(window, baseline if baseline is not None else 8 * window)
+        self._taus: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=baseline))
         self.swaps = 0
         self.rollbacks = 0
         self.probes = 0
@@ -158,6 +171,14 @@ class Flywheel:
             self._probe_stale = {r.id for r in self.engine.running}
             self._restore_confirmed()
             return
+        log.info(
+            "draft version %d confirmed (live tau %.3f over %d steps; version %d: %s)",
+            current,
+            new,
+            len(taus),
+            self.confirmed_version,
+            "unmeasured" if old is None else f"{old:.3f}",
+        )
         self._confirm_current()
 
     def _judge_probe(self) -> None:
