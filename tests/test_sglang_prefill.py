@@ -320,6 +320,9 @@ def test_drain_work_is_per_field_not_per_request(monkeypatch):
                 n = int(step.accept_lens[i])
                 assert g.num_accepted == n - 1 and g.position == 100 + i
                 assert torch.equal(g.next_tokens, pred[i, :n])
+                reached = pred[i, : min(n, K)].tolist()
+                assert g.target_tokens.tolist() == reached + [-1] * (K - len(reached))
+                assert g.outcome.tolist() == ([1] * (n - 1) + [0] + [-1] * K)[:K]
                 assert torch.equal(g.aux_hidden, step.aux_hidden.view(bs, K + 1, A)[i, :n])
                 assert torch.equal(g.final_hidden, step.final_hidden.view(bs, K + 1, H)[i, :n])
 

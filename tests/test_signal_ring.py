@@ -385,6 +385,11 @@ def test_a_reader_never_sees_a_half_written_batch(ring, monkeypatch):
     def copy_then_read(dst, src):
         real(dst, src)
         if not seen:
+            # mid-batch: the slots are claimed (seq_begin), not published (seq_end, write_seq)
+            meta = writer._meta[:3]
+            assert meta[:, signal_ring._M_SEQ_BEGIN].tolist() == [cap, cap + 1, cap + 2]
+            assert meta[:, signal_ring._M_SEQ_END].tolist() == [0, 1, 2]
+            assert reader.stats()["written"] == cap
             seen.append(reader.read(100))
 
     monkeypatch.setattr(signal_ring, "_copy_into", copy_then_read)
