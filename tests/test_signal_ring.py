@@ -200,7 +200,8 @@ def _concurrent_reader(spec, ready, done, results):
 PERIOD = 251  # record contents repeat with this period; a ring of 16 never holds two alike
 
 
-def test_concurrent_reader_in_another_process_sees_only_whole_records():
+@pytest.mark.parametrize("per_call", [3, 13])  # batched writes; 13 in a ring of 16 wraps almost every call
+def test_concurrent_reader_in_another_process_sees_only_whole_records(per_call):
     aux_dim = 1024  # wide rows: copies take long enough for the writer to lap them
     writer = SignalRing.create("test_ring", 16, T, aux_dim, H, K)
     ctx = mp.get_context("spawn")
@@ -212,8 +213,8 @@ def test_concurrent_reader_in_another_process_sees_only_whole_records():
         assert ready.wait(60)
         n, stop = 0, time.perf_counter() + 1.5
         while time.perf_counter() < stop:
-            writer.write_many([records[(n + j) % PERIOD] for j in range(3)])
-            n += 3
+            writer.write_many([records[(n + j) % PERIOD] for j in range(per_call)])
+            n += per_call
         done.set()
         seqs, bad, stats = results.get(timeout=60)
         proc.join(30)
