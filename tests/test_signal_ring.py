@@ -446,3 +446,54 @@ def test_per_step_write_work_is_per_field_not_per_record(monkeypatch, wrap):
         assert len(copies) == 48 * fields
     finally:
         writer.close()
+
+
+def _engine_records(n: int, seed: int) -> list[StepRecord]:
+    """Records the way the engine emits them: views into its [n, K+1, ...] batch tensors, and one
+    shared tensor for every record's constant field."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, nxt = torch.randint(0, 100, (n, K + 1), generator=g), torch.randint(0, 100, (n, K + 1), generator=g)
+    aux, final = torch.randn(n, K + 1, A, generator=g), torch.randn(n, K + 1, H, generator=g)
+    drafts = torch.randint(0, 100, (n, K), generator=g)
+    outcome = torch.randint(-1, 2, (n, K), generator=g).to(torch.int8)
+    none = torch.full((K,), -1)
+    acc = torch.randint(0, K + 1, (n,), generator=g).tolist()
+    return [
+        StepRecord(
+            request_id=f"engine-{seed}-{i}",
+            position=i,
+            draft_tokens=drafts[i],
+            target_tokens=none,
+            outcome=outcome[i],
+            num_accepted=a,
+            committed=[],
+            input_tokens=tokens[i, : a + 1],
+            next_tokens=nxt[i, : a + 1],
+            aux_hidden=aux[i, : a + 1],
+            final_hidden=final[i, : a + 1],
+            draft_version=seed,
+        )
+        for i, a in enumerate(acc)
+    ]
+
+
+def test_engine_views_are_written_without_a_gather(monkeypatch):
+    """Per-request views of one batch tensor are stacked as a strided view of it (no copy); what
+    reaches the ring equals the per-record path's."""
+    recs = _engine_records(48, seed=3)
+    batch = stack_records(recs, T)
+    assert batch.aux_hidden.data_ptr() == recs[0].aux_hidden.data_ptr() and batch.aux_hidden.shape == (48, T, A)
+    assert batch.target_tokens.stride(0) == 0  # one shared tensor: a stride-0 view
+    assert _non_view_ops(lambda: stack_records(recs, T)) == 0
+    rings = _rings(2, 32)
+    (each, each_r), (batched, batched_r) = rings
+    try:
+        for w in (each, batched):
+            w.write_many(_engine_records(20, seed=1))  # the 48 wrap and lap the ring
+        each._write_each(recs)
+        batched.write_many(recs)
+        assert np.array_equal(each._meta, batched._meta) and each.stats() == batched.stats()
+        _same_read(each_r.read(100), batched_r.read(100))
+        assert each.stats() == batched.stats()
+    finally:
+        _close(rings)

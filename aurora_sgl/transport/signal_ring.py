@@ -188,20 +188,62 @@ class RecordBatch:
         return out
 
 
+def _rows_of_one_tensor(parts: list[torch.Tensor], r: int | None) -> torch.Tensor | None:
+    """[n, *shape] (rows cut to r) as a strided view, no copy, when the parts are evenly spaced
+    views of one tensor with equal strides -- the engine's per-request views of its batch tensors
+    (`out.aux_hidden[i, :a + 1]`), or one shared tensor (spacing 0). A row past a part's own is
+    whatever the base holds there (padding, never read); the view stays inside the base's storage.
+    None when the parts are laid out otherwise."""
+    p0, n = parts[0], len(parts)
+    if n < 2 or p0.dim() == 0:
+        return None
+    ptr, item = p0.data_ptr(), p0.element_size()
+    step_bytes = parts[1].data_ptr() - ptr
+    if step_bytes < 0 or step_bytes % item:
+        return None
+    strides, tail = p0.stride(), tuple(p0.shape[1:])
+    for i, p in enumerate(parts):
+        if p.data_ptr() != ptr + i * step_bytes or p.stride() != strides or tuple(p.shape[1:]) != tail:
+            return None
+        if p.dtype != p0.dtype or p.device != p0.device:
+            return None
+    rows = p0.shape[0] if r is None else r
+    storage = p0.untyped_storage()
+    if parts[-1].untyped_storage().data_ptr() != storage.data_ptr():
+        return None
+    shape = (n, rows, *tail)
+    stride = (step_bytes // item, *strides)
+    last = (ptr - storage.data_ptr()) // item + sum((d - 1) * st for d, st in zip(shape, stride))
+    if (last + 1) * item > storage.nbytes():
+        return None
+    return p0.as_strided(shape, stride, p0.storage_offset())
+
+
 def stack_records(records: Sequence[StepRecord], max_rows: int | None = None) -> RecordBatch:
-    """`StepRecord`s (tensors on one device) as a `RecordBatch` with one gather per field: the
-    fixed-width fields stacked; the row fields stacked when every record has the same row count,
-    else concatenated and scattered into a zero-padded [n, R, ...] (one index copy). Rows past
-    `max_rows` (the ring's max_tokens) are left out, as the ring truncates them."""
+    """`StepRecord`s (tensors on one device) as a `RecordBatch`, at most one gather per field: a
+    field whose per-record tensors are evenly spaced views of one tensor (the engine's records) is
+    a strided view of it, no copy; otherwise the fixed-width fields are stacked and the row fields
+    stacked when every record has the same row count, else concatenated and scattered into a
+    zero-padded [n, R, ...] (one index copy). Rows past `max_rows` (the ring's max_tokens) are
+    left out, as the ring truncates them."""
     n = len(records)
     acc = [r.num_accepted for r in records]
     rows = [a + 1 if max_rows is None else min(a + 1, max_rows) for a in acc]
     r_max = max(rows)
-    out = {name: torch.stack([getattr(r, name) for r in records]) for name in _FIXED_FIELDS}
+    out = {}
+    for name in _FIXED_FIELDS:
+        parts = [getattr(r, name) for r in records]
+        view = _rows_of_one_tensor(parts, None)
+        out[name] = view if view is not None else torch.stack(parts)
     uniform = all(x == r_max for x in rows)
     dst = None
     for name in _ROW_FIELDS:
-        parts = [getattr(r, name)[:x] for r, x in zip(records, rows)]
+        whole = [getattr(r, name) for r in records]
+        view = _rows_of_one_tensor(whole, r_max)
+        if view is not None:
+            out[name] = view
+            continue
+        parts = [t[:x] for t, x in zip(whole, rows)]
         if uniform:
             out[name] = torch.stack(parts)
             continue
@@ -417,12 +459,18 @@ class SignalRing(SharedSegment):
         if truncated:
             self._header[_H_TRUNCATED] += truncated
         r_w = min(b.input_tokens.shape[1], self.max_tokens)  # rows copied per slot, padding included
+        whole = len(runs) == 1
         for name in _FIXED_FIELDS + _ROW_FIELDS:
             src, dst = getattr(b, name), self._f[name]
-            if name in _ROW_FIELDS:
-                src, dst = src[:, :r_w], dst[:, :r_w]
+            if name in _ROW_FIELDS and r_w != self.max_tokens:
+                dst = dst[:, :r_w]
+            if name in _ROW_FIELDS and src.shape[1] != r_w:
+                src = src[:, :r_w]
             if src.device != self.device:
                 src = src.to(self.device)  # the one device<->host copy of this field
+            if whole:
+                _copy_into(dst[first : first + m], src)
+                continue
             for at, off, length in runs:
                 _copy_into(dst[at : at + length], src[off : off + length])
         if self._event is not None:
