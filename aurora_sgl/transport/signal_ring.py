@@ -201,12 +201,13 @@ def _rows_of_one_tensor(parts: list[torch.Tensor], r: int | None) -> torch.Tenso
     step_bytes = parts[1].data_ptr() - ptr
     if step_bytes < 0 or step_bytes % item:
         return None
-    strides, tail = p0.stride(), tuple(p0.shape[1:])
-    for i, p in enumerate(parts):
-        if p.data_ptr() != ptr + i * step_bytes or p.stride() != strides or tuple(p.shape[1:]) != tail:
-            return None
-        if p.dtype != p0.dtype or p.device != p0.device:
-            return None
+    if [p.data_ptr() for p in parts] != [ptr + i * step_bytes for i in range(n)]:
+        return None
+    strides, tail = p0.stride(), p0.shape[1:]
+    if any(p.stride() != strides for p in parts) or any(p.dtype != p0.dtype for p in parts):
+        return None
+    if tail and any(p.shape[1:] != tail for p in parts):
+        return None
     rows = p0.shape[0] if r is None else r
     storage = p0.untyped_storage()
     if parts[-1].untyped_storage().data_ptr() != storage.data_ptr():
@@ -381,6 +382,9 @@ class SignalRing(SharedSegment):
             self._check(r)
         n = len(records)
         if n == 0:
+            return
+        if n == 1:  # nothing to batch: the per-record path has less fixed cost
+            self._write_each(records)
             return
         kept = min(n, self.capacity)  # the older ones are never stacked: they get no slot
         self._write_batch(stack_records(records[n - kept :], self.max_tokens), skipped=n - kept)
