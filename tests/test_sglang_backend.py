@@ -205,6 +205,8 @@ def test_capture_hook_writes_exactly_the_accepted_rows(topk):
         k = worker.speculative_num_steps
         want = [1] * e["accepted"] + ([0] if e["accepted"] < k else [])
         assert r.outcome.tolist() == want + [-1] * (k - len(want))
+        reached = e["next"][:k].tolist()  # the target's token at each draft position it verified
+        assert r.target_tokens.tolist() == reached + [-1] * (k - len(reached))
 
 
 # ---- the real EAGLE-3 draft module on CPU -----------------------------------------------------------

@@ -250,3 +250,103 @@ def test_prefill_staging_keeps_the_trailing_rows_when_full():
     # y keeps its last 2 rows (absolute positions 24, 25), the ones next to its decode records
     assert [r.position for r in y] == [24] and y[0].input_tokens.tolist() == [8, 9]
     assert torch.equal(y[0].aux_hidden, aux[8:10])
+
+
+def _non_view_ops(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def _verify_step(bs: int, seed: int):
+    from aurora_sgl.sglang_backend.capture import VerifyStep
+
+    g = torch.Generator().manual_seed(seed)
+    d = s = K + 1
+    accept_lens = torch.randint(1, s + 1, (bs,), generator=g)
+    accept_index = torch.where(
+        torch.arange(s) < accept_lens.unsqueeze(1), torch.arange(bs).unsqueeze(1) * d + torch.arange(s), -1
+    )
+    return VerifyStep(
+        request_ids=[f"r{i}" for i in range(bs)],
+        positions=list(range(100, 100 + bs)),
+        root_tokens=torch.randint(0, 100, (bs,), generator=g),
+        draft_tokens=torch.randint(0, 100, (bs * d,), generator=g),
+        predict=torch.randint(0, 100, (bs * d,), generator=g),
+        accept_lens=accept_lens,
+        accept_index=accept_index,
+        aux_hidden=torch.randn(bs * d, A, generator=g),
+        final_hidden=torch.randn(bs * d, H, generator=g),
+        topk=1,
+        seq_lens=torch.arange(100, 100 + bs),
+    )
+
+
+def test_drain_work_is_per_field_not_per_request(monkeypatch):
+    """Draining a verify slot of 48 requests (and a prefill slot of 48 prompts) runs the same tensor
+    operations as one of 8, and one slot copy per field into the ring; the rows are the staged ones."""
+    from aurora_sgl.sglang_backend.capture import drain_in_order
+    from aurora_sgl.sglang_backend.prefill import PrefillStep
+    from aurora_sgl.transport import signal_ring
+
+    copies = []
+    real = signal_ring._copy_into
+    monkeypatch.setattr(signal_ring, "_copy_into", lambda d, s: (copies.append(1), real(d, s)))
+    ring = SignalRing.create("test_sgl_count", 512, K + 1, A, H, K)
+    reader = SignalRing.attach(ring.spec())
+    try:
+        verify_ops, prefill_ops = {}, {}
+        for bs in (8, 48):
+            staging = CaptureStaging(64, K, A, H)
+            step = _verify_step(bs, seed=bs)
+            assert staging.capture(step)
+            copies.clear()
+            verify_ops[bs] = _non_view_ops(lambda st=staging: drain_in_order([st], ring))
+            assert len(copies) == 7
+            got = reader.read(1000)
+            assert [g.request_id for g in got] == step.request_ids
+            pred = step.predict.view(bs, K + 1)
+            for i, g in enumerate(got):
+                n = int(step.accept_lens[i])
+                assert g.num_accepted == n - 1 and g.position == 100 + i
+                assert torch.equal(g.next_tokens, pred[i, :n])
+                reached = pred[i, : min(n, K)].tolist()
+                assert g.target_tokens.tolist() == reached + [-1] * (K - len(reached))
+                assert g.outcome.tolist() == ([1] * (n - 1) + [0] + [-1] * K)[:K]
+                assert torch.equal(g.aux_hidden, step.aux_hidden.view(bs, K + 1, A)[i, :n])
+                assert torch.equal(g.final_hidden, step.final_hidden.view(bs, K + 1, H)[i, :n])
+
+            prefill = PrefillStaging(4096, K, A, H)
+            lengths = [1 + (7 * i) % 11 for i in range(bs)]  # 1..11 rows: 1 to 3 pieces of K+1 rows
+            total = sum(lengths)
+            ids = torch.arange(total)
+            aux, final = torch.randn(total, A), torch.randn(total, H)
+            starts = [10 * i for i in range(bs)]
+            assert prefill.capture(PrefillStep([f"p{i}" for i in range(bs)], starts, lengths, ids, ids + 1, aux, final))
+            copies.clear()
+            prefill_ops[bs] = _non_view_ops(lambda st=prefill: drain_in_order([st], ring))
+            assert len(copies) == 7
+            got = reader.read(1000)
+            at = 0
+            for i, n in enumerate(lengths):
+                mine = [g for g in got if g.request_id == f"p{i}"]
+                assert [g.position for g in mine] == list(range(starts[i], starts[i] + n, K + 1))
+                assert torch.cat([g.input_tokens for g in mine]).tolist() == list(range(at, at + n))
+                assert torch.equal(torch.cat([g.aux_hidden for g in mine]), aux[at : at + n])
+                assert all((g.draft_tokens == -1).all() and (g.outcome == -1).all() for g in mine)
+                at += n
+        assert verify_ops[48] == verify_ops[8] <= 24  # 7 slot copies + the masks
+        assert prefill_ops[48] == prefill_ops[8] <= 24  # 7 slot copies + 4 gathers
+    finally:
+        reader.close()
+        ring.close()

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from aurora_sgl.records import StepRecord
+from aurora_sgl.transport import signal_ring
 from aurora_sgl.transport.segments import SHM_DIR
-from aurora_sgl.transport.signal_ring import SignalRing, request_hash
+from aurora_sgl.transport.signal_ring import SignalRing, request_hash, stack_records
 
 K, T, A, H = 3, 4, 12, 4
 
@@ -198,7 +200,8 @@ def _concurrent_reader(spec, ready, done, results):
 PERIOD = 251  # record contents repeat with this period; a ring of 16 never holds two alike
 
 
-def test_concurrent_reader_in_another_process_sees_only_whole_records():
+@pytest.mark.parametrize("per_call", [3, 13])  # batched writes; 13 in a ring of 16 wraps almost every call
+def test_concurrent_reader_in_another_process_sees_only_whole_records(per_call):
     aux_dim = 1024  # wide rows: copies take long enough for the writer to lap them
     writer = SignalRing.create("test_ring", 16, T, aux_dim, H, K)
     ctx = mp.get_context("spawn")
@@ -210,8 +213,8 @@ def test_concurrent_reader_in_another_process_sees_only_whole_records():
         assert ready.wait(60)
         n, stop = 0, time.perf_counter() + 1.5
         while time.perf_counter() < stop:
-            writer.write_many([records[(n + j) % PERIOD] for j in range(3)])
-            n += 3
+            writer.write_many([records[(n + j) % PERIOD] for j in range(per_call)])
+            n += per_call
         done.set()
         seqs, bad, stats = results.get(timeout=60)
         proc.join(30)
@@ -277,3 +280,220 @@ def test_cuda_ring_roundtrip_across_processes():
     assert [s for s, _, _ in got] == list(range(5))
     for (_, aux, toks), r in zip(got, records):
         assert torch.equal(aux, r.aux_hidden) and torch.equal(toks, r.input_tokens)
+
+
+# ---- batched writes (issue 13 item 7) ---------------------------------------------------------------
+def _rings(count: int, cap: int, max_tokens: int = T):
+    """`count` rings of the same spec, each with its reader."""
+    rings = []
+    for _ in range(count):
+        w = SignalRing.create("test_ring", cap, max_tokens, A, H, K)
+        rings.append((w, SignalRing.attach(w.spec())))
+    return rings
+
+
+def _close(rings):
+    for w, r in rings:
+        r.close()
+        w.close()
+
+
+def _same_read(a, b):
+    assert [g.seq for g in a] == [g.seq for g in b]
+    for x, y in zip(a, b):
+        assert (x.request_id, x.request_hash, x.position, x.num_accepted, x.draft_version) == (
+            y.request_id,
+            y.request_hash,
+            y.position,
+            y.num_accepted,
+            y.draft_version,
+        )
+        for name in ("draft_tokens", "target_tokens", "outcome", "input_tokens", "next_tokens", "aux_hidden"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert u.dtype == v.dtype and u.shape == v.shape and u.numpy().tobytes() == v.numpy().tobytes(), name
+        assert x.final_hidden.numpy().tobytes() == y.final_hidden.numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    "before, n, cap, max_tokens",
+    [
+        (0, 6, 8, T),  # fits, no wrap
+        (5, 6, 8, T),  # wraps past the ring's end: two runs
+        (3, 8, 8, T),  # exactly a full ring, wrapping
+        (3, 21, 8, T),  # more than the ring holds: the oldest get seqs but no slot (drops)
+        (2, 7, 8, 2),  # rows truncated to max_tokens, wrapping
+        (2, 9, 8, 2),  # truncated, and more than the ring holds
+    ],
+)
+def test_batched_write_reads_back_equal_to_single_writes(before, n, cap, max_tokens):
+    """One batch of n == n single-record writes == the per-record path given the whole batch:
+    same meta words, same payload bytes read back, same order, same drops."""
+    rings = _rings(3, cap, max_tokens)
+    (single, single_r), (each, each_r), (batched, batched_r) = rings
+    try:
+        first = [_record(s) for s in range(before)]
+        recs = [_record(s) for s in range(before, before + n)]
+        for w, _ in rings:
+            w.write_many(first)
+        for r in recs:
+            single._write_each([r])  # the per-record path, one record per call
+        each._write_each(recs)  # the per-record path, the whole batch in one call
+        batched.write_many(recs)
+        # the meta words (seq_begin/end, hash, position, rows, version, id) are identical
+        assert np.array_equal(single._meta, batched._meta) and np.array_equal(each._meta, batched._meta)
+        assert each.stats() == batched.stats()
+        reads = [r.read(1000) for _, r in rings]
+        assert len(reads[2]) == min(cap, before + n)
+        _same_read(reads[0], reads[2])
+        _same_read(reads[1], reads[2])
+        for g in reads[2]:
+            _assert_same(g, (first + recs)[g.seq], g.seq, max_tokens)
+        assert each.stats() == batched.stats()  # the readers counted the same drops
+        assert batched.stats()["drops"] == max(0, before + n - cap)
+        s1, s2 = single.stats(), batched.stats()
+        assert (s1["written"], s1["drops"]) == (s2["written"], s2["drops"])
+        if n <= cap:  # single calls give every record a slot (and a truncation) for a moment
+            assert s1 == s2
+    finally:
+        _close(rings)
+
+
+def test_write_batch_of_stacked_fields_equals_write_many():
+    """A prebuilt RecordBatch (padded, what the SGLang drain passes) writes the same as records."""
+    (w1, r1), (w2, r2) = rings = _rings(2, 8)
+    try:
+        recs = [_record(s) for s in range(13)]
+        w1.write_many(recs)
+        batch = stack_records(recs)
+        assert batch.input_tokens.shape == (13, K + 1) and batch.aux_hidden.shape == (13, K + 1, A)
+        w2.write_batch(batch)
+        assert np.array_equal(w1._meta, w2._meta) and w1.stats() == w2.stats()
+        _same_read(r1.read(100), r2.read(100))
+        assert w1.stats() == w2.stats()
+    finally:
+        _close(rings)
+
+
+def test_a_reader_never_sees_a_half_written_batch(ring, monkeypatch):
+    """Claim, copy, publish: a read between two payload copies of a batch sees none of the batch,
+    and the slots it overwrites are already invalid (drops), never a mix of old and new."""
+    writer, reader = ring
+    cap = writer.capacity
+    writer.write_many([_record(s) for s in range(cap)])
+    seen = []
+    real = signal_ring._copy_into
+
+    def copy_then_read(dst, src):
+        real(dst, src)
+        if not seen:
+            # mid-batch: the slots are claimed (seq_begin), not published (seq_end, write_seq)
+            meta = writer._meta[:3]
+            assert meta[:, signal_ring._M_SEQ_BEGIN].tolist() == [cap, cap + 1, cap + 2]
+            assert meta[:, signal_ring._M_SEQ_END].tolist() == [0, 1, 2]
+            assert reader.stats()["written"] == cap
+            seen.append(reader.read(100))
+
+    monkeypatch.setattr(signal_ring, "_copy_into", copy_then_read)
+    writer.write_many([_record(s) for s in range(cap, cap + 3)])  # overwrites slots 0..2
+    assert [g.seq for g in seen[0]] == list(range(3, cap))  # old 0..2 claimed: dropped; new: unpublished
+    for g in seen[0]:
+        _assert_same(g, _record(g.seq), g.seq)
+    assert writer.stats()["drops"] == 3
+    got = reader.read(100)
+    assert [g.seq for g in got] == [cap, cap + 1, cap + 2]
+    for g in got:
+        _assert_same(g, _record(g.seq), g.seq)
+
+
+def _non_view_ops(fn) -> int:
+    """aten operations other than views (each a kernel launch or copy on a device) run by fn()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_per_step_write_work_is_per_field_not_per_record(monkeypatch, wrap):
+    """Batch 48 costs what batch 8 costs: at most two slot copies per field (seven fields), and the
+    same number of tensor operations (gathers, copies) whatever n is."""
+    cap, fields = 64, 7
+    writer = SignalRing.create("test_ring", cap, T, A, H, K)
+    copies = []
+    real = signal_ring._copy_into
+    monkeypatch.setattr(signal_ring, "_copy_into", lambda d, s: (copies.append(1), real(d, s)))
+    try:
+        ops = {}
+        for n in (8, 48):
+            if wrap:  # start the batch 5 slots before the ring's end
+                writer.write_many([_record(s) for s in range((-writer.stats()["written"] - 5) % cap)])
+            recs = [_record(s) for s in range(n)]
+            copies.clear()
+            ops[n] = _non_view_ops(lambda recs=recs: writer.write_many(recs))
+            assert len(copies) == fields * (2 if wrap else 1), n
+        assert ops[48] == ops[8] <= 6 * fields
+        copies.clear()
+        writer._write_each([_record(s) for s in range(48)])  # the per-record path it replaced
+        assert len(copies) == 48 * fields
+    finally:
+        writer.close()
+
+
+def _engine_records(n: int, seed: int) -> list[StepRecord]:
+    """Records the way the engine emits them: views into its [n, K+1, ...] batch tensors, and one
+    shared tensor for every record's constant field."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, nxt = torch.randint(0, 100, (n, K + 1), generator=g), torch.randint(0, 100, (n, K + 1), generator=g)
+    aux, final = torch.randn(n, K + 1, A, generator=g), torch.randn(n, K + 1, H, generator=g)
+    drafts = torch.randint(0, 100, (n, K), generator=g)
+    outcome = torch.randint(-1, 2, (n, K), generator=g).to(torch.int8)
+    none = torch.full((K,), -1)
+    acc = torch.randint(0, K + 1, (n,), generator=g).tolist()
+    return [
+        StepRecord(
+            request_id=f"engine-{seed}-{i}",
+            position=i,
+            draft_tokens=drafts[i],
+            target_tokens=none,
+            outcome=outcome[i],
+            num_accepted=a,
+            committed=[],
+            input_tokens=tokens[i, : a + 1],
+            next_tokens=nxt[i, : a + 1],
+            aux_hidden=aux[i, : a + 1],
+            final_hidden=final[i, : a + 1],
+            draft_version=seed,
+        )
+        for i, a in enumerate(acc)
+    ]
+
+
+def test_engine_views_are_written_without_a_gather(monkeypatch):
+    """Per-request views of one batch tensor are stacked as a strided view of it (no copy); what
+    reaches the ring equals the per-record path's."""
+    recs = _engine_records(48, seed=3)
+    batch = stack_records(recs, T)
+    assert batch.aux_hidden.data_ptr() == recs[0].aux_hidden.data_ptr() and batch.aux_hidden.shape == (48, T, A)
+    assert batch.target_tokens.stride(0) == 0  # one shared tensor: a stride-0 view
+    assert _non_view_ops(lambda: stack_records(recs, T)) == 0
+    rings = _rings(2, 32)
+    (each, each_r), (batched, batched_r) = rings
+    try:
+        for w in (each, batched):
+            w.write_many(_engine_records(20, seed=1))  # the 48 wrap and lap the ring
+        each._write_each(recs)
+        batched.write_many(recs)
+        assert np.array_equal(each._meta, batched._meta) and each.stats() == batched.stats()
+        _same_read(each_r.read(100), batched_r.read(100))
+        assert each.stats() == batched.stats()
+    finally:
+        _close(rings)

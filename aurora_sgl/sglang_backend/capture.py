@@ -9,7 +9,8 @@ pinned host memory), and host metadata SGLang already has on the CPU (request id
 Copying S rows per request whatever was accepted keeps every size known on the host.
 
 `drain()` runs at the next scheduler iteration: a slot whose event has completed becomes one
-`StepRecord` per request, rows [0, accept_len), written into the `SignalRing` on a side stream.
+`RecordBatch` (one tensor per field for all its requests, rows [0, accept_len) of each meaningful)
+written into consecutive `SignalRing` slots on a side stream with one copy per field.
 Why a staging ring in front of the signal ring: the signal ring needs the row count of every record
 on the host (its meta words, truncation), and that is a device value during verify. Why not drain
 inside the step: the accept lengths reach the host only after the step. Both costs are one
@@ -35,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aurora_sgl.records import StepRecord, chain_outcome
+from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord
+from aurora_sgl.transport.signal_ring import RecordBatch
 
 
 @dataclass
@@ -169,39 +171,40 @@ class CaptureStaging:
         out = [sl for sl in self.slots if sl.full and (sl.ready is None or sl.ready.query())]
         return sorted(out, key=lambda sl: sl.meta["seq"])
 
-    def records(self, slot: _Slot) -> list[StepRecord]:
-        """One record per request of a completed slot: the rows of its accepted chain."""
+    def batch(self, slot: _Slot) -> RecordBatch:
+        """A completed slot as one `RecordBatch`: the staging tensors are already [bs, S, ...] per
+        field, so the per-request work is host metadata only; the masks (outcome, target tokens,
+        tree drafts) are a few batched ops on the device whatever bs is. Rows past a request's
+        accepted chain are padding the ring writes but never reads."""
         m = slot.meta
-        acc = slot.accept_host[: m["bs"]].tolist()
-        positions = slot.pos_host[: m["bs"]].tolist() if m.get("device_positions") else m["positions"]
-        out = []
-        for i, (rid, pos, n) in enumerate(zip(m["ids"], positions, acc)):
-            n = max(1, min(int(n), self.s))
-            a = n - 1  # accepted drafts
-            outcome = chain_outcome(self.k, a)
-            nxt, drafts = slot.nexts[i], slot.drafts[i]
-            dev = nxt.device
-            target = torch.full((self.k,), -1, dtype=torch.long, device=dev)
-            target[: min(n, self.k)] = nxt[: min(n, self.k)]  # the target's token at each reached draft
-            if m["topk"] > 1:  # tree: the rejected sibling set is not one token
-                drafts = torch.where(torch.arange(self.k, device=dev) < a, drafts, torch.full_like(drafts, -1))
-            out.append(
-                StepRecord(
-                    request_id=rid,
-                    position=int(pos),
-                    draft_tokens=drafts,
-                    target_tokens=target,
-                    outcome=outcome.to(dev),
-                    num_accepted=a,
-                    committed=[],
-                    input_tokens=slot.inputs[i, :n],
-                    next_tokens=nxt[:n],
-                    aux_hidden=slot.aux[i, :n],
-                    final_hidden=slot.final[i, :n],
-                    draft_version=m["version"],
-                )
-            )
-        return out
+        bs, k = m["bs"], self.k
+        acc = [max(1, min(int(n), self.s)) - 1 for n in slot.accept_host[:bs].tolist()]  # accepted drafts
+        positions = slot.pos_host[:bs].tolist() if m.get("device_positions") else m["positions"]
+        nexts, dev = slot.nexts[:bs], slot.nexts.device
+        a = (slot.accept_dev[:bs].clamp(1, self.s) - 1).unsqueeze(1)  # the same values, on the device
+        j = torch.arange(k, device=dev).unsqueeze(0)
+        outcome = torch.where(j < a, Outcome.ACCEPTED, torch.where(j == a, Outcome.REJECTED, Outcome.NOT_REACHED))
+        target = torch.where(j <= a, nexts[:, :k], NO_TOKEN)  # the target's token at each reached draft
+        drafts = slot.drafts[:bs]
+        if m["topk"] > 1:  # tree: the rejected sibling set is not one token
+            drafts = torch.where(j < a, drafts, NO_TOKEN)
+        return RecordBatch(
+            request_ids=list(m["ids"]),
+            positions=[int(p) for p in positions],
+            num_accepted=acc,
+            draft_versions=[m["version"]] * bs,
+            draft_tokens=drafts,
+            target_tokens=target,
+            outcome=outcome.to(torch.int8),
+            input_tokens=slot.inputs[:bs],
+            next_tokens=nexts,
+            aux_hidden=slot.aux[:bs],
+            final_hidden=slot.final[:bs],
+        )
+
+    def records(self, slot: _Slot) -> list[StepRecord]:
+        """One record per request of a completed slot: the rows of its accepted chain (views)."""
+        return self.batch(slot).records()
 
     def drain(self, ring, stream=None) -> int:
         """Write every completed slot into `ring` (see `drain_in_order`)."""
@@ -231,13 +234,13 @@ def drain_in_order(stagings, ring, stream=None) -> int:
         st = stagings[i]
         if st.cuda:
             with torch.cuda.stream(stream):
-                recs = st.records(slot)
-                ring.write_many(recs)
+                batch = st.batch(slot)
+                ring.write_batch(batch)
                 slot.drained.record()
         else:
-            recs = st.records(slot)
-            ring.write_many(recs)
+            batch = st.batch(slot)
+            ring.write_batch(batch)
         slot.full = False
-        written += len(recs)
-        st.drained_records += len(recs)
+        written += len(batch)
+        st.drained_records += len(batch)
     return written

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aurora_sgl.records import StepRecord, prompt_records
+from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord
+from aurora_sgl.transport.signal_ring import RecordBatch
 
 from .capture import Sequencer
 
@@ -105,6 +106,8 @@ class PrefillStaging:
             )
             for _ in range(slots)
         ]
+        self._none = torch.full((1, num_steps), NO_TOKEN, **z)
+        self._unreached = torch.full((1, num_steps), Outcome.NOT_REACHED, dtype=torch.int8, device=self.device)
         self._next = 0
         self.captured = self.staging_drops = self.skipped = self.rows_dropped = self.drained_records = 0
 
@@ -159,14 +162,39 @@ class PrefillStaging:
     def ready_slots(self) -> list[_PrefillSlot]:
         return [sl for sl in self.slots if sl.full and (sl.ready is None or sl.ready.query())]
 
-    def records(self, slot: _PrefillSlot) -> list[StepRecord]:
-        """The slot's prompt rows as prefill records of at most K+1 rows (the ring's row limit)."""
-        m = slot.meta
-        out, at = [], 0
+    def batch(self, slot: _PrefillSlot) -> RecordBatch:
+        """The slot's prompt rows as one `RecordBatch` of pieces of at most K+1 rows (the ring's row
+        limit, cut as `records.prompt_records` cuts them): one index gather per field from the
+        request-after-request staging rows into [pieces, K+1, ...]; a short piece's padding rows
+        repeat its last row and are never read. Draft fields are one constant row, expanded."""
+        m, r = slot.meta, self.k + 1
+        ids, positions, acc, index = [], [], [], []
+        at = 0
         for rid, start, n in zip(m["ids"], m["starts"], m["lens"]):
-            rows = slice(at, at + n)
-            out += prompt_records(
-                rid, start, self.k, slot.inputs[rows], slot.nexts[rows], slot.aux[rows], slot.final[rows], m["version"]
-            )
+            for s in range(0, n, r):
+                e = min(n, s + r)
+                ids.append(rid)
+                positions.append(start + s)
+                acc.append(e - s - 1)
+                index += [at + min(s + j, e - 1) for j in range(r)]
             at += n
-        return out
+        p = len(ids)
+        idx = torch.tensor(index, dtype=torch.long, device=slot.inputs.device)
+        return RecordBatch(
+            request_ids=ids,
+            positions=positions,
+            num_accepted=acc,
+            draft_versions=[m["version"]] * p,
+            draft_tokens=self._none.expand(p, self.k),
+            target_tokens=self._none.expand(p, self.k),
+            outcome=self._unreached.expand(p, self.k),
+            input_tokens=slot.inputs.index_select(0, idx).view(p, r),
+            next_tokens=slot.nexts.index_select(0, idx).view(p, r),
+            aux_hidden=slot.aux.index_select(0, idx).view(p, r, -1),
+            final_hidden=slot.final.index_select(0, idx).view(p, r, -1),
+            prefill=True,
+        )
+
+    def records(self, slot: _PrefillSlot) -> list[StepRecord]:
+        """The slot's prompt rows as prefill records of at most K+1 rows (views of `batch`)."""
+        return self.batch(slot).records()

@@ -14,16 +14,22 @@ On CUDA the payload is a device tensor shared once through CUDA IPC; header and 
 segment, so sequence numbers are always plain host memory.
 
 Consistency is a per-slot seqlock: the writer stores seq_begin, then the payload, then seq_end,
-then write_seq. The reader copies a slot only if seq_begin == seq_end == the expected seq and
-checks both again after the copy; a mismatch means the slot was torn or overwritten and is counted
-as a drop. With one writer this is enough on CPython on x86-64: numpy/torch element stores are
-aligned 8-byte stores, each store happens inside its own C call (no compiler reordering across
-them) and x86's total store order makes them visible in program order while loads are not
+then write_seq. A batch of n records claims its n consecutive slots at once (their seq_begin words
+in one store pass), then writes each payload field for all n with one copy (two when the slot range
+wraps past the ring's end), then publishes every seq_end, then write_seq: the per-step work is per
+field, not per record (`write_batch`; `write_many` stacks records into one `RecordBatch`).
+
+The reader copies a slot only if seq_begin == seq_end == the expected seq and checks both again
+after the copy; a mismatch means the slot was torn or overwritten and is counted as a drop. With one
+writer this is enough on CPython on x86-64: numpy/torch element stores are aligned 8-byte stores,
+the three phases (claim, payload, publish) happen in separate C calls (no compiler reordering
+across them) and x86's total store order makes them visible in program order while loads are not
 reordered with other loads. A weakly ordered CPU (ARM) would need explicit fences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,7 +116,152 @@ def ring_capacity(max_tokens_per_record: int, aux_dim: int, hidden_dim: int, k: 
     return max(64, min(RING_RECORDS, RING_PAYLOAD_BYTES // slot_bytes))
 
 
+_FIXED_FIELDS = ("draft_tokens", "target_tokens", "outcome")
 _ROW_FIELDS = ("input_tokens", "next_tokens", "aux_hidden", "final_hidden")
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """The one primitive that copies payload into ring slots (both write paths; tests count it)."""
+    dst.copy_(src)
+
+
+@dataclass
+class RecordBatch:
+    """n records as one tensor per field, record after record: what `SignalRing.write_batch` copies
+    into n consecutive slots with one copy per field. Row fields are padded to a common row count R
+    (at least every record's min(num_accepted + 1, max_tokens)); padding rows land in the slots but
+    are never read (each slot's row count is in its meta words). Tensors may be on any device and
+    in any dtype the payload copy converts (bf16 states into the float32 payload); a field equal
+    across the batch may be a stride-0 `expand` of one row."""
+
+    request_ids: list[str]
+    positions: list[int]
+    num_accepted: list[int]
+    draft_versions: list[int]
+    draft_tokens: torch.Tensor  # [n, K]
+    target_tokens: torch.Tensor  # [n, K]
+    outcome: torch.Tensor  # [n, K] int8
+    input_tokens: torch.Tensor  # [n, R]
+    next_tokens: torch.Tensor  # [n, R]
+    aux_hidden: torch.Tensor  # [n, R, A]
+    final_hidden: torch.Tensor  # [n, R, H]
+    prefill: bool = False
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def tail(self, m: int) -> RecordBatch:
+        """The last m records (views)."""
+        j = len(self) - m
+        return RecordBatch(
+            prefill=self.prefill,
+            **{f.name: getattr(self, f.name)[j:] for f in dataclasses.fields(self) if f.name != "prefill"},
+        )
+
+    def records(self) -> list[StepRecord]:
+        """The batch as `StepRecord`s: views, rows [0, num_accepted + 1) of each record."""
+        from aurora_sgl.records import StepRecord
+
+        r_max = self.input_tokens.shape[1]
+        out = []
+        for i, (rid, pos, a, v) in enumerate(
+            zip(self.request_ids, self.positions, self.num_accepted, self.draft_versions)
+        ):
+            n = min(a + 1, r_max)
+            out.append(
+                StepRecord(
+                    request_id=rid,
+                    position=pos,
+                    draft_tokens=self.draft_tokens[i],
+                    target_tokens=self.target_tokens[i],
+                    outcome=self.outcome[i],
+                    num_accepted=a,
+                    committed=[],
+                    input_tokens=self.input_tokens[i, :n],
+                    next_tokens=self.next_tokens[i, :n],
+                    aux_hidden=self.aux_hidden[i, :n],
+                    final_hidden=self.final_hidden[i, :n],
+                    draft_version=v,
+                    prefill=self.prefill,
+                )
+            )
+        return out
+
+
+def _rows_of_one_tensor(parts: list[torch.Tensor], r: int | None) -> torch.Tensor | None:
+    """[n, *shape] (rows cut to r) as a strided view, no copy, when the parts are evenly spaced
+    views of one tensor with equal strides -- the engine's per-request views of its batch tensors
+    (`out.aux_hidden[i, :a + 1]`), or one shared tensor (spacing 0). A row past a part's own is
+    whatever the base holds there (padding, never read); the view stays inside the base's storage.
+    None when the parts are laid out otherwise."""
+    p0, n = parts[0], len(parts)
+    if n < 2 or p0.dim() == 0:
+        return None
+    ptr, item = p0.data_ptr(), p0.element_size()
+    step_bytes = parts[1].data_ptr() - ptr
+    if step_bytes < 0 or step_bytes % item:
+        return None
+    if [p.data_ptr() for p in parts] != [ptr + i * step_bytes for i in range(n)]:
+        return None
+    strides, tail = p0.stride(), p0.shape[1:]
+    if any(p.stride() != strides for p in parts) or any(p.dtype != p0.dtype for p in parts):
+        return None
+    if tail and any(p.shape[1:] != tail for p in parts):
+        return None
+    rows = p0.shape[0] if r is None else r
+    storage = p0.untyped_storage()
+    if parts[-1].untyped_storage().data_ptr() != storage.data_ptr():
+        return None
+    shape = (n, rows, *tail)
+    stride = (step_bytes // item, *strides)
+    last = (ptr - storage.data_ptr()) // item + sum((d - 1) * st for d, st in zip(shape, stride))
+    if (last + 1) * item > storage.nbytes():
+        return None
+    return p0.as_strided(shape, stride, p0.storage_offset())
+
+
+def stack_records(records: Sequence[StepRecord], max_rows: int | None = None) -> RecordBatch:
+    """`StepRecord`s (tensors on one device) as a `RecordBatch`, at most one gather per field: a
+    field whose per-record tensors are evenly spaced views of one tensor (the engine's records) is
+    a strided view of it, no copy; otherwise the fixed-width fields are stacked and the row fields
+    stacked when every record has the same row count, else concatenated and scattered into a
+    zero-padded [n, R, ...] (one index copy). Rows past `max_rows` (the ring's max_tokens) are
+    left out, as the ring truncates them."""
+    n = len(records)
+    acc = [r.num_accepted for r in records]
+    rows = [a + 1 if max_rows is None else min(a + 1, max_rows) for a in acc]
+    r_max = max(rows)
+    out = {}
+    for name in _FIXED_FIELDS:
+        parts = [getattr(r, name) for r in records]
+        view = _rows_of_one_tensor(parts, None)
+        out[name] = view if view is not None else torch.stack(parts)
+    uniform = all(x == r_max for x in rows)
+    dst = None
+    for name in _ROW_FIELDS:
+        whole = [getattr(r, name) for r in records]
+        view = _rows_of_one_tensor(whole, r_max)
+        if view is not None:
+            out[name] = view
+            continue
+        parts = [t[:x] for t, x in zip(whole, rows)]
+        if uniform:
+            out[name] = torch.stack(parts)
+            continue
+        flat = torch.cat(parts)
+        if dst is None:  # flat row -> padded row, shared by the four row fields
+            dst = torch.tensor([i * r_max + j for i, x in enumerate(rows) for j in range(x)], device=flat.device)
+        padded = flat.new_zeros((n * r_max, *flat.shape[1:]))
+        padded.index_copy_(0, dst, flat)
+        out[name] = padded.view(n, r_max, *flat.shape[1:])
+    return RecordBatch(
+        request_ids=[r.request_id for r in records],
+        positions=[int(r.position) for r in records],
+        num_accepted=acc,
+        draft_versions=[int(r.draft_version) for r in records],
+        prefill=all(r.prefill for r in records),
+        **out,
+    )
 
 
 class SignalRing(SharedSegment):
@@ -223,23 +374,33 @@ class SignalRing(SharedSegment):
     # ---- writer -----------------------------------------------------------------------------
     def write_many(self, records: Sequence[StepRecord]) -> None:
         """Copy records into the ring; never blocks. Records beyond the last `capacity` of one call
-        get sequence numbers but no slot: the reader counts them as drops."""
+        get sequence numbers but no slot: the reader counts them as drops. The records are stacked
+        into one `RecordBatch` (one gather per field) and written with `write_batch`."""
         if not self._writer:
             raise RuntimeError("only the process that created the ring writes to it")
         for r in records:  # all checks first: a bad record must not leave torn slots behind
             self._check(r)
-        s0, n = self._write_seq, len(records)
-        kept = range(max(0, n - self.capacity), n)
-        for j in kept:
-            self._write_payload(s0 + j, records[j])
-        if self._event is not None:
-            # Recorded before any seq_end is published: a reader that sees seq_end and then waits
-            # on this event waits for the payload copies still queued on the stream.
-            self._event.record()
-        for j in kept:
-            self._meta[(s0 + j) % self.capacity, _M_SEQ_END] = s0 + j
-        self._write_seq = s0 + n
-        self._header[_H_WRITE_SEQ] = self._write_seq
+        n = len(records)
+        if n == 0:
+            return
+        if n == 1:  # nothing to batch: the per-record path has less fixed cost
+            self._write_each(records)
+            return
+        kept = min(n, self.capacity)  # the older ones are never stacked: they get no slot
+        self._write_batch(stack_records(records[n - kept :], self.max_tokens), skipped=n - kept)
+
+    def write_batch(self, batch: RecordBatch) -> None:
+        """Write n records given as one tensor per field (`RecordBatch`) into n consecutive slots:
+        the slots are claimed together, each field is copied with one copy (two where the slot range
+        wraps past the ring's end; plus one device<->host copy when the batch is not on the ring's
+        device), then all n records are published. Same semantics as `write_many`."""
+        if not self._writer:
+            raise RuntimeError("only the process that created the ring writes to it")
+        n = len(batch)
+        if n == 0:
+            return
+        kept = min(n, self.capacity)
+        self._write_batch(batch if kept == n else batch.tail(kept), skipped=n - kept)
 
     def _check(self, r: StepRecord) -> None:
         if r.draft_tokens.numel() != self.k:
@@ -249,6 +410,96 @@ class SignalRing(SharedSegment):
             t = getattr(r, name)
             if t.dim() != 2 or t.shape[0] < min(rows, self.max_tokens) or t.shape[1] != want:
                 raise ValueError(f"record {name} has shape {tuple(t.shape)}, expected [{rows}, {want}]")
+
+    def _check_batch(self, b: RecordBatch, rows: np.ndarray) -> None:
+        m = len(b)
+        for name in ("positions", "num_accepted", "draft_versions"):
+            if len(getattr(b, name)) != m:
+                raise ValueError(f"batch has {m} request ids but {len(getattr(b, name))} {name}")
+        for name in _FIXED_FIELDS:
+            if tuple(getattr(b, name).shape) != (m, self.k):
+                shape = tuple(getattr(b, name).shape)
+                raise ValueError(f"batch {name} has shape {shape}, expected [{m}, k={self.k}]")
+        need = int(rows.max())
+        for name, tail in (
+            ("input_tokens", ()),
+            ("next_tokens", ()),
+            ("aux_hidden", (self._spec["aux_dim"],)),
+            ("final_hidden", (self._spec["hidden_dim"],)),
+        ):
+            shape = tuple(getattr(b, name).shape)
+            if len(shape) != 2 + len(tail) or shape[0] != m or shape[1] < need or shape[2:] != tail:
+                raise ValueError(f"batch {name} has shape {shape}, expected [{m}, >={need}, *{list(tail)}]")
+
+    def _write_batch(self, b: RecordBatch, skipped: int) -> None:
+        """Write the m <= capacity records of `b` as sequence numbers write_seq + skipped + j."""
+        cap, m = self.capacity, len(b)
+        acc = np.asarray(b.num_accepted, dtype=np.int64)
+        rows = np.minimum(acc + 1, self.max_tokens)
+        self._check_batch(b, rows)  # before any slot is claimed: a bad batch leaves no torn slot
+        s0 = self._write_seq
+        seqs = np.arange(s0 + skipped, s0 + skipped + m, dtype=np.int64)
+        first = int(seqs[0]) % cap
+        runs = [(first, 0, min(m, cap - first))]  # (slot, batch offset, length): at most two runs
+        if m > cap - first:
+            runs.append((0, cap - first, m - (cap - first)))
+        slots = seqs % cap
+        meta = self._meta
+        # Claim: from this store on, a reader copying any of these slots sees seq_begin != its seq.
+        meta[slots, _M_SEQ_BEGIN] = seqs
+        meta[slots, _M_HASH:_M_ID] = np.stack(
+            (
+                np.fromiter((request_hash(x) for x in b.request_ids), np.int64, m),
+                np.asarray(b.positions, dtype=np.int64),
+                acc,
+                rows,
+                np.asarray(b.draft_versions, dtype=np.int64),
+            ),
+            axis=1,
+        )
+        ids = b"".join(x.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0") for x in b.request_ids)
+        self._ids[slots] = np.frombuffer(ids, np.uint8).reshape(m, ID_BYTES)
+        truncated = int((acc + 1 > self.max_tokens).sum())
+        if truncated:
+            self._header[_H_TRUNCATED] += truncated
+        r_w = min(b.input_tokens.shape[1], self.max_tokens)  # rows copied per slot, padding included
+        whole = len(runs) == 1
+        for name in _FIXED_FIELDS + _ROW_FIELDS:
+            src, dst = getattr(b, name), self._f[name]
+            if name in _ROW_FIELDS and r_w != self.max_tokens:
+                dst = dst[:, :r_w]
+            if name in _ROW_FIELDS and src.shape[1] != r_w:
+                src = src[:, :r_w]
+            if src.device != self.device:
+                src = src.to(self.device)  # the one device<->host copy of this field
+            if whole:
+                _copy_into(dst[first : first + m], src)
+                continue
+            for at, off, length in runs:
+                _copy_into(dst[at : at + length], src[off : off + length])
+        if self._event is not None:
+            # Recorded before any seq_end is published: a reader that sees seq_end and then waits
+            # on this event waits for the payload copies still queued on the stream.
+            self._event.record()
+        meta[slots, _M_SEQ_END] = seqs  # publish
+        self._write_seq = s0 + skipped + m
+        self._header[_H_WRITE_SEQ] = self._write_seq
+
+    def _write_each(self, records: Sequence[StepRecord]) -> None:
+        """The per-record write path batching replaced (one claim and seven copies per record):
+        kept as the reference the batched path is tested and benchmarked against."""
+        for r in records:
+            self._check(r)
+        s0, n = self._write_seq, len(records)
+        kept = range(max(0, n - self.capacity), n)
+        for j in kept:
+            self._write_payload(s0 + j, records[j])
+        if self._event is not None:
+            self._event.record()
+        for j in kept:
+            self._meta[(s0 + j) % self.capacity, _M_SEQ_END] = s0 + j
+        self._write_seq = s0 + n
+        self._header[_H_WRITE_SEQ] = self._write_seq
 
     def _write_payload(self, seq: int, r: StepRecord) -> None:
         i = seq % self.capacity
@@ -261,11 +512,10 @@ class SignalRing(SharedSegment):
         meta[_M_HASH:_M_ID] = (request_hash(r.request_id), r.position, r.num_accepted, rows, r.draft_version)
         self._ids[i] = np.frombuffer(r.request_id.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0"), np.uint8)
         f = self._f
-        f["draft_tokens"][i].copy_(r.draft_tokens)
-        f["target_tokens"][i].copy_(r.target_tokens)
-        f["outcome"][i].copy_(r.outcome)
+        for name in _FIXED_FIELDS:
+            _copy_into(f[name][i], getattr(r, name))
         for name in _ROW_FIELDS:
-            f[name][i, :rows].copy_(getattr(r, name)[:rows])
+            _copy_into(f[name][i, :rows], getattr(r, name)[:rows])
 
     # ---- reader -----------------------------------------------------------------------------
     def read(self, max_records: int) -> list[RingRecord]:
