@@ -116,13 +116,17 @@ HAND_CASES = [
     ("batch beyond capacity", "/generate", json.dumps({"text": ["x"] * 500}).encode(), 400),
     # Issue 18: parameters the server does not honour are refused by name, never ignored.
     ("best_of", "/v1/completions", b'{"prompt": "x", "best_of": 3}', 400),
-    ("logit_bias", "/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 10}}', 400),
+    ("logit_bias past 100", "/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 1000}}', 400),
+    ("logit_bias key not a token id", "/v1/completions", b'{"prompt": "x", "logit_bias": {"five": 1}}', 400),
+    ("logit_bias key out of the vocabulary", "/v1/completions", b'{"prompt": "x", "logit_bias": {"10000000": 1}}', 400),
     (
-        "frequency_penalty",
+        "frequency_penalty past 2",
         "/v1/chat/completions",
-        b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}',
         400,
     ),
+    ("min_tokens above max_tokens", "/v1/completions", b'{"prompt": "x", "max_tokens": 4, "min_tokens": 8}', 400),
+    ("native repetition_penalty 0", "/generate", b'{"text": "x", "sampling_params": {"repetition_penalty": 0}}', 400),
     (
         "tools",
         "/v1/chat/completions",

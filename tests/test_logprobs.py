@@ -408,3 +408,35 @@ def test_sglang_select(server, k0):
     assert state["answer"] == choices[scores.index(max(scores))]
     meta = state.get_meta_info("answer")
     assert meta is not None and len(meta["normalized_prompt_logprobs"]) == len(choices)
+
+
+def test_sampling_controls_through_the_api_equal_k0(server, k0):
+    """Penalties, min tokens and logit bias as the OpenAI client and SGLang's native API send them:
+    the K = 4 server's text equals the K = 0 engine's with the same controls, and differs from
+    the text without them."""
+    import httpx
+    from openai import OpenAI
+
+    eng = k0.engine
+    prompt = SERVER_PROMPTS[1]
+    bias_tok = eng.encode(" the")[-1]
+
+    def reference(**controls):
+        return eng.generate(prompt, SamplingParams(max_new_tokens=24, **controls))[0]["text"]
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    openai_controls = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={str(bias_tok): 4.0})
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0, **openai_controls)
+    want = reference(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={bias_tok: 4.0})
+    assert r.choices[0].text == want != reference()
+    r = client.completions.create(
+        model=NAME,
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.8, "min_tokens": 24},  # SGLang's extensions
+    )
+    assert r.choices[0].text == reference(repetition_penalty=1.8, min_new_tokens=24) != reference()
+    native = {"max_new_tokens": 24, "temperature": 0, "repetition_penalty": 1.8, "logit_bias": {str(bias_tok): 4.0}}
+    got = httpx.post(server.url + "/generate", json={"text": prompt, "sampling_params": native}, timeout=60).json()
+    assert got["text"] == reference(repetition_penalty=1.8, logit_bias={bias_tok: 4.0}) != reference()

@@ -40,6 +40,7 @@ import torch
 from aurora_sgl.engine.adaptive import AdaptiveK, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
+from aurora_sgl.engine.penalties import controlled_logits, has_controls
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
 from aurora_sgl.engine.target import TargetModel, load_hf_causal_lm
 from aurora_sgl.engine.verify import sample_with_uniform, verify_greedy, verify_sampling
@@ -252,6 +253,8 @@ class Engine:
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        if params.logit_bias and any(i >= self.target.vocab_size for i in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {self.target.vocab_size})")
         if params.token_ids_logprob and any(i >= self.target.vocab_size for i in params.token_ids_logprob):
             raise ValueError(f"token_ids_logprob must be token ids in [0, {self.target.vocab_size})")
         if params.return_logprob and params.logprob_start_len > len(ids):
@@ -356,6 +359,7 @@ class Engine:
                 if r.params.max_new_tokens == 0:
                     r.state, r.finish_reason = "done", "length"
                     continue
+                self._control([r], out.logits[i : i + 1, :1])
                 first = self._sample_one(out.logits[i, 0], r)
                 following = following + [first]
                 self._commit(r, [first])
@@ -515,6 +519,7 @@ class Engine:
         pos = torch.tensor([[r.last_position] for r in reqs], device=self.device)
         tok = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
         out = self.target.forward(tok, pos, slots, srange)
+        self._control(reqs, out.logits)
         if all(r.params.greedy for r in reqs):
             nxt = out.logits[:, 0].argmax(-1)
             nxt_l = nxt.tolist()
@@ -598,6 +603,7 @@ class Engine:
         tokens = torch.cat([last_tok.unsqueeze(1), d], dim=1)
         positions = n.unsqueeze(1) + torch.arange(k + 1, device=dev)
         out = self.target.forward(tokens, positions, slots, srange)
+        self._control(reqs, out.logits, d)
         accepted, next_tok = verify_greedy(d, out.logits)
         target_tok = out.logits.argmax(-1)[:, :k]
         if not all_greedy:
@@ -673,6 +679,19 @@ class Engine:
         # Committed token j of this step (d_1..d_a, then the target's) sits at verify row j.
         add_output_logprobs([(r, out.logits[i], before[i]) for i, r in enumerate(reqs) if r.params.return_logprob])
         return records
+
+    def _control(self, reqs: list[Request], logits: torch.Tensor, drafts: torch.Tensor | None = None) -> None:
+        """Apply each request's sampling controls (penalties, min tokens, logit bias) to its rows of
+        the target's logits [B, L, V] in place; row j continues its output plus drafts[i, :j]."""
+        todo = [i for i, r in enumerate(reqs) if has_controls(r.params)]
+        if not todo:
+            return
+        drafts_l = drafts.tolist() if drafts is not None else None
+        for i in todo:
+            r = reqs[i]
+            stop_ids = self.eos_ids | set(r.params.stop_token_ids)
+            controlled = controlled_logits(logits[i], r.params, r.output_ids, drafts_l[i] if drafts_l else [], stop_ids)
+            logits[i] = controlled.to(logits.dtype)
 
     # ---- commit and stop conditions ---------------------------------------------------------
     def _commit(self, r: Request, new_tokens: list[int]) -> list[int]:

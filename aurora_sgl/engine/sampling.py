@@ -16,6 +16,7 @@ MAX_STOP_LEN = 512
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on alternatives per position
 MAX_TOKEN_IDS_LOGPROB = 64
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on biased tokens per request
 # Temperatures below this sample greedily (SGLang's rule too): dividing float32 logits by a
 # temperature like 1e-300 overflows to inf and the softmax to NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-6
@@ -50,6 +51,12 @@ class SamplingParams:
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
     token_ids_logprob: tuple[int, ...] | None = None
+    # Controls over the generated text (engine/penalties.py, SGLang's definitions and ranges).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -85,6 +92,36 @@ class SamplingParams:
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self._check_logprob_options()
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if not _is_num(r) or not 0 < r <= 2:
+            raise ValueError(f"repetition_penalty must be a number in (0, 2], got {r!r}")
+        m = self.min_new_tokens
+        if not _is_int(m) or not 0 <= m <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], got {m!r}"
+            )
+        bias = self.logit_bias
+        if bias is None or bias == {}:
+            object.__setattr__(self, "logit_bias", None)
+            return
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids -> bias")
+        clean = {}
+        for key, value in bias.items():
+            tok = int(key) if isinstance(key, str) and key.isdigit() else key
+            if not _is_int(tok) or tok < 0:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+            if not _is_num(value) or not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for {key!r}")
+            clean[tok] = float(value)
+        object.__setattr__(self, "logit_bias", clean)
 
     def _check_logprob_options(self) -> None:
         if not isinstance(self.return_logprob, bool):

@@ -36,9 +36,6 @@ _NOT_NEUTRAL = object()
 # OpenAI fields this server does not implement, with the values that leave generation unchanged.
 OPENAI_NEUTRAL: dict[str, tuple] = {
     "best_of": (1,),
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
-    "logit_bias": ({},),
     "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
@@ -68,6 +65,12 @@ class _SamplingFields(BaseModel):
     seed: StrictInt | None = None
     ignore_eos: StrictBool = False
     user: StrictStr | None = None
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    logit_bias: dict[StrictStr, Number] | None = None
+    # SGLang's extensions of the OpenAI body
+    repetition_penalty: Number | None = None
+    min_tokens: StrictInt | None = None
 
     def unhonoured(self) -> list[str]:
         """Fields sent that this server would not honour: anything it does not implement, unless
@@ -99,6 +102,11 @@ class _SamplingFields(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             seed=seed,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_new_tokens=self.min_tokens or 0,
+            logit_bias=self.logit_bias,
             **self.logprob_options(),
         )
 
@@ -228,10 +236,6 @@ class NativeGenerateRequest(BaseModel):
 # SGLang sampling keys we accept at their neutral value only (sent by frontend-language programs).
 _NEUTRAL = {
     "min_p": 0.0,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_new_tokens": 0,
     "regex": None,
     "json_schema": None,
     "ebnf": None,
@@ -240,12 +244,25 @@ _NEUTRAL = {
     "spaces_between_special_tokens": True,
     "no_stop_trim": False,
     "structural_tag": None,
-    "logit_bias": None,
     "custom_params": None,
     "stream_interval": None,
     "stop_regex": None,
 }
-_NATIVE_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "ignore_eos", "seed"}
+_NATIVE_KEYS = {
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "min_new_tokens",
+    "logit_bias",
+}
 
 
 def native_sampling_params(raw: dict | None, default_max_new_tokens: int = 128) -> SamplingParams:
