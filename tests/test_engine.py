@@ -90,7 +90,8 @@ def test_greedy_stays_lossless_when_k_changes_between_steps(
         assert max(o["meta_info"]["spec_accept_length"] for o in outs) > 1.3  # accept paths ran
     stats = eng.adaptive.stats()
     assert sum(stats["k_steps"].values()) == eng.adaptive.decode_steps
-    assert all(ms > 0 for ms in stats["step_cost"]["ms"].values())
+    if mode == "adaptive":  # every decode step's measured time fed the cost model
+        assert eng.adaptive.costs.steps == eng.adaptive.decode_steps > 0
 
 
 def test_requests_joining_mid_flight_stay_exact(model, ref_tokenizer, hf_greedy, trained_head_dir):

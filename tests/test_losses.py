@@ -91,15 +91,29 @@ def test_accept_objective_is_acceptance_probability():
 
 def test_rejected_weighting_changes_only_kl_rejected():
     head = _head()
-    lg = [torch.randn(1, 5, 20, dtype=torch.float64)]
+    lg = [torch.randn(1, 5, 20, dtype=torch.float64) for _ in range(2)]
     target = torch.randn(1, 5, 50, dtype=torch.float64)
     mask = torch.ones(1, 5, dtype=torch.bool)
-    w = torch.tensor([[1.0, 1.0, 5.0, 1.0, 1.0]], dtype=torch.float64)
+    mask[0, 0] = False
+    w = torch.tensor([[9.0, 1.0, 5.0, 1.0, 3.0]], dtype=torch.float64)
     plain, _ = draft_loss(lg, target, head.hot_ids, mask, "kl")
     same, _ = draft_loss(lg, target, head.hot_ids, mask, "kl", position_weight=w)
     weighted, _ = draft_loss(lg, target, head.hot_ids, mask, "kl_rejected", position_weight=w)
     assert float(plain) == float(same)
-    assert float(plain) != float(weighted)
+    # naive: per step k, the w-weighted mean of KL(p || q) over the valid positions t >= k
+    naive = 0.0
+    for k, logits in enumerate(lg):
+        num = den = 0.0
+        for t in range(5):
+            if not mask[0, t] or t < k:
+                continue
+            p = torch.softmax(target[0, t, head.hot_ids], -1)
+            q = torch.softmax(logits[0, t], -1)
+            num += float(w[0, t]) * float((p * (p.log() - q.log())).sum())
+            den += float(w[0, t])
+        naive += 0.8**k * num / den
+    assert abs(float(weighted) - naive) < 1e-9
+    assert abs(float(plain) - naive) > 1e-3  # the weights matter here
 
 
 def test_ttt_unroll_on_sequences_shorter_than_the_unroll():

@@ -177,26 +177,45 @@ def test_sglang_frontend_language_program(server, greedy_reference):
 def test_service_routes(server):
     info = httpx.get(server.url + "/get_model_info").json()
     assert info["model_path"] == reference_model_path() and info["is_generation"] is True
-    assert httpx.get(server.url + "/model_info").status_code == 200
+    assert httpx.get(server.url + "/model_info").json() == info  # SGLang's alias of the same route
     si = httpx.get(server.url + "/server_info").json()
     assert si["speculative_num_steps"] == 4 and si["backend"] == "embedded" and si["speculative_adaptive"] is True
-    assert httpx.get(server.url + "/health_generate", timeout=60).status_code == 200
-    assert httpx.post(server.url + "/flush_cache").status_code == 200
+    before = _metrics(server)
+    r = httpx.get(server.url + "/health_generate", timeout=60)
+    assert r.status_code == 200
+    after = _metrics(server)  # it really generated: one request, one token
+    assert after.get("aurora_requests_total", 0) - before.get("aurora_requests_total", 0) == 1
+    assert after.get("aurora_generation_tokens_total", 0) - before.get("aurora_generation_tokens_total", 0) == 1
+    r = httpx.post(server.url + "/flush_cache")
+    assert (r.status_code, r.text) == (200, "Cache flushed.\n")  # SGLang's reply
     stats = httpx.get(server.url + "/aurora/stats").json()
-    assert "accept_length" in stats and "trainer" in stats
+    assert stats["speculative_num_steps"] == 4 and stats["draft_version"] == 0  # --no-online: never swapped
+    assert stats["trainer"] == {"online": False} and stats["flywheel"] is None
+    assert stats["accept_length"]["window_size"] > 0 and isinstance(stats["accept_length"]["history"], list)
     adaptive = stats["adaptive"]  # the cost model the per-step K is chosen with
     assert adaptive["k_max"] == 4 and len(adaptive["expected_tokens_per_k"]) == 5
-    assert all(ms > 0 for ms in adaptive["step_cost"]["ms"].values())
+    # a calibrated cost for every K the chooser may pick, in every batch bucket up to 16 requests
+    assert set(adaptive["step_cost"]["ms"]) == {f"b{b}_k{k}" for b in (1, 2, 4, 8, 16) for k in range(5)}
 
 
 def test_metrics_parse_and_count(server):
     before = _metrics(server)
-    httpx.post(
-        server.url + "/generate", json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
-    )
+    n, m = 3, 7  # a known sequence: n requests of exactly m tokens each
+    prompt_tokens = 0
+    for p in PROMPTS[:n]:
+        params = {"max_new_tokens": m, "temperature": 0, "ignore_eos": True}
+        out = httpx.post(server.url + "/generate", json={"text": p, "sampling_params": params}, timeout=120).json()
+        assert len(out["output_ids"]) == m
+        prompt_tokens += out["meta_info"]["prompt_tokens"]
     after = _metrics(server)
-    assert after["aurora_requests_total"] >= before.get("aurora_requests_total", 0) + 1
-    assert after["aurora_generation_tokens_total"] > before.get("aurora_generation_tokens_total", 0)
+
+    def delta(name):
+        return after[name] - before.get(name, 0)
+
+    assert delta("aurora_requests_total") == n
+    assert delta("aurora_generation_tokens_total") == n * m
+    assert delta("aurora_prompt_tokens_total") == prompt_tokens
+    assert delta("aurora_time_to_first_token_seconds_count") == n
     for name in (
         "aurora_time_to_first_token_seconds_count",
         "aurora_time_per_output_token_seconds_count",

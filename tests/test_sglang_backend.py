@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -540,3 +542,197 @@ def test_every_hook_target_exists_in_sglang():
             obj = getattr(obj, attr, None)
             assert obj is not None, f"hook target {name}: {target} does not exist in this SGLang"
         assert callable(obj), (name, target)
+
+
+# ---- the hooks as SGLang applies them ---------------------------------------------------------------
+_OUR_HOOKS = {
+    "load_model": plugin._after_load_model,
+    "worker_init": plugin._after_worker_init,
+    "verify": plugin._around_verify,
+    "prefill": plugin._around_prefill,
+    "pull": plugin._after_pull,
+    "recv": plugin._after_recv,
+    "iteration": plugin._after_iteration,
+    "graphs": plugin._after_cuda_graphs,
+}
+
+
+def _owner_and_raw(target: str):
+    import pkgutil
+
+    owner_path, attr = target.rsplit(".", 1)
+    owner = pkgutil.resolve_name(owner_path)
+    return owner, attr, (owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr))
+
+
+@contextmanager
+def _hooks_applied_by_sglang():
+    """`register()` then `HookRegistry.apply_hooks()`, as SGLang's `load_plugins` does. Yields the
+    originals (target -> (owner, attr, original function)) of the targets that resolve; on exit
+    puts every original back, also where `_propagate_patch` rebound a module global to a wrapper,
+    and restores the registry, so later tests see SGLang unhooked."""
+    import sys
+    import types
+
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    originals = {}
+    for target in plugin.HOOK_TARGETS.values():
+        try:
+            originals[target] = _owner_and_raw(target)
+        except (ImportError, AttributeError, KeyError):
+            pass  # a renamed target: left for the caller's assertion to report
+    saved_hooks = {k: list(v) for k, v in HookRegistry._hooks.items()}
+    saved_patched = set(HookRegistry._patched)
+    HookRegistry.reset()
+    try:
+        plugin.register()
+        HookRegistry.apply_hooks()  # logs, never raises, when a target does not resolve
+        yield originals
+    finally:
+        wrappers = {}
+        for owner, attr, original in originals.values():
+            now = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+            if now is not original:
+                wrappers[id(now)] = (now, original)
+                setattr(owner, attr, original)
+        for mod in list(sys.modules.values()):
+            if isinstance(mod, types.ModuleType):
+                for name, value in list(vars(mod).items()):
+                    if id(value) in wrappers and value is wrappers[id(value)][0]:
+                        setattr(mod, name, wrappers[id(value)][1])
+        HookRegistry.reset()
+        HookRegistry._hooks.update(saved_hooks)
+        HookRegistry._patched.update(saved_patched)
+
+
+def _assert_every_target_wrapped(originals) -> None:
+    """Each of the plugin's targets now holds SGLang's wrapper around the original, built with our
+    hook; a target SGLang could not resolve (it only logged it) fails here."""
+    assert set(_OUR_HOOKS) == set(plugin.HOOK_TARGETS)
+    for name, target in plugin.HOOK_TARGETS.items():
+        assert target in originals, f"hook target {name}: {target} does not exist in this SGLang"
+        owner, attr, original = originals[target]
+        now = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        assert now is not original, f"hook target {name}: {target} was not wrapped"
+        assert getattr(now, "__wrapped__", None) is original, (name, target)
+        cells = [c.cell_contents for c in (now.__closure__ or ())]
+        assert _OUR_HOOKS[name] in cells, f"hook target {name}: wrapped, but not with our hook"
+
+
+def test_sglang_applies_every_hook_and_a_renamed_target_is_caught(monkeypatch):
+    from sglang.srt.managers.scheduler import Scheduler
+
+    kept = {"ingest": Scheduler.__dict__["ingest_requests"]}  # in a container: see the plugin docstring
+    with _hooks_applied_by_sglang() as originals:
+        _assert_every_target_wrapped(originals)
+    assert Scheduler.__dict__["ingest_requests"] is kept["ingest"]  # restored for later tests
+
+    # SGLang renames a method: HookRegistry logs and goes on; the assertion must not
+    monkeypatch.setitem(plugin.HOOK_TARGETS, "pull", plugin.HOOK_TARGETS["pull"] + "_renamed")
+    with _hooks_applied_by_sglang() as originals:
+        with pytest.raises(AssertionError, match="hook target pull"):
+            _assert_every_target_wrapped(originals)
+
+
+@pytest.mark.parametrize("blocker", [False, True], ids=["plain", "input_blocker"])
+def test_marker_rides_sglangs_real_recv_requests(blocker, tmp_path):
+    """The swap marker's trip through SGLang's own `SchedulerRequestReceiver.recv_requests` on a
+    single-rank scheduler, hooks applied by SGLang's HookRegistry: a real tokenizer request arrives
+    on a real ZMQ socket (SGLang's msgpack wire format); `_pull_raw_reqs` (our after-hook appends
+    the marker) -> the input blocker (SGLang's, when colocated batch generation turns it on) ->
+    `_broadcast_reqs_across_ranks` -> the request post-processing -> our after-hook on
+    `recv_requests` takes the marker out and arms the swap. At TP size 1 SGLang skips the
+    broadcast (`tp_size != 1`); the marker crossing ranks and the ranks' MIN agreement are
+    tests/test_sglang_tp_agreement.py's, with two gloo processes."""
+    from array import array
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    import zmq
+    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput, sock_send
+    from sglang.srt.managers.scheduler_components.request_receiver import SchedulerRequestReceiver
+    from sglang.srt.managers.scheduler_input_blocker import SchedulerInputBlocker
+    from sglang.srt.runtime_context import get_context, get_parallel
+    from sglang.srt.server_args import ServerArgs
+
+    server_args = ServerArgs(model_path=reference_model_path(), device="cpu")
+    get_context().set_server_args(server_args)
+    own_group = not dist.is_initialized()  # the input blocker all-reduces over the world group
+    if own_group:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    zctx = zmq.Context()
+    tokenizer = zctx.socket(zmq.PULL)  # as Scheduler's ipc channels: PULL from tokenizer and RPC
+    tokenizer.bind(f"ipc://{tmp_path}/tokenizer")
+    rpc = zctx.socket(zmq.PULL)
+    rpc.bind(f"ipc://{tmp_path}/rpc")
+    sender = zctx.socket(zmq.PUSH)
+    sender.connect(f"ipc://{tmp_path}/tokenizer")
+    receiver = SchedulerRequestReceiver(
+        recv_from_tokenizer=tokenizer,
+        recv_from_rpc=rpc,
+        recv_skipper=None,
+        input_blocker=SchedulerInputBlocker(noop=False) if blocker else None,
+        mm_receiver=None,
+        server_args=server_args,
+        model_config=SimpleNamespace(is_multimodal=False),
+        max_recv_per_poll=-1,
+        stream_output=lambda *a, **kw: None,
+        get_last_batch=lambda: None,
+    )
+    kept = {"recv": SchedulerRequestReceiver.__dict__["recv_requests"]}
+    store = WeightStore.create("test_sgl_recv", {"w": ((4,), torch.float32)})
+    rank0 = dict(pp_rank=0, attn_tp_rank=0, attn_cp_rank=0, world_group=SimpleNamespace(cpu_group=dist.group.WORLD))
+    try:
+        store.publish({"w": torch.ones(4)})
+        rt = plugin.Runtime(staging=None, ring=None, store=store, swapper=None, leader=True, handoff_dir=None)
+        assert rt.draft_version == 1
+        plugin.set_runtime(rt)
+
+        def request(rid):
+            return TokenizedGenerateReqInput(
+                rid=rid,
+                input_text="hi",
+                input_ids=array("i", [1, 2, 3]),
+                input_embeds=None,
+                mm_inputs=None,
+                token_type_ids=None,
+                sampling_params=SamplingParams(max_new_tokens=4),
+                return_logprob=False,
+                logprob_start_len=-1,
+                top_logprobs_num=0,
+                token_ids_logprob=None,
+                stream=False,
+            )
+
+        def iteration(expect: int):
+            """One scheduler iteration's receive, once `expect` requests are waiting."""
+            deadline = time.monotonic() + 10
+            while tokenizer.poll(0) == 0 and expect and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.02)  # the rest of a burst sent together
+            return receiver.recv_requests()
+
+        with _hooks_applied_by_sglang(), get_parallel().override(**rank0):
+            assert getattr(SchedulerRequestReceiver.recv_requests, "__wrapped__", None) is not None
+            sock_send(sender, request("before"))
+            got = iteration(1)  # nothing new in the store: no marker
+            assert [r.rid for r in got] == ["before"] and rt.pending_version == 0
+            version = store.publish({"w": torch.full((4,), 2.0)})
+            sock_send(sender, request("same-iteration"))
+            got = iteration(1)
+            assert [type(r) for r in got] == [TokenizedGenerateReqInput]  # the marker never leaves
+            assert got[0].rid == "same-iteration" and list(got[0].input_ids) == [1, 2, 3]
+            assert version == 2 and rt.pending_version == version and rt.counters["markers"] == 1
+            assert iteration(0) == []  # an empty iteration: the marker is not sent twice
+            assert rt.pending_version == version and rt.counters["markers"] == 1
+        assert SchedulerRequestReceiver.__dict__["recv_requests"] is kept["recv"]  # unhooked again
+    finally:
+        plugin.set_runtime(None)
+        store.close()
+        zctx.destroy(linger=0)
+        if own_group:
+            dist.destroy_process_group()

@@ -40,6 +40,12 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+class _NoStreams:
+    """What `forward_stream_of` reads of SGLang's Scheduler: on CPU there is no stream."""
+
+    enable_overlap, forward_stream, schedule_stream = True, None, None
+
+
 def _rank(rank: int, port: int, spec: dict, fault: str | None, out) -> None:
     import torch.distributed as dist
 
@@ -77,12 +83,23 @@ def _rank(rank: int, port: int, spec: dict, fault: str | None, out) -> None:
                 tp_group=group,
             )
             rt.draft_version = 1
-        rt.pending_version = 2  # the marker SGLang's broadcast brought to every rank
-        rt.iteration()
+        # One scheduler iteration as SGLang runs it: TP rank 0 pulls (our hook appends the marker),
+        # the list is broadcast pickled over the TP CPU group (SGLang's `broadcast_pyobj`; here
+        # torch's, to spare each process the SGLang import), every rank's receive hook takes the
+        # marker out, then the iteration hook swaps and agrees through `plugin.agree`.
+        plugin.set_runtime(rt)
+        pulled = [plugin._after_pull(["req"], None) if rank == 0 else None]
+        dist.broadcast_object_list(pulled, src=0, group=group)
+        received = plugin._after_recv(pulled[0], None)
+        if received != ["req"] or rt.pending_version != 2:
+            out.put((rank, {"error": f"marker lost: received {received}, armed {rt.pending_version}"}))
+            return
+        plugin._after_iteration(None, _NoStreams())
         result = {"version": rt.draft_version, "broken": rt.broken, "failed": rt.counters["failed_swaps"]}
         if model is not None:
-            result["fc"] = model.model.fc.weight.detach().clone()
-            result["hot"] = hot.clone()
+            # by value: a tensor would go by file descriptor, lost if this process exits first
+            result["fc"] = model.model.fc.weight.detach().numpy().copy()
+            result["hot"] = hot.numpy().copy()
         out.put((rank, result))
     finally:
         store.close()
@@ -102,7 +119,11 @@ def _run(fault: str | None) -> dict[int, dict]:
     try:
         for p in procs:
             p.start()
-        results = dict(out.get(timeout=120) for _ in procs)  # a rank left in the all-reduce: Empty
+        results = {}
+        for _ in procs:
+            rank, result = out.get(timeout=120)  # a rank left in the all-reduce: Empty
+            assert "error" not in result, (rank, result["error"])  # not worth waiting for its peer
+            results[rank] = {k: torch.from_numpy(v) if k in ("fc", "hot") else v for k, v in result.items()}
         for p in procs:
             p.join(30)
         return results
