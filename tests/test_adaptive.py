@@ -79,7 +79,8 @@ def test_acceptance_window_forgets_old_steps_and_keeps_a_light_prior_on_a_new_ve
 def test_step_costs_follow_measurements_and_the_machine_load():
     costs = StepCosts({(1, 0): 1.0, (1, 1): 2.0, (4, 0): 3.0, (4, 1): 5.0}, prior_weight=2)
     assert bucket_of(1, costs.buckets) == 1 and bucket_of(3, costs.buckets) == 4 and bucket_of(9, costs.buckets) == 4
-    assert costs.cost(2, 1) == 5.0
+    assert costs.cost(2, 1) == pytest.approx(3.0)  # interpolated between batch 1 (2.0) and 4 (5.0)
+    assert costs.cost(4, 1) == 5.0 and costs.cost(9, 1) == 5.0
     costs.observe(1, 0, 100.0)  # one disturbed step: the entry keeps its two prior samples' value
     assert costs.global_ratio == 100.0 and costs.cost(1, 0) == 100.0  # ...which is the global ratio (1 sample)
     for _ in range(4):
@@ -93,6 +94,19 @@ def test_step_costs_follow_measurements_and_the_machine_load():
     assert costs.cost(1, 1) == 3.0
     costs.steps += costs.fresh_steps  # stale samples give way to the global ratio again
     assert costs.cost(1, 1) == 2.0 * costs.global_ratio
+
+
+def test_costs_are_made_non_decreasing_in_k_by_their_evidence():
+    costs = StepCosts({(1, k): 1.0 + k for k in range(4)}, prior_weight=2)
+    for _ in range(9):
+        costs.observe(1, 1, 2.0)  # k = 1 as calibrated, many samples
+    for _ in range(3):
+        costs.observe(1, 2, 1.5)  # k = 2 measured cheaper than k = 1: noise, few samples
+    raw = [costs.cost(1, k) for k in range(4)]
+    assert raw[2] < raw[1]
+    fit = costs.costs_for(1, 3)
+    assert fit == sorted(fit) and fit[0] == raw[0] and fit[3] == raw[3]
+    assert fit[1] == fit[2] and raw[2] < fit[1] <= raw[1]  # pooled, nearer the better-measured k = 1
 
 
 def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0):

@@ -440,3 +440,50 @@ def test_sampling_controls_through_the_api_equal_k0(server, k0):
     native = {"max_new_tokens": 24, "temperature": 0, "repetition_penalty": 1.8, "logit_bias": {str(bias_tok): 4.0}}
     got = httpx.post(server.url + "/generate", json={"text": prompt, "sampling_params": native}, timeout=60).json()
     assert got["text"] == reference(repetition_penalty=1.8, logit_bias={bias_tok: 4.0}) != reference()
+
+
+def test_structured_output_through_the_api_equals_k0(server, k0):
+    """A json_schema response through the openai client parses into its schema and equals the
+    K = 0 engine's; a native regex generation matches its regex; SGLang's frontend gen(regex=)."""
+    import json
+    import re
+
+    import httpx
+    import sglang as sgl
+    from openai import OpenAI
+
+    eng = k0.engine
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "rank": {"type": "integer"}},
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    msgs = [{"role": "user", "content": "Name a city and its rank as JSON."}]
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=48, temperature=0, response_format=fmt)
+    prompt = eng.encode(eng.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    want = eng.generate(prompt, SamplingParams(max_new_tokens=48, json_schema=json.dumps(schema)))[0]
+    text = r.choices[0].message.content
+    assert text == want["text"] and r.choices[0].finish_reason == "stop", text
+    value = json.loads(text)
+    assert set(value) == {"city", "rank"} and isinstance(value["rank"], int) and len(value["city"]) <= 12, value
+    regex = r"(yes|no), because [a-z ]{3,20}\."
+    body = {"text": SERVER_PROMPTS[1], "sampling_params": {"max_new_tokens": 40, "temperature": 0, "regex": regex}}
+    got = httpx.post(server.url + "/generate", json=body, timeout=60).json()
+    assert got["text"] == eng.generate(SERVER_PROMPTS[1], SamplingParams(max_new_tokens=40, regex=regex))[0]["text"]
+    assert re.fullmatch(regex, got["text"]) and got["meta_info"]["finish_reason"]["type"] == "stop", got
+
+    @sgl.function
+    def answer(s):
+        s += "Q: Is the sky blue? A: "
+        s += sgl.gen("yn", max_tokens=8, regex=r"(yes|no)")
+
+    sgl.set_default_backend(sgl.RuntimeEndpoint(server.url))
+    assert answer.run()["yn"] in ("yes", "no")
+    bad = client.with_options(max_retries=0)
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        bad.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, response_format={"type": "yaml"})

@@ -118,17 +118,40 @@ class StepCosts:
         self.global_ratio = 1.0
         self.steps = 0
 
+    def _fresh(self, key: tuple[int, int]) -> list[float]:
+        return [r for r, step in self.samples[key] if self.steps - step < self.fresh_steps]
+
     def ratio(self, key: tuple[int, int]) -> float:
-        fresh = [r for r, step in self.samples[key] if self.steps - step < self.fresh_steps]
-        return _median(fresh + [self.global_ratio] * self.prior_weight)
+        return _median(self._fresh(key) + [self.global_ratio] * self.prior_weight)
+
+    def calibrated_at(self, batch: int, k: int) -> float:
+        """The calibration interpolated linearly in the batch size between its buckets: a step at
+        batch 9 costs less than the one calibrated at 16, and a ratio taken against the bucket's
+        figure would blame K for what the batch size did."""
+        hi = bucket_of(batch, self.buckets)
+        lower = [b for b in self.buckets if b < hi]
+        if not lower or batch >= hi:
+            return self.calibrated[(hi, k)]
+        lo = lower[-1]
+        w = (batch - lo) / (hi - lo)
+        return self.calibrated[(lo, k)] * (1 - w) + self.calibrated[(hi, k)] * w
 
     def cost(self, batch: int, k: int) -> float:
         key = (bucket_of(batch, self.buckets), k)
-        return self.calibrated[key] * self.ratio(key)
+        return self.calibrated_at(batch, k) * self.ratio(key)
+
+    def costs_for(self, batch: int, k_max: int) -> list[float]:
+        """cost(batch, k) for k = 0..k_max, made non-decreasing in k (a wider step never costs
+        less) by pooling adjacent violators, each entry weighted by its evidence: a K whose few
+        samples came out cheaper than a smaller K's many is pulled up to it, not chosen for it."""
+        b = bucket_of(batch, self.buckets)
+        values = [self.cost(batch, k) for k in range(k_max + 1)]
+        weights = [len(self._fresh((b, k))) + self.prior_weight for k in range(k_max + 1)]
+        return _non_decreasing(values, weights)
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
         key = (bucket_of(batch, self.buckets), k)
-        r = seconds / self.calibrated[key]
+        r = seconds / self.calibrated_at(batch, k)
         self.steps += 1
         self.samples[key].append((r, self.steps))
         self.recent.append(r)
@@ -137,8 +160,24 @@ class StepCosts:
     def table(self) -> dict:
         return {
             "global_ratio": round(self.global_ratio, 4),
-            "ms": {f"b{b}_k{k}": round(self.cost(b, k) * 1e3, 3) for b, k in sorted(self.calibrated)},
+            "ms": {
+                f"b{b}_k{k}": round(c * 1e3, 3)
+                for b in self.buckets
+                for k, c in enumerate(self.costs_for(b, max(k for _, k in self.calibrated)))
+            },
         }
+
+
+def _non_decreasing(values: list[float], weights: list[float]) -> list[float]:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [mean for mean, _, n in blocks for _ in range(n)]
 
 
 def _median(xs: list[float]) -> float:
@@ -177,7 +216,8 @@ class AdaptiveK:
             best = self.k_max
         else:
             rates = self.acceptance.rates()
-            best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.cost(batch, k), -k))
+            cost = self.costs.costs_for(batch, self.k_max)
+            best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / cost[k], -k))
             if self.decode_steps % self.explore_every == 0:
                 down = best == self.k_max or (best > 0 and self.explored % 2 == 1)
                 best += -1 if down else 1

@@ -29,6 +29,7 @@ online trainer's ring consumes these; the engine never waits on it.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -39,12 +40,15 @@ import torch
 
 from aurora_sgl.engine.adaptive import AdaptiveK, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
+from aurora_sgl.engine.grammar import GrammarCompiler, RequestGrammar
 from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
 from aurora_sgl.engine.penalties import controlled_logits, has_controls
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
 from aurora_sgl.engine.target import TargetModel, load_hf_causal_lm
 from aurora_sgl.engine.verify import sample_with_uniform, verify_greedy, verify_sampling
 from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord, prompt_records
+
+log = logging.getLogger("aurora_sgl.engine")
 
 DEFAULT_DRAFT_VOCAB = 2048
 
@@ -68,6 +72,7 @@ class Request:
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)  # steps that drafted position j
     k_steps: list[int] = field(default_factory=list)  # decode steps per K chosen (adaptive)
+    grammar: RequestGrammar | None = None  # structured output (regex / json_schema / ebnf)
     draft_versions: set[int] = field(default_factory=set)
     head_hidden: torch.Tensor | None = None  # head state after the last extend: next draft's input
     head_logits: torch.Tensor | None = None
@@ -196,6 +201,7 @@ class Engine:
         self.max_running = max_running_requests
         cache_len = self.context_length + max(self.chunk, self.k + 1) + 1
         self.eos_ids = _eos_ids(cfg, self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_ids)
 
         head = None
         if draft_model_path:
@@ -265,6 +271,7 @@ class Engine:
             raise PromptTooLong(
                 f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}"
             )
+        grammar = RequestGrammar(self.grammars.compile(params.grammar)) if params.grammar is not None else None
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         req = Request(
             id=request_id or uuid.uuid4().hex,
@@ -274,6 +281,7 @@ class Engine:
             accepted_per_position=[0] * self.k,
             drafted_per_position=[0] * self.k,
             k_steps=[0] * (self.k + 1),
+            grammar=grammar,
         )
         with self._lock:
             self.waiting.append(req)
@@ -683,14 +691,18 @@ class Engine:
     def _control(self, reqs: list[Request], logits: torch.Tensor, drafts: torch.Tensor | None = None) -> None:
         """Apply each request's sampling controls (penalties, min tokens, logit bias) to its rows of
         the target's logits [B, L, V] in place; row j continues its output plus drafts[i, :j]."""
-        todo = [i for i, r in enumerate(reqs) if has_controls(r.params)]
+        todo = [i for i, r in enumerate(reqs) if r.grammar is not None or has_controls(r.params)]
         if not todo:
             return
         drafts_l = drafts.tolist() if drafts is not None else None
         for i in todo:
             r = reqs[i]
+            mine = drafts_l[i] if drafts_l else []
+            allowed = None
+            if r.grammar is not None:
+                allowed = r.grammar.allowed_rows(mine, logits.shape[1]).to(logits.device)
             stop_ids = self.eos_ids | set(r.params.stop_token_ids)
-            controlled = controlled_logits(logits[i], r.params, r.output_ids, drafts_l[i] if drafts_l else [], stop_ids)
+            controlled = controlled_logits(logits[i], r.params, r.output_ids, mine, stop_ids, allowed)
             logits[i] = controlled.to(logits.dtype)
 
     # ---- commit and stop conditions ---------------------------------------------------------
@@ -707,6 +719,12 @@ class Engine:
             if len(r.output_ids) >= p.max_new_tokens or r.last_position + 1 >= self.context_length:
                 r.state, r.finish_reason = "done", "length"
                 break
+        if r.grammar is not None and appended:
+            if not r.grammar.advance(appended):
+                log.error("request %s: the grammar refused a committed token; ending the request", r.id)
+                r.state, r.finish_reason = "done", "abort"
+            elif r.grammar.terminated and not r.finished:  # the stop token, kept by ignore_eos
+                r.state, r.finish_reason = "done", "stop"
         if p.stop and appended:
             self._check_stop_strings(r, len(appended))
         elif appended or r.finished:

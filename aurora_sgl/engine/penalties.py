@@ -32,10 +32,16 @@ def has_controls(p: SamplingParams) -> bool:
 
 
 def controlled_logits(
-    logits: torch.Tensor, p: SamplingParams, output_ids: list[int], drafts: list[int], stop_ids: set[int]
+    logits: torch.Tensor,
+    p: SamplingParams,
+    output_ids: list[int],
+    drafts: list[int],
+    stop_ids: set[int],
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [L, V] for one request, row j continuing output_ids + drafts[:j] (L <= len(drafts) + 1).
-    Returns new float32 logits with the request's controls applied."""
+    `allowed` [L, V] bool: a grammar's mask per row (engine/grammar.py), applied after the
+    penalizers and before the logit bias, as SGLang does. Returns new float32 logits."""
     rows, vocab = logits.shape
     out = logits.float().clone()
     dev = out.device
@@ -49,11 +55,21 @@ def controlled_logits(
             seen = counts > 0
             scaled = torch.where(out > 0, out / p.repetition_penalty, out * p.repetition_penalty)
             out = torch.where(seen, scaled, out)
+    before_min = None
     if p.min_new_tokens and stop_ids:
         short = [j for j in range(rows) if len(output_ids) + j < p.min_new_tokens]
         if short:
+            before_min = out.clone() if allowed is not None else None
             ids = torch.tensor(sorted(i for i in stop_ids if i < vocab), device=dev)
             out[torch.tensor(short, device=dev).unsqueeze(1), ids.unsqueeze(0)] = float("-inf")
+    if allowed is not None:
+        out = out.masked_fill(~allowed, float("-inf"))
+        if before_min is not None:
+            # A finished grammar allows only the stop token, which min_new_tokens forbids: the
+            # grammar wins (SGLang would have nothing left to sample).
+            dead = ~torch.isfinite(out).any(-1)
+            if bool(dead.any()):
+                out[dead] = before_min[dead].masked_fill(~allowed[dead], float("-inf"))
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), device=dev)
         out[:, ids] += torch.tensor(list(p.logit_bias.values()), device=dev)

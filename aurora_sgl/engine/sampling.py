@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aurora_sgl.engine.grammar import GRAMMAR_KINDS, GrammarSpec
+
 MAX_STOP_STRINGS = 64
 MAX_STOP_LEN = 512
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on alternatives per position
 MAX_TOKEN_IDS_LOGPROB = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on biased tokens per request
+MAX_GRAMMAR_CHARS = 1 << 16
 # Temperatures below this sample greedily (SGLang's rule too): dividing float32 logits by a
 # temperature like 1e-300 overflows to inf and the softmax to NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-6
@@ -57,6 +60,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
     logit_bias: dict[int, float] | None = field(default=None, hash=False)
+    # Structured output (engine/grammar.py): at most one of these.
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -93,6 +100,23 @@ class SamplingParams:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self._check_logprob_options()
         self._check_controls()
+        self._check_grammar()
+
+    def _check_grammar(self) -> None:
+        given = [k for k in GRAMMAR_KINDS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"at most one of regex, json_schema and ebnf may be given, got {', '.join(given)}")
+        for k in given:
+            v = getattr(self, k)
+            if not isinstance(v, str) or not v or len(v) > MAX_GRAMMAR_CHARS:
+                raise ValueError(f"{k} must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters")
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        for k in GRAMMAR_KINDS:
+            if getattr(self, k) is not None:
+                return GrammarSpec(k, getattr(self, k))
+        return None
 
     def _check_controls(self) -> None:
         for name in ("frequency_penalty", "presence_penalty"):

@@ -6,6 +6,7 @@ are checked by SamplingParams (400). Both come back as OpenAI-shaped errors.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -36,7 +37,6 @@ _NOT_NEUTRAL = object()
 # OpenAI fields this server does not implement, with the values that leave generation unchanged.
 OPENAI_NEUTRAL: dict[str, tuple] = {
     "best_of": (1,),
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
@@ -71,6 +71,9 @@ class _SamplingFields(BaseModel):
     # SGLang's extensions of the OpenAI body
     repetition_penalty: Number | None = None
     min_tokens: StrictInt | None = None
+    response_format: dict[str, Any] | None = None
+    regex: StrictStr | None = None
+    ebnf: StrictStr | None = None
 
     def unhonoured(self) -> list[str]:
         """Fields sent that this server would not honour: anything it does not implement, unless
@@ -107,8 +110,30 @@ class _SamplingFields(BaseModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_new_tokens=self.min_tokens or 0,
             logit_bias=self.logit_bias,
+            regex=self.regex,
+            ebnf=self.ebnf,
+            json_schema=schema_of_response_format(self.response_format),
             **self.logprob_options(),
         )
+
+
+def schema_of_response_format(fmt: dict | None) -> str | None:
+    """OpenAI's response_format as SGLang maps it: json_object -> any JSON object, json_schema ->
+    its `schema` (as JSON text), text -> unconstrained."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema object")
+        return json.dumps(schema)
+    raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}")
 
 
 def _check_top(name: str, value: int | None) -> None:
@@ -236,9 +261,6 @@ class NativeGenerateRequest(BaseModel):
 # SGLang sampling keys we accept at their neutral value only (sent by frontend-language programs).
 _NEUTRAL = {
     "min_p": 0.0,
-    "regex": None,
-    "json_schema": None,
-    "ebnf": None,
     "n": 1,
     "skip_special_tokens": True,
     "spaces_between_special_tokens": True,
@@ -262,6 +284,9 @@ _NATIVE_KEYS = {
     "repetition_penalty",
     "min_new_tokens",
     "logit_bias",
+    "regex",
+    "json_schema",
+    "ebnf",
 }
 
 
@@ -281,6 +306,8 @@ def native_sampling_params(raw: dict | None, default_max_new_tokens: int = 128) 
     kwargs.setdefault("max_new_tokens", default_max_new_tokens)
     if "seed" in raw and raw["seed"] is None:
         kwargs.pop("seed", None)
+    if isinstance(kwargs.get("json_schema"), dict):  # SGLang wants text; clients often send the object
+        kwargs["json_schema"] = json.dumps(kwargs["json_schema"])
     if "stop_token_ids" in kwargs and isinstance(kwargs["stop_token_ids"], list):
         kwargs["stop_token_ids"] = tuple(kwargs["stop_token_ids"])
     return build_params(**kwargs)
