@@ -437,12 +437,14 @@ class Engine:
         k = self._choose_k(reqs)
         for r in reqs:
             r.k_steps[k] += 1
+        t0 = time.perf_counter()
         if k == 0:
-            t0 = time.perf_counter()
             records = self._decode_plain(reqs)
         else:
-            self._catch_up(reqs)  # deferred head work of earlier steps: not this step's cost
-            t0 = time.perf_counter()
+            # The head's deferred work (new prompts, positions committed at K = 0) is timed with
+            # the step that needs it: it is what drafting costs over not drafting, and at high
+            # concurrency, with requests joining every few steps, it decides whether drafting pays.
+            self._catch_up(reqs)
             records = self._decode(reqs, k)
         if self.adaptive is not None:
             accepted = [r.num_accepted for r in records] if k else []
@@ -689,8 +691,9 @@ class Engine:
         return records
 
     def _control(self, reqs: list[Request], logits: torch.Tensor, drafts: torch.Tensor | None = None) -> None:
-        """Apply each request's sampling controls (penalties, min tokens, logit bias) to its rows of
-        the target's logits [B, L, V] in place; row j continues its output plus drafts[i, :j]."""
+        """Apply each request's sampling controls (penalties, min tokens, grammar mask, logit bias)
+        to its rows of the target's logits [B, L, V] in place; row j continues its output plus
+        drafts[i, :j] (engine/penalties.py, engine/grammar.py)."""
         todo = [i for i, r in enumerate(reqs) if r.grammar is not None or has_controls(r.params)]
         if not todo:
             return
