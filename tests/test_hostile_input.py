@@ -303,25 +303,13 @@ def test_admission_control_answers_503_with_retry_after(server):
     """Beyond RUNNING slots + QUEUED waiting, requests get 503 + Retry-After at once; the admitted
     ones finish exactly and the server never holds more than its capacity."""
     body = {"prompt": PROBE["prompt"], "max_tokens": 24, "temperature": 0}
-    peak = 0
 
     async def one(c):
         return await c.post(server.url + "/v1/completions", json=body)
 
-    async def watch(c, stop):
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, (await c.get(server.url + "/server_info")).json()["num_in_flight_requests"])
-            await asyncio.sleep(0.01)
-
     async def run():
         async with httpx.AsyncClient(timeout=TIMEOUT_S, limits=httpx.Limits(max_connections=64)) as c:
-            stop = asyncio.Event()
-            watcher = asyncio.create_task(watch(c, stop))
-            rs = await asyncio.gather(*(one(c) for _ in range(16)))
-            stop.set()
-            await watcher
-            return rs
+            return await asyncio.gather(*(one(c) for _ in range(16)))
 
     rs = asyncio.run(run())
     ok = [r for r in rs if r.status_code == 200]
@@ -332,7 +320,9 @@ def test_admission_control_answers_503_with_retry_after(server):
     for r in busy:
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "service_unavailable"
-    assert peak <= RUNNING + QUEUED
+    # The server's own high-water mark (every submit, not a 10 ms sample): the burst reached the
+    # capacity and never passed it.
+    assert httpx.get(server.url + "/server_info").json()["peak_in_flight_requests"] == RUNNING + QUEUED
     metrics = httpx.get(server.url + "/metrics").text
     assert f"aurora_requests_rejected_total {float(len(busy))}" in metrics
     _assert_healthy(server)

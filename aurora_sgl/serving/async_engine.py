@@ -48,6 +48,7 @@ class AsyncEngine:
         self.on_step = on_step  # callback(records, step_seconds)
         self.healthy = True
         self.last_error: str | None = None
+        self.peak_in_flight = 0  # high-water mark since start: what admission control must bound
 
     def start(self) -> None:
         self._thread.start()
@@ -86,6 +87,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         with self._wake:
             self._streams[req.id] = _Stream(req, queue, loop)
+            self.peak_in_flight = max(self.peak_in_flight, len(self._streams))
             self._wake.notify_all()
         return req, queue
 

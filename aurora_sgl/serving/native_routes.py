@@ -123,6 +123,7 @@ def server_info(ctx: ServingContext) -> dict:
         num_running_requests=aengine.num_running,
         num_waiting_requests=aengine.num_waiting,
         num_in_flight_requests=aengine.num_in_flight,
+        peak_in_flight_requests=aengine.peak_in_flight,
         draft_version=engine.draft_version,
         engine_healthy=aengine.last_error is None,
     )
