@@ -299,6 +299,18 @@ class ServingContext:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    async def compile_grammars(self, params) -> None:
+        """Compile the requests' grammars off the event loop (xgrammar's one-time tokenizer analysis
+        and a large schema's compile would stall every stream); `add_request` then finds them in
+        the engine's cache. A grammar that does not compile is a 400."""
+        specs = {p.grammar for p in params if p.grammar is not None}
+        if not specs:
+            return
+        try:
+            await asyncio.to_thread(lambda: [self.engine.grammars.compile(spec) for spec in specs])
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
     def submit_all(self, pairs) -> list:
         """Submit (prompt, params[, request id]) tuples; if one is refused, abort the ones already queued."""
         pairs = list(pairs)

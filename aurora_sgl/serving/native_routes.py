@@ -202,6 +202,7 @@ def register_native_routes(app: FastAPI, ctx: ServingContext) -> None:
         if body.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports one prompt per request")
         prompts = await ctx.encode_all(prompts)
+        await ctx.compile_grammars(params)
         jobs = ctx.submit_all(zip(prompts, params, native_rids(body, len(prompts), batch)))
         if body.stream:
             return StreamingResponse(

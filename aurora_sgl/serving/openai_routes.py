@@ -79,6 +79,7 @@ async def run_openai(
     """`prompts` are token ids (the caller validated the body and tokenized off the event loop).
     `echo_texts`: completions with echo, the prompt texts each choice's text starts with."""
     params = [body.sampling_params(default_max, j) for j in range(body.n)]
+    await ctx.compile_grammars(params)
     jobs = ctx.submit_all((p, sp) for p in prompts for sp in params)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     echoes = [echo_texts[i // body.n] for i in range(len(jobs))] if echo_texts is not None else None
