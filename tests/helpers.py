@@ -102,3 +102,42 @@ def chi_square(counts: dict, exact: dict, n: int) -> tuple[float, int]:
     """Chi-square of sample counts against `exact` over the cells expected at least 5 times."""
     cells = [c for c in exact if exact[c] * n >= 5]
     return sum((counts.get(c, 0) - exact[c] * n) ** 2 / (exact[c] * n) for c in cells), len(cells)
+
+
+def chi2_critical_999(df: int) -> float:
+    """The chi-square value exceeded with probability 0.001 (Wilson-Hilferty, within 1% for df >= 3)."""
+    z, c = 3.0902, 2.0 / (9 * df)
+    return df * (1 - c + z * c**0.5) ** 3
+
+
+def tiny_engines(model, tok, head_dir, ks) -> dict:
+    """{k: Engine} on one model, K = 0 without a head, every other K drafting with `head_dir`."""
+    from aurora_sgl.engine.engine import Engine
+
+    return {
+        k: Engine(
+            model=model,
+            tokenizer=tok,
+            num_speculative_steps=k,
+            max_running_requests=8,
+            draft_model_path=head_dir if k else None,
+        )
+        for k in ks
+    }
+
+
+def non_view_ops(fn) -> int:
+    """aten operations other than views (each a kernel launch or copy on a device) run by fn()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n

@@ -11,11 +11,9 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from aurora_sgl.engine.engine import Engine
 from aurora_sgl.engine.grammar import GrammarCompiler, GrammarSpec, RequestGrammar
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
-from helpers import PROMPTS, chi_square  # noqa: E402
-from test_penalties import chi2_critical_999  # noqa: E402
+from helpers import PROMPTS, chi2_critical_999, chi_square, tiny_engines  # noqa: E402
 
 DIGITS_THEN_WORD = r"[0-9]{3}-(yes|no)"
 
@@ -80,16 +78,7 @@ def test_bad_grammars_are_value_errors(compiler):
 
 @pytest.fixture(scope="module")
 def engines(tiny_model, ref_tokenizer, tiny_head_dir):
-    def make(k):
-        return Engine(
-            model=tiny_model,
-            tokenizer=ref_tokenizer,
-            num_speculative_steps=k,
-            max_running_requests=8,
-            draft_model_path=tiny_head_dir if k else None,
-        )
-
-    return {k: make(k) for k in (0, 1, 4)}
+    return tiny_engines(tiny_model, ref_tokenizer, tiny_head_dir, (0, 1, 4))
 
 
 SCHEMA = {

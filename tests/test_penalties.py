@@ -7,10 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from aurora_sgl.engine.engine import Engine
 from aurora_sgl.engine.penalties import controlled_logits
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
-from helpers import MAX_NEW, PROMPTS, chi_square  # noqa: E402
+from helpers import MAX_NEW, PROMPTS, chi2_critical_999, chi_square, tiny_engines  # noqa: E402
 
 
 def naive_controls(row: torch.Tensor, p: SamplingParams, history: list[int], stop_ids: set[int]) -> torch.Tensor:
@@ -29,12 +28,6 @@ def naive_controls(row: torch.Tensor, p: SamplingParams, history: list[int], sto
     for t, b in (p.logit_bias or {}).items():
         row[t] += b
     return row
-
-
-def chi2_critical_999(df: int) -> float:
-    """The chi-square value exceeded with probability 0.001 (Wilson-Hilferty, within 1% for df >= 3)."""
-    z, c = 3.0902, 2.0 / (9 * df)
-    return df * (1 - c + z * c**0.5) ** 3
 
 
 ALL_CONTROLS = dict(
@@ -68,16 +61,7 @@ def test_a_control_at_its_neutral_value_changes_nothing():
 
 @pytest.fixture(scope="module")
 def engines(tiny_model, ref_tokenizer, tiny_head_dir):
-    def make(k):
-        return Engine(
-            model=tiny_model,
-            tokenizer=ref_tokenizer,
-            num_speculative_steps=k,
-            max_running_requests=8,
-            draft_model_path=tiny_head_dir if k else None,
-        )
-
-    return {k: make(k) for k in (0, 1, 3)}
+    return tiny_engines(tiny_model, ref_tokenizer, tiny_head_dir, (0, 1, 3))
 
 
 def _greedy(engine, **controls):

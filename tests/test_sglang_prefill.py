@@ -29,6 +29,7 @@ from aurora_sgl.sglang_backend.capture import CaptureStaging, Sequencer  # noqa:
 from aurora_sgl.sglang_backend.prefill import PrefillStaging, keep_plan  # noqa: E402
 from aurora_sgl.trainer.stitcher import Stitcher  # noqa: E402
 from aurora_sgl.transport.signal_ring import SignalRing  # noqa: E402
+from helpers import non_view_ops  # noqa: E402
 
 H, A, K = 8, 24, 3  # hidden, aux (3H), draft steps: ring records hold K + 1 rows
 
@@ -252,22 +253,6 @@ def test_prefill_staging_keeps_the_trailing_rows_when_full():
     assert torch.equal(y[0].aux_hidden, aux[8:10])
 
 
-def _non_view_ops(fn) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.n
-
-
 def _verify_step(bs: int, seed: int):
     from aurora_sgl.sglang_backend.capture import VerifyStep
 
@@ -311,7 +296,7 @@ def test_drain_work_is_per_field_not_per_request(monkeypatch):
             step = _verify_step(bs, seed=bs)
             assert staging.capture(step)
             copies.clear()
-            verify_ops[bs] = _non_view_ops(lambda st=staging: drain_in_order([st], ring))
+            verify_ops[bs] = non_view_ops(lambda st=staging: drain_in_order([st], ring))
             assert len(copies) == 7
             got = reader.read(1000)
             assert [g.request_id for g in got] == step.request_ids
@@ -334,7 +319,7 @@ def test_drain_work_is_per_field_not_per_request(monkeypatch):
             starts = [10 * i for i in range(bs)]
             assert prefill.capture(PrefillStep([f"p{i}" for i in range(bs)], starts, lengths, ids, ids + 1, aux, final))
             copies.clear()
-            prefill_ops[bs] = _non_view_ops(lambda st=prefill: drain_in_order([st], ring))
+            prefill_ops[bs] = non_view_ops(lambda st=prefill: drain_in_order([st], ring))
             assert len(copies) == 7
             got = reader.read(1000)
             at = 0

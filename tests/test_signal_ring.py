@@ -16,6 +16,7 @@ from aurora_sgl.records import StepRecord
 from aurora_sgl.transport import signal_ring
 from aurora_sgl.transport.segments import SHM_DIR
 from aurora_sgl.transport.signal_ring import SignalRing, request_hash, stack_records
+from helpers import non_view_ops  # noqa: E402
 
 K, T, A, H = 3, 4, 12, 4
 
@@ -405,23 +406,6 @@ def test_a_reader_never_sees_a_half_written_batch(ring, monkeypatch):
         _assert_same(g, _record(g.seq), g.seq)
 
 
-def _non_view_ops(fn) -> int:
-    """aten operations other than views (each a kernel launch or copy on a device) run by fn()."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.n
-
-
 @pytest.mark.parametrize("wrap", [False, True])
 def test_per_step_write_work_is_per_field_not_per_record(monkeypatch, wrap):
     """Batch 48 costs what batch 8 costs: at most two slot copies per field (seven fields), and the
@@ -438,7 +422,7 @@ def test_per_step_write_work_is_per_field_not_per_record(monkeypatch, wrap):
                 writer.write_many([_record(s) for s in range((-writer.stats()["written"] - 5) % cap)])
             recs = [_record(s) for s in range(n)]
             copies.clear()
-            ops[n] = _non_view_ops(lambda recs=recs: writer.write_many(recs))
+            ops[n] = non_view_ops(lambda recs=recs: writer.write_many(recs))
             assert len(copies) == fields * (2 if wrap else 1), n
         assert ops[48] == ops[8] <= 6 * fields
         copies.clear()
@@ -484,7 +468,7 @@ def test_engine_views_are_written_without_a_gather(monkeypatch):
     batch = stack_records(recs, T)
     assert batch.aux_hidden.data_ptr() == recs[0].aux_hidden.data_ptr() and batch.aux_hidden.shape == (48, T, A)
     assert batch.target_tokens.stride(0) == 0  # one shared tensor: a stride-0 view
-    assert _non_view_ops(lambda: stack_records(recs, T)) == 0
+    assert non_view_ops(lambda: stack_records(recs, T)) == 0
     rings = _rings(2, 32)
     (each, each_r), (batched, batched_r) = rings
     try:

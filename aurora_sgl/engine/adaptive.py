@@ -121,9 +121,6 @@ class StepCosts:
     def _fresh(self, key: tuple[int, int]) -> list[float]:
         return [r for r, step in self.samples[key] if self.steps - step < self.fresh_steps]
 
-    def ratio(self, key: tuple[int, int]) -> float:
-        return _median(self._fresh(key) + [self.global_ratio] * self.prior_weight)
-
     def calibrated_at(self, batch: int, k: int) -> float:
         """The calibration interpolated linearly in the batch size between its buckets: a step at
         batch 9 costs less than the one calibrated at 16, and a ratio taken against the bucket's
@@ -137,17 +134,21 @@ class StepCosts:
         return self.calibrated[(lo, k)] * (1 - w) + self.calibrated[(hi, k)] * w
 
     def cost(self, batch: int, k: int) -> float:
-        key = (bucket_of(batch, self.buckets), k)
-        return self.calibrated_at(batch, k) * self.ratio(key)
+        return self._estimate(batch, k)[0]
+
+    def _estimate(self, batch: int, k: int) -> tuple[float, int]:
+        """(seconds, evidence): the calibration times the median ratio of the entry's fresh samples
+        and `prior_weight` pseudo-samples of the global ratio; evidence counts them all."""
+        fresh = self._fresh((bucket_of(batch, self.buckets), k))
+        ratio = _median(fresh + [self.global_ratio] * self.prior_weight)
+        return self.calibrated_at(batch, k) * ratio, len(fresh) + self.prior_weight
 
     def costs_for(self, batch: int, k_max: int) -> list[float]:
         """cost(batch, k) for k = 0..k_max, made non-decreasing in k (a wider step never costs
         less) by pooling adjacent violators, each entry weighted by its evidence: a K whose few
         samples came out cheaper than a smaller K's many is pulled up to it, not chosen for it."""
-        b = bucket_of(batch, self.buckets)
-        values = [self.cost(batch, k) for k in range(k_max + 1)]
-        weights = [len(self._fresh((b, k))) + self.prior_weight for k in range(k_max + 1)]
-        return _non_decreasing(values, weights)
+        values, weights = zip(*(self._estimate(batch, k) for k in range(k_max + 1)))
+        return _non_decreasing(list(values), list(weights))
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
         key = (bucket_of(batch, self.buckets), k)
