@@ -425,3 +425,54 @@ def test_usage_counts_the_prompt_once_and_models_retrieve_works(server):
     assert card.id == "reference_model"
     r = httpx.get(server.url + "/v1/models/no-such-model", timeout=10)
     _assert_error(r, 404)
+
+
+def test_every_field_of_sglangs_request_classes_is_honoured_or_refused(server):
+    """Issue 16 #4: walk the fields of SGLang 0.5.23's own request classes (its OpenAI protocol
+    models, GenerateReqInput, SamplingParams). Each is either one this server declares and honours
+    (tested where it is implemented) or, sent with a value that is not its default, a 400 naming it:
+    never accepted and ignored."""
+    import dataclasses
+
+    from sglang.srt.entrypoints.openai import protocol as sgl_openai
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams as SglSamplingParams
+
+    from aurora_sgl.serving import protocol as ours
+
+    probe = "aurora-probe"  # not the default or neutral value of any field
+    routes = [
+        ("/v1/chat/completions", sgl_openai.ChatCompletionRequest.model_fields, ours.ChatCompletionRequest.model_fields,
+         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        ("/v1/completions", sgl_openai.CompletionRequest.model_fields, ours.CompletionRequest.model_fields,
+         {"prompt": "hi", "max_tokens": 2}),
+        ("/generate", {f.name for f in dataclasses.fields(GenerateReqInput)}, ours.NativeGenerateRequest.model_fields,
+         {"text": "hi", "sampling_params": {"max_new_tokens": 2}}),
+    ]  # fmt: skip
+    refused = []
+    for path, theirs, declared, base in routes:
+        for name in sorted(set(theirs) - set(declared)):
+            r = httpx.post(server.url + path, json={**base, name: probe}, timeout=TIMEOUT_S)
+            _assert_error(r, 400)
+            assert name in r.json()["error"]["message"], (path, name, r.text[:300])
+            refused.append((path, name))
+    # SamplingParams' request keys (its struct also holds derived state, never sent by a client).
+    derived = {"stop_strs", "stop_regex_strs", "stop_str_max_len", "stop_regex_max_len", "is_normalized"}
+    keys = set(SglSamplingParams.__struct_fields__) - derived
+    honoured = ours._NATIVE_KEYS | {"sampling_seed"}
+    for name in sorted(keys - honoured):
+        body = {"text": "hi", "sampling_params": {"max_new_tokens": 2, name: probe}}
+        r = httpx.post(server.url + "/generate", json=body, timeout=TIMEOUT_S)
+        _assert_error(r, 400)
+        assert name in r.json()["error"]["message"], (name, r.text[:300])
+        refused.append(("sampling_params", name))
+    assert len(refused) > 60  # the walk really covered SGLang's classes
+    # sampling_seed is SGLang's spelling of the seed: honoured as the seed.
+    sampled = {"text": "def f(x):", "sampling_params": {"max_new_tokens": 8, "temperature": 1.0}}
+    texts = [
+        httpx.post(server.url + "/generate", json={**sampled, "sampling_params": {**sampled["sampling_params"], **sp}},
+                   timeout=TIMEOUT_S).json()["text"]
+        for sp in ({"seed": 11}, {"sampling_seed": 11}, {"sampling_seed": 12})
+    ]  # fmt: skip
+    assert texts[0] == texts[1] != texts[2], texts
+    _assert_healthy(server)

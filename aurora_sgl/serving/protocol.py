@@ -292,6 +292,11 @@ _NATIVE_KEYS = {
 
 def native_sampling_params(raw: dict | None, default_max_new_tokens: int = 128) -> SamplingParams:
     raw = dict(raw or {})
+    if raw.get("sampling_seed") is not None:  # SGLang 0.5.23's name for the seed
+        if raw.get("seed") is not None and raw["seed"] != raw["sampling_seed"]:
+            raise APIError(400, "sampling_params: seed and sampling_seed differ; send one of them")
+        raw["seed"] = raw["sampling_seed"]
+    raw.pop("sampling_seed", None)
     unknown = [k for k in raw if k not in _NATIVE_KEYS and k not in _NEUTRAL]
     if unknown:
         raise APIError(400, f"unsupported sampling_params: {', '.join(sorted(unknown))}")
