@@ -10,6 +10,7 @@ Each file holds prompts of one domain, from a held-out part of a licensed source
   math_heldout   GSM8K train, the last 400 rows (held out of the reference model's training)
   chat_turn2     MT-Bench second turns (the tuning stream uses first turns)
   code_heldout   functions of the standard-library files the reference model's corpus holds out
+  math_json      held-out GSM8K train questions answered under a JSON schema (structured traffic)
 
 The tuning stream is the default one of traffic_shift.py (HumanEval -> MT-Bench first turns ->
 GSM8K test); defaults are picked on it only.
@@ -43,6 +44,26 @@ def prose_heldout(data: Path) -> list[dict]:
 def math_heldout(data: Path) -> list[dict]:
     rows = [json.loads(line) for line in (data / "gsm8k" / "train.jsonl").read_text().splitlines() if line.strip()]
     return [{"question": r["question"]} for r in rows[-MATH_HELDOUT_ROWS:]]
+
+
+# The answer of a word problem as JSON: the quantities it mentions, then the result.
+MATH_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "quantities": {"type": "array", "items": {"type": "number"}},
+        "operation": {"enum": ["add", "subtract", "multiply", "divide", "mixed"]},
+        "answer": {"type": "number"},
+    },
+    "required": ["quantities", "operation", "answer"],
+    "additionalProperties": False,
+}
+
+
+def math_json(data: Path) -> list[dict]:
+    return [
+        {"prompt": f"Question: {r['question'].strip()}\nAnswer as JSON:\n", "json_schema": MATH_JSON_SCHEMA}
+        for r in math_heldout(data)
+    ]
 
 
 def chat_turn2(data: Path) -> list[dict]:
@@ -81,6 +102,7 @@ def main() -> int:
         ("math_heldout", math_heldout(data)),
         ("chat_turn2", chat_turn2(data)),
         ("code_heldout", code_heldout()),
+        ("math_json", math_json(data)),
     ):
         if len(rows) > PER_FILE:
             rows = rng.sample(rows, PER_FILE)

@@ -10,8 +10,9 @@ in flight (the way a server sees traffic). Streams (`--shift`):
   smooth  the same total, the domain mixture drifting linearly from the first domain to the last;
   return  sharp, then phase 1's domain once more (how much does coming back cost?).
 `--stream a.jsonl,b.jsonl,...` replaces the three datasets (rows with `prompt`, chat `messages`, or
-the datasets' own fields; see aurora_sgl/training/prompts.py). A phase longer than its file cycles through
-it again in a new order.
+the datasets' own fields; see aurora_sgl/training/prompts.py); a row's `json_schema` or `regex` constrains
+that request's output (structured traffic). A phase longer than its file cycles through it again in a
+new order.
 
 Arms (same stream, same per-request seeds):
   nospec         the engine without speculation (K = 0): the tokens/s baseline;
@@ -58,6 +59,7 @@ ARMS = ("nospec", "static", "offline", "day0", "online_static")
 ONLINE_ARMS = ("day0", "online_static")
 SHIFTS = ("sharp", "smooth", "return")
 QUICK = {"requests_per_phase": 8, "max_tokens": 32, "window": 4}
+CONSTRAINTS = ("json_schema", "regex")  # per-request output constraints a stream row may carry
 RECOVERY_TOLERANCE = 0.10  # "back within 10% of the pre-shift level"
 
 
@@ -73,7 +75,7 @@ def domain_name(path: Path) -> str:
     return path.parent.name if name in ("test", "question", "train", "HumanEval") else name
 
 
-def _cycled(prompts: list[str], rng: random.Random):
+def _cycled(prompts: list, rng: random.Random):
     """Endless draws from `prompts`: each pass a fresh permutation (a phase may outrun its file)."""
     while True:
         order = list(range(len(prompts)))
@@ -82,8 +84,9 @@ def _cycled(prompts: list[str], rng: random.Random):
             yield i, prompts[i]
 
 
-def build_stream(domains: list[tuple[str, list[str]]], shift: str, per_phase: int, seed: int) -> list[dict]:
-    """[{index, phase, domain, prompt_index, prompt}] in arrival order. Phases index `domains`
+def build_stream(domains: list[tuple[str, list[str | dict]]], shift: str, per_phase: int, seed: int) -> list[dict]:
+    """[{index, phase, domain, prompt_index, prompt[, json_schema | regex]}] in arrival order; a
+    domain's prompts are texts or rows of `load_prompt_rows`. Phases index `domains`
     (return: phase len(domains) is domain 0 again). smooth: request i draws its domain from a mixture
     whose weight moves linearly from the first domain to the last over the stream."""
     rng = random.Random(seed)
@@ -102,8 +105,9 @@ def build_stream(domains: list[tuple[str, list[str]]], shift: str, per_phase: in
             plan.append((min(i // per_phase, len(domains) - 1), d))
     stream = []
     for index, (phase, d) in enumerate(plan):
-        pi, prompt = next(draws[d])
-        stream.append({"index": index, "phase": phase, "domain": domains[d][0], "prompt_index": pi, "prompt": prompt})
+        pi, item = next(draws[d])
+        row = item if isinstance(item, dict) else {"prompt": item}
+        stream.append({"index": index, "phase": phase, "domain": domains[d][0], "prompt_index": pi, **row})
     return stream
 
 
@@ -180,7 +184,12 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
             online.close()
             raise RuntimeError("the trainer did not start within 120 s")
     params = [
-        SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + r["index"])
+        SamplingParams(
+            max_new_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed + r["index"],
+            **{key: r[key] for key in CONSTRAINTS if key in r},
+        )
         for r in stream
     ]
     rows: list[dict | None] = [None] * len(stream)
@@ -216,6 +225,7 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                     meta["draft_version"],
                     steps,
                     now - t_start,
+                    engine.output_text(req),
                 )
                 bar.update(1)
         wall = time.perf_counter() - t_start
@@ -239,7 +249,8 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
     return _arm_result(rows, wall, head, extra)
 
 
-def _row(item, tau, per_pos, completion, prompt, latency, version, steps, t) -> dict:
+def _row(item, tau, per_pos, completion, prompt, latency, version, steps, t, text) -> dict:
+    constraint = next((key for key in CONSTRAINTS if key in item), None)
     return {
         "index": item["index"],
         "phase": item["phase"],
@@ -253,6 +264,8 @@ def _row(item, tau, per_pos, completion, prompt, latency, version, steps, t) -> 
         "draft_version": version,
         "trainer_steps": steps,
         "finished_at_s": round(t, 3),
+        # A constrained request keeps its output, so a reader can check the constraint held.
+        **({"constraint": constraint, "text": text} if constraint else {}),
     }
 
 
@@ -318,6 +331,7 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                             "max_new_tokens": args.max_tokens,
                             "temperature": args.temperature,
                             "seed": args.seed + item["index"],
+                            **{key: item[key] for key in CONSTRAINTS if key in item},
                         },
                     }
                     t0 = time.perf_counter()
@@ -337,6 +351,7 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                         meta.get("draft_version"),
                         None,
                         now - t_start,
+                        resp.json().get("text"),
                     )
                     bar.update(1)
 
@@ -687,12 +702,12 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from aurora_sgl import reference_model_path
-    from aurora_sgl.training.prompts import PromptFileError, load_prompts
+    from aurora_sgl.training.prompts import PromptFileError, load_prompt_rows
 
     torch.set_num_threads(1)  # the trainer sidecar gets the other core
     tokenizer = AutoTokenizer.from_pretrained(reference_model_path())
     try:
-        domains = [(domain_name(p), load_prompts(p, tokenizer)) for p in args.stream_paths]
+        domains = [(domain_name(p), load_prompt_rows(p, tokenizer)) for p in args.stream_paths]
     except PromptFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

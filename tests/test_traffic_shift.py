@@ -21,6 +21,14 @@ def _run(*args, timeout=300):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "unit": {"enum": ["apples", "pears"]}},
+    "required": ["answer", "unit"],
+    "additionalProperties": False,
+}
+
+
 def _own_stream(tmp_path) -> tuple[list[str], list[str]]:
     """Three small domains written here, for machines without ../shared/datasets."""
     code = [
@@ -28,11 +36,12 @@ def _own_stream(tmp_path) -> tuple[list[str], list[str]]:
         for name in ("total", "largest", "smallest", "average", "count", "first", "last", "middle")
     ]
     chat = [json.dumps({"messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}) for i in range(8)]
-    math = [
+    math = [  # structured traffic: each answer is constrained to a small JSON schema
         json.dumps(
             {
                 "prompt": f"Question: Tom has {i + 3} apples and buys {2 * i + 1} more. "
-                "How many apples does he have?\nAnswer:"
+                "Does he have more than ten apples?\nAnswer as JSON:",
+                "json_schema": ANSWER_SCHEMA,
             }
         )
         for i in range(8)
@@ -95,6 +104,16 @@ def test_arms_choose_k_per_step_unless_fixed(tmp_path):
     assert sum(static["k_steps"]) >= sum(static["adaptive"]["k_steps"].values())
     assert all(1.0 <= r["accept_length"] <= 5.0 for r in static["requests"])
     assert data["summary"]["speedup_over_nospec"]["static"] > 0
+    # The math domain is constrained: every answer is the schema's JSON, the same with and without
+    # speculation (greedy), and the unconstrained rows carry no text.
+    texts = {arm: [r.get("text") for r in data["arms"][arm]["requests"]] for arm in ("nospec", "static")}
+    constrained = [i for i, r in enumerate(static["requests"]) if r["domain"] == "math"]
+    assert constrained and all(static["requests"][i]["constraint"] == "json_schema" for i in constrained)
+    for i in constrained:
+        answer = json.loads(texts["static"][i])
+        assert answer["answer"] in ("yes", "no") and answer["unit"] in ("apples", "pears"), answer
+    assert texts["static"] == texts["nospec"]
+    assert all(texts["static"][i] is None for i in range(len(texts["static"])) if i not in constrained)
 
 
 def test_trainer_budget_keeps_the_trainer_in_lockstep(tmp_path):
@@ -119,7 +138,8 @@ def test_drives_a_running_server(tmp_path):
     stream = tmp_path / "s.jsonl"
     stream.write_text("".join(json.dumps({"prompt": f"def add_{i}(a, b):\n"}) + "\n" for i in range(3)))
     chat = tmp_path / "c.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 7 times 8?"}]}) + "\n")
+    question = {"messages": [{"role": "user", "content": "Is 7 times 8 more than 50?"}], "json_schema": ANSWER_SCHEMA}
+    chat.write_text(json.dumps(question) + "\n")
     out = tmp_path / "url.json"
     server = ServerProcess("--no-online", "--speculative-draft-model-path", reference_head_path())
     try:
@@ -131,7 +151,7 @@ def test_drives_a_running_server(tmp_path):
             "--requests-per-phase",
             "3",
             "--max-tokens",
-            "16",
+            "48",
             "--window",
             "2",
             "--out",
@@ -149,6 +169,8 @@ def test_drives_a_running_server(tmp_path):
         r["accept_length"] >= 1.0 and len(r["accept_per_position"]) == 4 and r["draft_version"] == 0 for r in rows
     )
     assert data["summary"]["phase_tau"]["server"][0] > 1.0
+    for r in rows[3:]:  # the chat rows' answers were constrained by the server (native json_schema)
+        assert r["constraint"] == "json_schema" and json.loads(r["text"])["unit"] in ("apples", "pears"), r
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """Prompt files: JSONL with `prompt`, chat `messages`, or the native fields of the datasets the
 benchmarks stream (HumanEval `prompt`, MT-Bench `turns`, GSM8K `question`); or plain text, one
-prompt per line. Chat-shaped rows go through the tokenizer's chat template."""
+prompt per line. Chat-shaped rows go through the tokenizer's chat template. A row may also carry a
+constraint on its output (`json_schema`, an object or its text, or `regex`), as SGLang's sampling
+parameters spell them."""
 
 from __future__ import annotations
 
@@ -28,7 +30,29 @@ def row_to_prompt(row: dict, tokenizer) -> str:
     raise PromptFileError(f"row has none of the fields prompt / messages / turns / question / text: {sorted(row)[:6]}")
 
 
+def row_constraints(row: dict) -> dict:
+    """The row's output constraint as SamplingParams fields (json_schema as text), or {}."""
+    out = {}
+    schema = row.get("json_schema")
+    if schema is not None:
+        if not isinstance(schema, (dict, str)):
+            raise PromptFileError("json_schema must be an object or its JSON text")
+        out["json_schema"] = schema if isinstance(schema, str) else json.dumps(schema)
+    if row.get("regex") is not None:
+        if not isinstance(row["regex"], str):
+            raise PromptFileError("regex must be a string")
+        out["regex"] = row["regex"]
+    if len(out) > 1:
+        raise PromptFileError("a row constrains its output with json_schema or regex, not both")
+    return out
+
+
 def load_prompts(path: str | Path, tokenizer, limit: int | None = None) -> list[str]:
+    return [r["prompt"] for r in load_prompt_rows(path, tokenizer, limit)]
+
+
+def load_prompt_rows(path: str | Path, tokenizer, limit: int | None = None) -> list[dict]:
+    """[{"prompt": text, and "json_schema" or "regex" where the row constrains its output}]."""
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
@@ -48,11 +72,11 @@ def load_prompts(path: str | Path, tokenizer, limit: int | None = None) -> list[
             if not isinstance(row, dict):
                 raise PromptFileError(f"{path}:{no}: each line must be a JSON object")
             try:
-                prompts.append(row_to_prompt(row, tokenizer))
+                prompts.append({"prompt": row_to_prompt(row, tokenizer), **row_constraints(row)})
             except PromptFileError as e:
                 raise PromptFileError(f"{path}:{no}: {e}") from None
         else:
-            prompts.append(line)
+            prompts.append({"prompt": line})
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
