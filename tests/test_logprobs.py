@@ -487,3 +487,33 @@ def test_structured_output_through_the_api_equals_k0(server, k0):
 
     with pytest.raises(openai.BadRequestError, match="response_format"):
         bad.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, response_format={"type": "yaml"})
+
+
+@pytest.mark.parametrize("backend", ["sglang", "sglang-oai-chat"])
+def test_sglang_bench_serving_runs_and_prints_the_accept_length(server, tmp_path, backend):
+    """Issue 16 #5/#6: SGLang's own bench_serving, a short run, native and OpenAI chat backends. It
+    sends fields at their defaults (return_routed_experts: false, ...) and reads the accept length
+    from /server_info's internal_states."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from aurora_sgl import reference_model_path
+
+    turns = [f"Write a short note about the number {i}." for i in range(6)]
+    sharegpt = [
+        {"id": str(i), "conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": "Sure. " * 12}]}
+        for i, t in enumerate(turns)
+    ]
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps(sharegpt))
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", backend, "--base-url", server.url,
+           "--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", "6",
+           "--sharegpt-output-len", "16", "--tokenizer", reference_model_path()]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, (res.stdout[-1500:], res.stderr[-1500:])
+    lines = dict(line.split(":", 1) for line in res.stdout.splitlines() if ":" in line)
+    assert int(lines["Successful requests"]) == 6, res.stdout[-1500:]
+    assert 1.0 < float(lines["Accept length"]) <= 5.0, res.stdout[-1500:]

@@ -189,6 +189,7 @@ NATIVE_NEUTRAL: dict[str, tuple] = {
     "modalities": ([],),
     "lora_path": ("",),
     "return_hidden_states": (False,),
+    "return_routed_experts": (False,),  # SGLang's bench_serving sends it on every request
     "custom_logit_processor": ("",),
     "log_metrics": (True, False),
     "session_params": ({},),
