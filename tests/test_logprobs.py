@@ -510,10 +510,12 @@ def test_sglang_bench_serving_runs_and_prints_the_accept_length(server, tmp_path
     data.write_text(json.dumps(sharegpt))
     cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", backend, "--base-url", server.url,
            "--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", "6",
-           "--sharegpt-output-len", "16", "--tokenizer", reference_model_path()]  # fmt: skip
+           "--sharegpt-output-len", "16", "--tokenizer", reference_model_path(),
+           "--output-file", str(tmp_path / "bench.jsonl")]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, (res.stdout[-1500:], res.stderr[-1500:])
     lines = dict(line.split(":", 1) for line in res.stdout.splitlines() if ":" in line)
     assert int(lines["Successful requests"]) == 6, res.stdout[-1500:]
     assert 1.0 < float(lines["Accept length"]) <= 5.0, res.stdout[-1500:]
+    assert (tmp_path / "bench.jsonl").is_file()  # its results file, not in the working directory
