@@ -879,25 +879,3 @@ def test_recall_brings_back_the_start_head_when_training_ruined_it(make_rig, pre
     assert recalled[0]["sim_tau_candidate"] > 1.1  # judged as the start head, not the ruined one
     # The ruined head is kept in the library too (it may be what the next domain needs).
     assert [h.origin for h in rig.trainer.library.heads][:2] == ["start", "replaced"]
-
-
-def test_a_traffic_shift_archives_the_served_head(make_rig, pretrained_dir):
-    """Traffic the pretrained head knows, then traffic it does not: the drop of the training head's
-    figures on the newest sequences is a shift, and the served head goes into the library."""
-    rig = make_rig(pretrained_dir)
-    rig.start(rig.spec(tokens_per_step=64, publish_every=10_000, unroll=3, lr=1e-5, recall_window=4))
-    assert rig.drive(lambda: len(getattr(rig.trainer, "prequential", ())) >= 12)
-    assert rig.snap()["shifts_seen"] == 0  # the same traffic: no shift
-    strange = [f"zq {i} xv {i * 7} kk {i * 13} wj" for i in range(6)]
-    deadline = time.monotonic() + 25
-    while time.monotonic() < deadline and rig.snap()["shifts_seen"] == 0:
-        rig._check()
-        rig.engine.generate(strange, SamplingParams(max_new_tokens=MAX_NEW))
-        while time.monotonic() < deadline and not rig.caught_up():
-            time.sleep(0.01)
-    rig.finish()
-    assert rig.snap()["shifts_seen"] >= 1
-    lib = rig.trainer.library.heads
-    assert [h.origin for h in lib][:2] == ["start", "shift"]
-    _, served = _store_state(rig.store)  # nothing was published: the served head is version 1
-    assert torch.equal(lib[1].state["fc.weight"], served["fc.weight"])
