@@ -21,7 +21,6 @@ from aurora_sgl.trainer.checkpoints import newest_checkpoint, save_checkpoint
 from aurora_sgl.trainer.config import TrainerConfig
 from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_per_start, simulated_tau_sums
 from aurora_sgl.trainer.loop import Trainer
-from aurora_sgl.trainer.recall import HeadLibrary, shift_detected
 from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
 from aurora_sgl.training.batches import HeadBatch, Sequence
@@ -825,57 +824,3 @@ def test_a_request_that_ends_after_its_prompt_still_trains_on_it():
     st.close_all()
     starts = sorted(int(s.tokens[0]) - 100 for s, _ in st.take())
     assert 4 in starts  # p's last 8 prompt positions (4..11) became a sequence
-
-
-# ---- recall ------------------------------------------------------------------------------------
-def test_head_library_keeps_pinned_heads_evicts_the_oldest_and_holds_copies():
-    lib = HeadLibrary(3)
-    live = {"w": torch.zeros(2)}
-    assert lib.add(live, "start", pinned=True)
-    live["w"] += 1  # the trainer keeps training the head it archived: the copy must not move
-    for i in range(4):
-        assert lib.add({"w": torch.full((2,), float(i))}, "shift")
-    assert [(h.origin, h.pinned, h.state["w"][0].item()) for h in lib.heads] == [
-        ("start", True, 0.0),
-        ("shift", False, 2.0),
-        ("shift", False, 3.0),
-    ]
-    assert not HeadLibrary(0).add(live, "shift")
-    full = HeadLibrary(1)
-    assert full.add(live, "start", pinned=True) and not full.add(live, "shift")
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_shift_detection_matches_a_naive_comparison_of_window_means(seed):
-    gen = torch.Generator().manual_seed(seed)
-    window, drop = 4, 0.2
-    for n in range(2 * window - 1, 4 * window):
-        sums = [
-            (float(torch.rand(1, generator=gen)) * 40, int(torch.randint(5, 20, (1,), generator=gen))) for _ in range(n)
-        ]
-        ratio = lambda part: sum(s for s, _ in part) / sum(c for _, c in part)  # noqa: E731
-        naive = n >= 2 * window and ratio(sums[-window:]) < (1 - drop) * ratio(sums[:-window])
-        assert shift_detected(sums, window, drop) == naive
-
-
-@pytest.mark.parametrize("library", [3, 0])
-def test_recall_brings_back_the_start_head_when_training_ruined_it(make_rig, pretrained_dir, published, library):
-    """A destructive lr ruins the training head within a few steps; with a library the start head
-    (far better on the newest sequences) is copied back and published, without one it is not."""
-    rig = make_rig(pretrained_dir)
-    _, start = _store_state(rig.store)
-    rig.start(rig.spec(tokens_per_step=64, publish_every=2, unroll=3, lr=0.3, recall_library=library, recall_window=4))
-    assert rig.drive(lambda: rig.trainer.attempts >= 4)
-    rig.finish()
-    s, history = rig.snap(), list(rig.trainer.history)
-    as_start = [v for v, st in published if v >= 2 and torch.equal(st["fc.weight"], start["fc.weight"])]
-    if not library:
-        assert s["recalls"] == 0 and not any(h["recalled"] for h in history) and not as_start
-        return
-    assert s["recalls"] >= 1, (s, history)
-    recalled = [h for h in history if h["recalled"]]
-    assert recalled[0]["recalled"] == "start" and recalled[0]["published"], history
-    assert recalled[0]["version"] in as_start  # exactly the start weights went out
-    assert recalled[0]["sim_tau_candidate"] > 1.1  # judged as the start head, not the ruined one
-    # The ruined head is kept in the library too (it may be what the next domain needs).
-    assert [h.origin for h in rig.trainer.library.heads][:2] == ["start", "replaced"]

@@ -86,10 +86,6 @@ class Metrics:
         )
         self.trainer_publishes = Gauge("aurora_trainer_publishes", "Draft versions the trainer published", registry=r)
         self.trainer_refused = Gauge("aurora_trainer_refused", "Candidates the trainer's guardrail refused", registry=r)
-        self.trainer_recalls = Gauge(
-            "aurora_trainer_recalls", "Times the trainer went back to an earlier head for returning traffic", registry=r
-        )
-        self.trainer_shifts = Gauge("aurora_trainer_shifts_seen", "Traffic shifts the trainer detected", registry=r)
         self.ring_drops = Gauge("aurora_ring_drops", "Records overwritten before the trainer read them", registry=r)
         self.swaps = Gauge("aurora_draft_swaps", "Draft weight swaps applied", registry=r)
         self.rollbacks = Gauge("aurora_draft_rollbacks", "Draft versions rolled back", registry=r)

@@ -165,8 +165,6 @@ def render_metrics(ctx: ServingContext) -> bytes:
         metrics.trainer_positions_ratio.set(positions_ratio(ts))
         metrics.trainer_publishes.set(ts.get("publishes") or 0)
         metrics.trainer_refused.set(ts.get("refused") or 0)
-        metrics.trainer_recalls.set(ts.get("recalls") or 0)
-        metrics.trainer_shifts.set(ts.get("shifts_seen") or 0)
     return metrics.render()
 
 

@@ -62,16 +62,6 @@ class TrainerConfig:
     guardrail_on: str = "fresh"
     holdout_fraction: float = 0.1  # "held_out": share of sequences kept out of training
     holdout_capacity: int = 16  # sequences the guardrail judges on (the newest)
-    # Recall (trainer/recall.py): a library of earlier heads -- the one training started from and
-    # the served head of each domain the traffic left -- scored on the newest `recall_window`
-    # sequences at each publish round; one ahead of the training head by `recall_margin` is copied
-    # into it. 0: off. Needs guardrail_on "fresh" (the newest sequences, scored as they arrive).
-    recall_library: int = 3
-    recall_margin: float = 0.25
-    recall_window: int = 8
-    # A shift (the served head is archived): the newest `recall_window` sequences score below
-    # (1 - shift_drop) x the ones before them.
-    shift_drop: float = 0.2
     checkpoint_every: int = 5  # publishes between checkpoints
     keep_checkpoints: int = 3
     vocab_refresh_every: int = 10  # publishes between draft-vocabulary refreshes
@@ -97,18 +87,13 @@ class TrainerConfig:
         for name in ("clip", "idle_sleep_s", "segment_idle_s", "heartbeat_s"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        for name in ("replay_reservoir", "recall_library"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in (
-            "weight_decay",
-            "rejected_weight",
-            "margin",
-            "recall_margin",
-            "replay_per_step",
-            "position_budget",
+        if (
+            not isinstance(self.replay_reservoir, int)
+            or isinstance(self.replay_reservoir, bool)
+            or self.replay_reservoir < 0
         ):
+            raise ValueError(f"replay_reservoir must be an integer >= 0, got {self.replay_reservoir!r}")
+        for name in ("weight_decay", "rejected_weight", "margin", "replay_per_step", "position_budget"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         for name in (
@@ -122,7 +107,6 @@ class TrainerConfig:
             "vocab_refresh_every",
             "read_batch",
             "replay_sequences",
-            "recall_window",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -133,7 +117,7 @@ class TrainerConfig:
             raise ValueError(f"max_sequence_tokens must be at least {MIN_SEQUENCE_TOKENS}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("holdout_fraction", "vocab_change_threshold", "shift_drop"):
+        for name in ("holdout_fraction", "vocab_change_threshold"):
             value = getattr(self, name)
             if not (_is_number(value) and 0 <= value < 1):
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")

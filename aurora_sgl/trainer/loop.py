@@ -38,7 +38,6 @@ from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.trainer.checkpoints import save_checkpoint, served_dtype
 from aurora_sgl.trainer.faults import faulty_state, finite_state
 from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_sums
-from aurora_sgl.trainer.recall import HeadLibrary, shift_detected
 from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
 from aurora_sgl.training.batches import HeadBatch, Sequence, draft_vocab_from_counts, train_step
@@ -139,12 +138,6 @@ class Trainer:
         # guardrail_on "fresh": (entry, training head's tau sums, served head's tau sums), each
         # scored when the sequence arrived, before any step learned from it.
         self.judged: deque[tuple[tuple[Sequence, torch.Tensor], tuple, tuple]] = deque(maxlen=self.cfg.holdout_capacity)
-        fresh = self.cfg.guardrail_on == "fresh"
-        self.library = HeadLibrary(self.cfg.recall_library if fresh else 0)
-        if spec.starts_pretrained:
-            self.library.add(self.head.serving_state(), "start", pinned=True)
-        # The training head's own figures on the newest sequences (prequential), for shift detection.
-        self.prequential: deque[tuple[float, int]] = deque(maxlen=4 * self.cfg.recall_window)
         self.counts = torch.zeros(self.vocab_size, dtype=torch.float64)
         log.info(
             "trainer ready: objective %s lr %g unroll %d, served version %d, head from %s",
@@ -383,50 +376,6 @@ class Trainer:
         mine = simulated_tau_sums(self.head, entries, self.cfg.unroll)
         served = self._sim_tau_sums(self.served_state, entries)
         self.judged.extend(zip(entries, mine, served))
-        if self.library.capacity:
-            self._watch_for_shift(mine)
-
-    def _watch_for_shift(self, mine: list[tuple[float, int]]) -> None:
-        """Archive the served head when the traffic leaves what it knows (recall.py)."""
-        self.prequential.extend(mine)
-        if not shift_detected(list(self.prequential), self.cfg.recall_window, self.cfg.shift_drop):
-            return
-        self.prequential.clear()  # the next shift is judged on sequences after this one
-        self.counters["shifts_seen"] += 1
-        if finite_state(self.served_state):
-            self.library.add(self.served_state, "shift")
-        log.info("traffic shift seen: the served head is kept for recall (%d in the library)", len(self.library))
-
-    def _recall(self) -> str | None:
-        """Copy the library head that does best on the newest sequences into the training head if
-        it beats the training head by `recall_margin`; returns that head's origin, or None."""
-        judged = list(self.judged)
-        newest = judged[-self.cfg.recall_window :]
-        if not len(self.library) or len(newest) < self.cfg.recall_window:
-            return None
-        entries = [e for e, _, _ in newest]
-        own = mean_of_sums(m for _, m, _ in newest)
-        scored = [(mean_of_sums(self._sim_tau_sums(h.state, entries)), h) for h in self.library.heads]
-        score, chosen = max(scored, key=lambda sh: -1.0 if sh[0] is None else sh[0][0])
-        if own is None or score is None or score[0] < own[0] + self.cfg.recall_margin:
-            return None
-        current = self.head.serving_state()
-        if finite_state(current):
-            self.library.add(current, "replaced")
-        self._load_into_head(chosen.state)
-        # The guardrail compares the training head's figures with the served head's: rescore them.
-        mine = self._sim_tau_sums(chosen.state, [e for e, _, _ in judged])
-        self.judged = deque(((e, m, s) for (e, _, s), m in zip(judged, mine)), maxlen=self.judged.maxlen)
-        self.prequential.clear()
-        self.counters["recalls"] += 1
-        log.info(
-            "recalled a %s head: sim tau %.3f vs the training head's %.3f on the newest %d sequences",
-            chosen.origin,
-            score[0],
-            own[0],
-            len(newest),
-        )
-        return chosen.origin
 
     def _sim_tau_sums(self, state: dict[str, torch.Tensor], entries: list) -> list[tuple[float, int]]:
         if not entries:
@@ -460,7 +409,6 @@ class Trainer:
             return False
         self.attempts += 1
         fault = self.inject.get(self.attempts)
-        recalled = self._recall() if fault is None else None  # before the candidate is taken
         state = faulty_state(self.head.serving_state(), fault, seed=self.cfg.seed + 7919 * self.attempts)
         entry = {
             "attempt": self.attempts,
@@ -470,7 +418,6 @@ class Trainer:
             "sim_tau_served": None,
             "published": False,
             "reason": None,
-            "recalled": recalled,
         }
         self.history.append(entry)
         # A corrupted buffer is a transport fault the guardrail cannot see: it always goes out.

@@ -30,8 +30,6 @@ class TrainerStatus(SharedSegment):
         "step_failures",
         "trained_positions",
         "recorded_positions",
-        "recalls",
-        "shifts_seen",
     )
     _FLOAT_FIELDS = ("heartbeat", "last_step_time", "loss", "sim_tau_candidate", "sim_tau_served")
     FIELDS = _FLOAT_FIELDS + COUNTERS
