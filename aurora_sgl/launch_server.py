@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-lr",
         type=float,
         default=None,
-        help="trainer learning rate (default 1e-3 from a random head, 3e-4 from a pretrained one)",
+        help="trainer learning rate (default 1e-3, from a random or a pretrained head)",
     )
     ap.add_argument("--checkpoint-dir", default=None, help="trainer checkpoints; a restart resumes from the newest")
     ap.add_argument(

@@ -409,7 +409,7 @@ def test_simulated_accept_length_of_a_head_matches_the_naive_loop():
 def test_config_validation():
     cfg = TrainerConfig()
     assert (cfg.objective, cfg.clip, cfg.unroll, cfg.tokens_per_step, cfg.publish_every) == ("kl", 2.5, 5, 64, 16)
-    assert cfg.resolved_lr(pretrained=False) == 1e-3 and cfg.resolved_lr(pretrained=True) == 3e-4
+    assert cfg.resolved_lr(pretrained=False) == 1e-3 and cfg.resolved_lr(pretrained=True) == 1e-3
     assert TrainerConfig(lr=3e-3).resolved_lr(True) == 3e-3
     assert TrainerConfig(inject=["nan@2", "random@4"]).inject_at() == {2: "nan", 4: "random"}
     for bad, match in (

@@ -14,13 +14,18 @@ INJECT_KINDS = ("nan", "random", "corrupt")
 _INJECT = re.compile(r"\s*(nan|random|corrupt)\s*@\s*(\d+)\s*\Z")
 MIN_SEQUENCE_TOKENS = 3
 GUARDRAIL_DATA = ("fresh", "held_out")
+# Higher than Aurora's 1e-4 / 1e-5 on GPUs because a trainer here takes far fewer steps per request.
+# A pretrained start learns at the same rate as a random one: 3e-4 (the default until 2026-12-02)
+# gained less after a shift on every tuning stream under a trainer budget (benchmarks/README.md,
+# traffic shift, "lr for a pretrained start"). Two names: Aurora's GPU setting differs.
+LR_FROM_RANDOM = 1e-3
+LR_FROM_PRETRAINED = 1e-3
 
 
 @dataclass
 class TrainerConfig:
     objective: str = "kl"  # "kl" | "kl_rejected" | "accept" (see losses.draft_loss)
-    # None: 1e-3 from a random head, 3e-4 from a pretrained one: higher than Aurora's 1e-4 / 1e-5 on
-    # GPUs because a CPU trainer takes far fewer steps per request (benchmarks/README.md, traffic shift).
+    # None: LR_FROM_RANDOM or LR_FROM_PRETRAINED (below).
     lr: float | None = None
     clip: float = 2.5  # gradient-norm clip
     weight_decay: float = 0.0  # AdamW
@@ -148,7 +153,7 @@ class TrainerConfig:
     def resolved_lr(self, pretrained: bool) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 3e-4 if pretrained else 1e-3
+        return LR_FROM_PRETRAINED if pretrained else LR_FROM_RANDOM
 
     @classmethod
     def from_dict(cls, d: dict | None) -> TrainerConfig:
