@@ -1,6 +1,6 @@
 """lm-evaluation-harness (`lm_eval`, its `local-completions` model) against the server, K = 4 and K = 0.
 
-    python -m venv --system-site-packages /tmp/lmeval_venv && /tmp/lmeval_venv/bin/pip install lm_eval
+    python -m venv --system-site-packages /tmp/lmeval_venv && /tmp/lmeval_venv/bin/pip install "lm_eval[api]"
     /tmp/lmeval_venv/bin/python benchmarks/lm_eval_server.py --out benchmarks/results/lm_eval/lm_eval.json
     /tmp/lmeval_venv/bin/python benchmarks/lm_eval_server.py --url http://127.0.0.1:30000 --out F.json
     /tmp/lmeval_venv/bin/python benchmarks/lm_eval_server.py --write-tasks-only
@@ -14,9 +14,13 @@ Two small tasks, written into `benchmarks/lm_eval_tasks/` from the shipped GSM8K
                     problem; acc and acc_norm.
 The script starts the server itself (the reference model, `--no-online`; K = 4 with the offline head
 and adaptive K off, then K = 0), one at a time, and runs both tasks against each through
-/v1/completions (token-id prompts, BOS added as the server adds it to text). Speculation must not
-change the scores: the per-sample loglikelihoods are compared (max |difference|) and the greedy
-generations must be identical. `--url` evaluates a running server instead (no comparison).
+/v1/completions (token-id prompts, BOS added as the server adds it to text), then the
+multiple-choice task again with `local-completions-ignore-eos`: the same model sending
+`ignore_eos: true` on its loglikelihood requests. lm_eval reads a continuation's logprobs as the
+echoed prompt's minus the last entry (the one generated token); when that token is EOS this server
+leaves it out, so stock `local-completions` loses the continuation's last token there.
+Speculation must not change the scores: the per-sample loglikelihoods are compared (max |difference|)
+and the greedy generations must be identical. `--url` evaluates a running server instead.
 """
 
 from __future__ import annotations
