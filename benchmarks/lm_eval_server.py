@@ -13,14 +13,15 @@ Two small tasks, written into `benchmarks/lm_eval_tasks/` from the shipped GSM8K
                     "####"; the choices are the gold number and three other numbers of the same
                     problem; acc and acc_norm.
 The script starts the server itself (the reference model, `--no-online`; K = 4 with the offline head
-and adaptive K off, then K = 0), one at a time, and runs both tasks against each through
-/v1/completions (token-id prompts, BOS added as the server adds it to text), then the
-multiple-choice task again with `local-completions-ignore-eos`: the same model sending
-`ignore_eos: true` on its loglikelihood requests. lm_eval reads a continuation's logprobs as the
-echoed prompt's minus the last entry (the one generated token); when that token is EOS this server
-leaves it out, so stock `local-completions` loses the continuation's last token there.
-Speculation must not change the scores: the per-sample loglikelihoods are compared (max |difference|)
-and the greedy generations must be identical. `--url` evaluates a running server instead.
+and adaptive K off, then K = 0), one at a time, and runs both tasks against each with stock
+`local-completions` through /v1/completions (token-id prompts, BOS added as the server adds it to
+text). lm_eval reads a continuation's logprobs as the echoed prompt's minus the last entry (the one
+generated token), which is right when the server keeps a generated EOS in the output with its
+logprob, as SGLang does (here the model's next token is EOS after almost every `#### <number>`).
+Each multiple-choice loglikelihood is checked against transformers' own forward over the same
+tokens (lm_eval's encoding), and speculation must not change the scores: K = 4's loglikelihoods are
+compared with K = 0's (max |difference|) and the greedy generations must be identical. `--url`
+evaluates a running server instead.
 """
 
 from __future__ import annotations
@@ -169,32 +170,6 @@ def write_tasks(n_gen: int, n_mc: int, max_gen_toks: int) -> dict:
     return {"source": "gsm8k/test.jsonl", "seed": SEED, "gen_rows": idx[:n_gen], "mc_rows": idx[n_gen:]}
 
 
-def _register_ignore_eos_model() -> str:
-    """`local-completions` whose loglikelihood requests also send `ignore_eos: true` (SGLang's
-    sampling field), so that the one token they ask for is returned even when it is EOS."""
-    from lm_eval.api.registry import get_model, register_model
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-    name = "local-completions-ignore-eos"
-    try:
-        get_model(name)
-        return name
-    except ValueError:
-        pass
-
-    @register_model(name)
-    class _IgnoreEos(LocalCompletionsAPI):
-        def _create_payload(self, messages, generate=False, gen_kwargs=None, seed=1234, eos=None, **kwargs):
-            body = super()._create_payload(
-                messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos, **kwargs
-            )
-            if not generate:
-                body["ignore_eos"] = True
-            return body
-
-    return name
-
-
 def evaluate(url: str, model: str, tasks: list[str], num_concurrent: int, limit: int | None) -> dict:
     """`tasks` against one server with lm_eval's `model`; its scores and the per-sample responses."""
     import lm_eval
@@ -228,15 +203,18 @@ def evaluate(url: str, model: str, tasks: list[str], num_concurrent: int, limit:
         fewshot_random_seed=SEED,
     )
     wall = time.perf_counter() - t0
-    samples = {}
+    samples, requests = {}, {}
     for task in tasks:
-        per_doc = {}
+        per_doc, args = {}, {}
         for s in out["samples"][task]:
             if task.endswith("_mc"):  # one (loglikelihood, is_greedy) per choice
                 per_doc[s["doc_id"]] = [[float(r[0][0]), bool(r[0][1])] for r in s["resps"]]
+                args[s["doc_id"]] = [list(a) for a in s["arguments"]]
             else:
                 per_doc[s["doc_id"]] = s["resps"][0][0]
         samples[task] = [per_doc[d] for d in sorted(per_doc)]
+        if args:
+            requests[task] = [args[d] for d in sorted(args)]
     res = out["results"]
     scores = {t: {k: v for k, v in res[t].items() if isinstance(v, float) and "_stderr" not in k} for t in tasks}
     stderr = {t: {k: v for k, v in res[t].items() if "_stderr" in k} for t in tasks}
@@ -248,6 +226,7 @@ def evaluate(url: str, model: str, tasks: list[str], num_concurrent: int, limit:
         "stderr": stderr,
         "model_args": args,
         "samples": samples,
+        "requests": requests,
     }
 
 
@@ -291,11 +270,41 @@ def server_stats(url: str) -> dict | None:
 
 
 def run_server(url: str, args) -> dict:
-    """Both tasks with stock `local-completions`, and the multiple-choice task again with
-    `ignore_eos` on its loglikelihood requests."""
+    """Both tasks with stock `local-completions`."""
     stock = evaluate(url, "local-completions", TASKS, args.num_concurrent, args.limit)
-    fixed = evaluate(url, _register_ignore_eos_model(), [TASKS[1]], args.num_concurrent, args.limit)
-    return {"local_completions": stock, "ignore_eos": fixed, "server_stats": server_stats(url)}
+    return {"local_completions": stock, "server_stats": server_stats(url)}
+
+
+def reference_loglikelihoods(model_args: dict, requests: list[list], threads: int = 1) -> list[list]:
+    """transformers' (loglikelihood, is_greedy) per [doc][choice] for the multiple-choice requests
+    (context, continuation), tokenized by lm_eval itself (`_encode_pair`, BOS as configured), and
+    whether the model's greedy token after the whole sequence is EOS (the token lm_eval's request
+    generates and drops)."""
+    import torch
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from transformers import AutoModelForCausalLM
+
+    from aurora_sgl import reference_model_path
+
+    torch.set_num_threads(threads)  # more threads than free cores: 20x slower on a shared machine
+    lm = LocalCompletionsAPI(**{**model_args, "tokenizer": reference_model_path()})
+    model = AutoModelForCausalLM.from_pretrained(reference_model_path(), dtype=torch.float32).eval()
+    eos = lm.tokenizer.eos_token_id
+    out = []
+    with torch.no_grad():
+        for doc in requests:
+            rows = []
+            for context, continuation in doc:
+                ctx, cont = lm._encode_pair(context, continuation)
+                ids = torch.tensor([ctx + cont])
+                lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+                rows_lp = lp[len(ctx) - 1 : -1]
+                target = torch.tensor(cont)
+                ll = float(rows_lp.gather(1, target.unsqueeze(1)).sum())
+                greedy = bool((rows_lp.argmax(-1) == target).all())
+                rows.append([ll, greedy, int(lp[-1].argmax()) == eos])
+            out.append(rows)
+    return out
 
 
 def main() -> None:
@@ -307,7 +316,7 @@ def main() -> None:
     ap.add_argument("--max-gen-toks", type=int, default=64)
     ap.add_argument("--num-concurrent", type=int, default=4)
     ap.add_argument("--limit", type=int, help="lm_eval's limit: first N docs of each task")
-    ap.add_argument("--threads", type=int, default=1, help="the started servers' torch threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads: the started servers' and the reference's")
     ap.add_argument("--write-tasks-only", action="store_true")
     args = ap.parse_args()
 
@@ -360,9 +369,18 @@ def main() -> None:
         "runs": runs,
     }
     mc = TASKS[1]
-    for run in runs.values():  # stock loglikelihoods that lack their last token (the server answered EOS)
-        run["stock_vs_ignore_eos"] = compare_ll(
-            run["local_completions"]["samples"][mc], run["ignore_eos"]["samples"][mc]
+    first = next(iter(runs.values()))["local_completions"]
+    t0 = time.perf_counter()
+    ref = reference_loglikelihoods(first["model_args"], first["requests"][mc], args.threads)
+    result["transformers_reference"] = {
+        "what": "loglikelihood and is_greedy of each choice by transformers (float32) over lm_eval's tokens",
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "generated_token_is_eos": sum(c[2] for d in ref for c in d),
+        "samples": [[c[:2] for c in d] for d in ref],
+    }
+    for run in runs.values():
+        run["vs_transformers"] = compare_ll(
+            run["local_completions"]["samples"][mc], result["transformers_reference"]["samples"]
         )
     if "k4" in runs and "k0" in runs:
         k4, k0 = runs["k4"], runs["k0"]
@@ -373,34 +391,30 @@ def main() -> None:
             "mc_local_completions": compare_ll(
                 k4["local_completions"]["samples"][mc], k0["local_completions"]["samples"][mc]
             ),
-            "mc_ignore_eos": compare_ll(k4["ignore_eos"]["samples"][mc], k0["ignore_eos"]["samples"][mc]),
-            "scores_equal": k4["local_completions"]["scores"] == k0["local_completions"]["scores"]
-            and k4["ignore_eos"]["scores"] == k0["ignore_eos"]["scores"],
+            "scores_equal": k4["local_completions"]["scores"] == k0["local_completions"]["scores"],
         }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
-    print(f"\n{'server':<6} {'model':<29} {'task':<17} {'metric':<22} {'value':>7}")
+    print(f"\n{'server':<6} {'task':<17} {'metric':<22} {'value':>7}")
     for name, run in runs.items():
-        for part in ("local_completions", "ignore_eos"):
-            for task, metrics in run[part]["scores"].items():
-                for metric, v in metrics.items():
-                    print(f"{name:<6} {run[part]['model']:<29} {task:<17} {metric:<22} {v:>7.3f}")
-        c = run["stock_vs_ignore_eos"]
+        for task, metrics in run["local_completions"]["scores"].items():
+            for metric, v in metrics.items():
+                print(f"{name:<6} {task:<17} {metric:<22} {v:>7.3f}")
+        c = run["vs_transformers"]
         print(
-            f"{name:<6} stock loglikelihoods differing from ignore_eos's: {c['loglikelihoods'] - c['exactly_equal']}"
-            f" of {c['loglikelihoods']}; wall {run.get('wall_s', '-')} s"
+            f"{name:<6} loglikelihoods vs transformers: max |diff| {c['max_abs_diff']:.3g} over {c['loglikelihoods']}, "
+            f"is_greedy differs on {c['is_greedy_differ']}, pick differs on {c['argmax_differ']}; "
+            f"wall {run.get('wall_s', '-')} s"
         )
+    print(f"requests whose generated token is EOS: {result['transformers_reference']['generated_token_is_eos']}")
     if "k4_vs_k0" in result:
         c = result["k4_vs_k0"]
-        for part in ("mc_local_completions", "mc_ignore_eos"):
-            print(
-                f"K=4 vs K=0 {part}: max |diff| {c[part]['max_abs_diff']:.3g} over {c[part]['loglikelihoods']} "
-                f"({c[part]['exactly_equal']} exactly equal), argmax differs on {c[part]['argmax_differ']}"
-            )
+        m = c["mc_local_completions"]
         print(
-            f"K=4 vs K=0 generations identical {c['gen']['identical']}/{c['gen']['docs']}; "
-            f"scores equal: {c['scores_equal']}"
+            f"K=4 vs K=0 loglikelihoods: max |diff| {m['max_abs_diff']:.3g} over {m['loglikelihoods']} "
+            f"({m['exactly_equal']} exactly equal), pick differs on {m['argmax_differ']}; generations identical "
+            f"{c['gen']['identical']}/{c['gen']['docs']}; scores equal: {c['scores_equal']}"
         )
     print(f"wall {result['wall_s']} s; wrote {args.out}")
 
