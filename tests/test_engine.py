@@ -2,6 +2,7 @@
 `generate`, exact sampling, stop conditions, streaming, records and continuous batching."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ def hf_greedy(model, ref_tokenizer):
         ids = ref_tokenizer(p, return_tensors="pt").input_ids
         gen = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=ref_tokenizer.pad_token_id)
         seq = gen[0, ids.shape[1] :].tolist()
-        if ref_tokenizer.eos_token_id in seq:
-            seq = seq[: seq.index(ref_tokenizer.eos_token_id)]
+        if ref_tokenizer.eos_token_id in seq:  # the EOS is the last output id (SGLang keeps it)
+            seq = seq[: seq.index(ref_tokenizer.eos_token_id) + 1]
         outs.append(seq)
     return outs
 
@@ -163,9 +164,14 @@ def test_stop_conditions(model, ref_tokenizer, hf_greedy):
     ref = hf_greedy[0]
     out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=5))[0]
     assert out["output_ids"] == ref[:5] and out["meta_info"]["finish_reason"] == "length"
-    # stop token id: the 4th greedy token
+    # stop token id: the 4th greedy token, kept as the last output id (SGLang's output_ids and
+    # completion_tokens) and left out of the text (SGLang's detokenizer trims the matched stop)
+    stop_at = ref.index(ref[3])
     out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW, stop_token_ids=(ref[3],)))[0]
-    assert out["output_ids"] == ref[: ref.index(ref[3])] and out["meta_info"]["finish_reason"] == "stop"
+    assert out["output_ids"] == ref[: stop_at + 1] and out["meta_info"]["finish_reason"] == "stop"
+    assert out["meta_info"]["matched_stop"] == ref[3] and out["meta_info"]["completion_tokens"] == stop_at + 1
+    assert out["text"] == ref_tokenizer.decode(ref[:stop_at], skip_special_tokens=True)
+    assert out["text"] != ref_tokenizer.decode(ref[: stop_at + 1], skip_special_tokens=True)  # its text is trimmed
     # stop string: text of tokens 5..7 of the greedy output
     full = ref_tokenizer.decode(ref, skip_special_tokens=True)
     stop = ref_tokenizer.decode(ref[5:7], skip_special_tokens=True)
@@ -176,6 +182,76 @@ def test_stop_conditions(model, ref_tokenizer, hf_greedy):
     # max_new_tokens = 0 returns nothing
     out = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=0))[0]
     assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == "length"
+
+
+EOS_BIAS = 2.0  # on the tiny model: EOS becomes the greedy token after 2..21 tokens on some prompts
+
+
+def test_a_request_ending_on_eos_keeps_it_with_its_logprob(model, ref_tokenizer, trained_head_dir):
+    """SGLang 0.5.23 appends a token before it checks the finish (Req.update_finish_state): the
+    EOS is the last output id, has its logprob (and top logprobs), counts in completion_tokens,
+    and is not in the text. K = 4 (EOS as the verify step's bonus token) equals K = 0."""
+    eos = ref_tokenizer.eos_token_id
+    params = SamplingParams(max_new_tokens=MAX_NEW, logit_bias={eos: EOS_BIAS}, return_logprob=True, top_logprobs_num=3)
+    runs = {}
+    for k in (0, 4):
+        eng = _engine(model, ref_tokenizer, k, max_running_requests=8, draft_model_path=trained_head_dir if k else None)
+        runs[k] = eng.generate(PROMPTS, params)
+        assert not eng.running and not eng.waiting
+    ended = 0
+    for prompt, a, b in zip(PROMPTS, runs[0], runs[4]):
+        assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
+        ids = b["output_ids"]
+        vals, lp_ids = b["logprobs"]["output_token_logprobs"]
+        assert lp_ids == ids and len(vals) == len(b["logprobs"]["output_top_logprobs"]) == len(ids)
+        assert all(abs(x - y) <= 1e-4 for x, y in zip(vals, a["logprobs"]["output_token_logprobs"][0], strict=True))
+        assert b["meta_info"]["completion_tokens"] == len(ids)
+        if b["meta_info"]["finish_reason"] != "stop":
+            assert eos not in ids
+            continue
+        ended += 1
+        assert ids[-1] == eos and eos not in ids[:-1] and b["meta_info"]["matched_stop"] == eos
+        assert math.isfinite(vals[-1]) and vals[-1] < -1.0  # the EOS's own logprob (biased by 2 only)
+        assert b["text"] == ref_tokenizer.decode(ids[:-1]) and ref_tokenizer.eos_token not in b["text"]
+        # streamed: the same ids, EOS in the last increment, the same text
+        eng_stream = list(eng.stream(prompt, params))
+        assert [t for c in eng_stream for t in c["token_ids"]] == ids
+        assert eng_stream[-1]["token_ids"][-1] == eos and eng_stream[-1]["text"] == b["text"]
+    assert ended >= 3 and any(len(o["output_ids"]) > 5 for o in runs[4] if o["meta_info"]["finish_reason"] == "stop")
+
+
+def test_commit_keeps_the_stop_token_and_nothing_after_it(model, ref_tokenizer):
+    """A verify step can accept drafts past a stop token: the stop token is the last output id, what
+    follows is dropped; a stop token that is the max_new_tokens-th token still finishes with "stop"
+    (SGLang checks the stop token before the length); ignore_eos makes EOS an ordinary token."""
+    eng = _engine(model, ref_tokenizer, 0)
+    eos = ref_tokenizer.eos_token_id
+    a, b, c = ref_tokenizer(" the cat sat", add_special_tokens=False)["input_ids"][:3]
+
+    def commit(tokens, **params):
+        r = eng.add_request(PROMPTS[0], SamplingParams(**params))
+        appended = eng._commit(r, tokens)
+        assert r.output_ids == appended[: len(r.output_ids)]  # a stop string may cut what was appended
+        return r
+
+    r = commit([a, eos, b], max_new_tokens=10)
+    assert r.output_ids == [a, eos] and (r.finish_reason, r.matched_stop) == ("stop", eos)
+    assert eng.output_text(r) == ref_tokenizer.decode([a])
+    r = commit([a, eos, b], max_new_tokens=2)
+    assert r.output_ids == [a, eos] and (r.finish_reason, r.matched_stop) == ("stop", eos)
+    r = commit([a, eos], max_new_tokens=1)
+    assert r.output_ids == [a] and r.finish_reason == "length"
+    r = commit([a, eos, b], max_new_tokens=10, ignore_eos=True)
+    assert r.output_ids == [a, eos, b] and not r.finished
+    r = commit([a, b, c], max_new_tokens=10, stop_token_ids=(b,))
+    assert r.output_ids == [a, b] and (r.finish_reason, r.matched_stop) == ("stop", b)
+    assert eng.output_text(r) == ref_tokenizer.decode([a]) != ref_tokenizer.decode([a, b])
+    # a stop string in the same step wins, and cuts the output before the stop token
+    word = ref_tokenizer.decode([b]).strip()
+    r = commit([a, b, eos], max_new_tokens=10, stop=[word])
+    assert r.output_ids == [a, b] and (r.finish_reason, r.matched_stop) == ("stop", word)
+    full = ref_tokenizer.decode([a, b])
+    assert eng.output_text(r) == full[: full.index(word)]
 
 
 def test_context_length_caps_generation_and_rejects_long_prompts(model, ref_tokenizer):

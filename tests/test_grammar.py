@@ -113,10 +113,29 @@ def test_constrained_greedy_equals_k0_and_follows_the_grammar(engines, constrain
             assert re.fullmatch(r"say [a-z]+ [a-z]+\.", o["text"]), o["text"]
 
 
-def test_grammar_with_ignore_eos_ends_at_the_grammar_end(engines):
+def test_grammar_with_ignore_eos_ends_at_the_grammar_end(engines, ref_tokenizer):
+    """The grammar's stop token ends the request even under ignore_eos: it is the last output id and
+    the matched stop (SGLang: FINISH_MATCHED_TOKEN(output_ids[-1]) when the grammar terminates)."""
+    eos = ref_tokenizer.eos_token_id
     for k in (0, 4):
         out = engines[k].generate(PROMPTS[0], SamplingParams(max_new_tokens=30, regex="abc", ignore_eos=True))[0]
         assert out["text"] == "abc" and out["meta_info"]["finish_reason"] == "stop", out
+        assert out["output_ids"][-1] == eos and out["meta_info"]["matched_stop"] == eos, out
+
+
+def test_a_grammar_ending_on_eos_keeps_it_and_stops_there(engines, ref_tokenizer):
+    """Without ignore_eos the grammar's end is the EOS: in output_ids (the grammar accepted it, the
+    request is not aborted), not in the text; K = 4 equals K = 0."""
+    eos = ref_tokenizer.eos_token_id
+    sp = SamplingParams(max_new_tokens=30, regex="abc")
+    want = engines[0].generate(PROMPTS[:4], sp)
+    for k in (0, 4):
+        outs = engines[k].generate(PROMPTS[:4], sp)
+        assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in want]
+        for o in outs:
+            assert o["text"] == "abc" and o["output_ids"][-1] == eos, o
+            assert (o["meta_info"]["finish_reason"], o["meta_info"]["matched_stop"]) == ("stop", eos)
+            assert o["meta_info"]["completion_tokens"] == len(o["output_ids"])
 
 
 def _exact_constrained(model, tok, compiled, prompt, params, length: int) -> dict:
@@ -124,7 +143,7 @@ def _exact_constrained(model, tok, compiled, prompt, params, length: int) -> dic
     as the reference), each position masked then sampled with `params`."""
     ids = tok(prompt, return_tensors="pt").input_ids
     t, tp, tk = torch.tensor([params.temperature]), torch.tensor([params.top_p]), torch.tensor([params.top_k])
-    dist, ended = {(): 1.0}, Counter()  # ended: outputs that stopped (the stop token is not output)
+    dist, ended = {(): 1.0}, Counter()  # ended: outputs that stopped (the stop token is their last id)
     with torch.no_grad():
         for _ in range(length):
             longer = {}
@@ -138,7 +157,7 @@ def _exact_constrained(model, tok, compiled, prompt, params, length: int) -> dic
                 probs = probs_from_logits(logits, t, tp, tk)[0]
                 for b in probs.nonzero().flatten().tolist():
                     if b == tok.eos_token_id:
-                        ended[prefix] += mass * float(probs[b])
+                        ended[prefix + (b,)] += mass * float(probs[b])
                     else:
                         longer[prefix + (b,)] = mass * float(probs[b])
             dist = longer

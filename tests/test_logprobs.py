@@ -384,6 +384,121 @@ def test_openai_completions_echo_logprobs(server, k0):
         client.completions.create(model=NAME, prompt=prompt, max_tokens=1, suffix="x")
 
 
+# Contexts after which the reference model's greedy next token is EOS: a finished GSM8K answer, and
+# a question whose greedy answer ends with EOS after some 70 tokens (so the K = 4 server drafts there).
+EOS_NEXT = "Question: Sam has 5 pens and buys 3 more. How many pens does he have?\nAnswer: 5 + 3 = 8\n#### 8"
+ENDS_ON_EOS = (
+    "Question: There are 90 rooms at the KozyInn Motel. It takes housekeeping 20 minutes to clean each room. "
+    "How many hours would it take to clean one-half of the rooms?\nAnswer:"
+)
+
+
+def _streamed_logprobs(chunks) -> list:
+    return [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+
+
+def test_a_loglikelihood_request_whose_generated_token_is_eos(server, k0):
+    """lm-evaluation-harness's local-completions loglikelihood request -- token ids (BOS added),
+    echo, max_tokens 1, logprobs 1 -- reads token_logprobs[ctxlen:-1], the last entry being the
+    generated token. When that token is EOS it must be there (SGLang keeps the EOS in output_ids
+    with its logprob and counts it in completion_tokens); the text shows neither it nor the BOS."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    eng = k0.engine
+    eos = eng.tokenizer.eos_token_id
+    ids = eng.encode(EOS_NEXT)
+    assert ids[0] == eng.tokenizer.bos_token_id
+    out_ids, ref = k0(ids, max_new_tokens=1, top_logprobs_num=1, logprob_start_len=0)
+    assert out_ids == [eos]  # the greedy next token
+    req = dict(model=NAME, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    r = client.completions.create(**req)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(ids) + 1
+    assert math.isfinite(lp.token_logprobs[-1]) and lp.token_logprobs[-1] < 0
+    _close(lp.token_logprobs, ref["input_token_logprobs"][0] + ref["output_token_logprobs"][0])
+    assert lp.tokens[-1] == eng.tokenizer.eos_token and list(lp.top_logprobs[-1].values()) == [lp.token_logprobs[-1]]
+    assert c.text == EOS_NEXT and c.finish_reason == "stop"  # echo as SGLang: special tokens skipped
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 1)
+    chunks = list(client.completions.create(**req, stream=True, stream_options={"include_usage": True}))
+    _close(_streamed_logprobs(chunks), lp.token_logprobs)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    assert chunks[-1].usage.completion_tokens == 1
+    # native: output_ids, completion_tokens, finish_reason {"type": "stop", "matched": eos}, text ""
+    import httpx
+
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True}
+    got = httpx.post(server.url + "/generate", json=body, timeout=60).json()
+    meta = got["meta_info"]
+    assert got["output_ids"] == [eos] and got["text"] == "" and meta["completion_tokens"] == 1
+    assert meta["finish_reason"] == {"type": "stop", "matched": eos}
+    _close([t[0] for t in meta["output_token_logprobs"]], ref["output_token_logprobs"][0])
+
+
+def test_a_long_generation_ending_on_eos_equals_k0(server, k0):
+    """At K = 4 the EOS arrives in a verify step: the same ids (EOS last), logprobs, text and usage as
+    the K = 0 engine, blocking and streamed."""
+    import httpx
+    from openai import OpenAI
+
+    eng = k0.engine
+    eos = eng.tokenizer.eos_token_id
+    out_ids, ref = k0(ENDS_ON_EOS, max_new_tokens=128)
+    assert out_ids[-1] == eos and eos not in out_ids[:-1] and len(out_ids) > 20
+    text = eng.tokenizer.decode(out_ids[:-1])
+    body = {"text": ENDS_ON_EOS, "sampling_params": {"max_new_tokens": 128, "temperature": 0}, "return_logprob": True}
+    got = httpx.post(server.url + "/generate", json=body, timeout=120).json()
+    meta = got["meta_info"]
+    assert got["output_ids"] == out_ids and got["text"] == text and meta["completion_tokens"] == len(out_ids)
+    assert meta["spec_verify_ct"] > 0 and meta["finish_reason"] == {"type": "stop", "matched": eos}
+    _close([t[0] for t in meta["output_token_logprobs"]], ref["output_token_logprobs"][0])
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    req = dict(model=NAME, prompt=ENDS_ON_EOS, max_tokens=128, temperature=0, logprobs=0)
+    r = client.completions.create(**req)
+    assert r.choices[0].text == text and r.usage.completion_tokens == len(out_ids)
+    _close(r.choices[0].logprobs.token_logprobs, ref["output_token_logprobs"][0])
+    chunks = list(client.completions.create(**req, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+    assert chunks[-1].usage.completion_tokens == len(out_ids)
+    _close(_streamed_logprobs(chunks), ref["output_token_logprobs"][0])
+    with httpx.stream("POST", server.url + "/generate", json=dict(body, stream=True), timeout=120) as s:
+        import json
+
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["output_ids"] == out_ids and events[-1]["text"] == text
+    assert all(eng.tokenizer.eos_token not in e["text"] for e in events)
+
+
+def test_a_matched_stop_token_id_is_kept_in_the_ids_not_in_the_text(server, k0):
+    """stop_token_ids: the matched id ends output_ids (SGLang's finish_reason matched: id) and its
+    text is trimmed, native and OpenAI, blocking and streamed; K = 4 equals K = 0."""
+    import httpx
+    from openai import OpenAI
+
+    eng = k0.engine
+    prompt = SERVER_PROMPTS[0]
+    free, _ = k0(prompt, max_new_tokens=16)
+    stop = free[4]
+    assert stop not in eng.eos_ids
+    out_ids, ref = k0(prompt, max_new_tokens=16, stop_token_ids=(stop,))
+    assert out_ids == free[: free.index(stop) + 1] and len(ref["output_token_logprobs"][0]) == len(out_ids)
+    text = eng.tokenizer.decode(out_ids[:-1])
+    assert text != eng.tokenizer.decode(out_ids)
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": 16, "temperature": 0, "stop_token_ids": [stop]}}
+    got = httpx.post(server.url + "/generate", json=body, timeout=60).json()
+    assert got["output_ids"] == out_ids and got["text"] == text
+    assert got["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert got["meta_info"]["completion_tokens"] == len(out_ids)
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    req = dict(model=NAME, prompt=prompt, max_tokens=16, temperature=0, extra_body={"stop_token_ids": [stop]})
+    r = client.completions.create(**req)
+    assert r.choices[0].text == text and r.usage.completion_tokens == len(out_ids)
+    chunks = list(client.completions.create(**req, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+    assert chunks[-1].usage.completion_tokens == len(out_ids)
+
+
 def test_sglang_select(server, k0):
     """SGLang's frontend `select` scores each choice with return_logprob / logprob_start_len on
     /generate; it picks what the target's own logprobs pick."""

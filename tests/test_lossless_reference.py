@@ -39,8 +39,8 @@ def setup(ref_tokenizer):
                 torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=ref_tokenizer.pad_token_id
             )
         seq = out[0, len(p) :].tolist()
-        if ref_tokenizer.eos_token_id in seq:
-            seq = seq[: seq.index(ref_tokenizer.eos_token_id)]
+        if ref_tokenizer.eos_token_id in seq:  # the EOS is the last output id (SGLang keeps it)
+            seq = seq[: seq.index(ref_tokenizer.eos_token_id) + 1]
         refs.append(seq)
     return model, prompts, refs
 

@@ -88,11 +88,12 @@ def test_greedy_with_controls_equals_k0(engines, controls):
 
 
 def test_min_new_tokens_holds_off_eos_under_speculation(engines, ref_tokenizer):
-    eos = str(ref_tokenizer.eos_token_id)
-    assert all(out == [] for out in _greedy(engines[0], logit_bias={eos: 100.0}))  # eos at once
+    eos = ref_tokenizer.eos_token_id
+    assert all(out == [eos] for out in _greedy(engines[0], logit_bias={str(eos): 100.0}))  # eos at once
     for k in (0, 1, 3):
-        outs = _greedy(engines[k], logit_bias={eos: 100.0}, min_new_tokens=5)
-        assert all(len(out) == 5 for out in outs), (k, outs)
+        outs = _greedy(engines[k], logit_bias={str(eos): 100.0}, min_new_tokens=5)
+        # five tokens, then the EOS (the last output id, as SGLang keeps it)
+        assert all(len(out) == 6 and out[-1] == eos and eos not in out[:5] for out in outs), (k, outs)
 
 
 def _exact_with_controls(model, tok, prompt, params, stop_ids, length: int = 3) -> dict:

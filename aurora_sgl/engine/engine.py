@@ -116,6 +116,19 @@ class Request:
         del self.output_logprobs[n:], self.output_top_logprobs[n:], self.output_token_ids_logprobs[n:]
 
     @property
+    def ended_on_stop_token(self) -> bool:
+        """Finished by a stop token (EOS, a stop_token_ids id, or the token that ended a grammar),
+        which is the last output id: SGLang's FINISH_MATCHED_TOKEN."""
+        return self.finish_reason == "stop" and isinstance(self.matched_stop, int)
+
+    @property
+    def text_ids(self) -> list[int]:
+        """The output ids the text is decoded from: all but a matched stop token, which stays in
+        output_ids (with its logprob, counted in completion_tokens) but not in the text, as
+        SGLang's detokenizer trims it (trim_matched_stop; no_stop_trim is not offered)."""
+        return self.output_ids[:-1] if self.ended_on_stop_token else self.output_ids
+
+    @property
     def accept_length(self) -> float:
         """tau = 1 + accepted drafts per verify step (includes the bonus token)."""
         return 1.0 + self.drafts_accepted / self.verify_ct if self.verify_ct else 0.0
@@ -392,7 +405,9 @@ class Engine:
         head attends to when it drafts, not only the generated positions."""
         records = []
         for i, (r, n) in enumerate(zip(reqs, lens)):
-            if r.finished and not r.output_ids:
+            if r.finished and (
+                not r.output_ids or (len(r.output_ids) == 1 and self._is_stop_token(r, r.output_ids[0]))
+            ):
                 continue  # max_new_tokens == 0 or EOS first: no continuation to learn from
             first = 0
             if self.record_prompt_tokens is not None:
@@ -709,25 +724,38 @@ class Engine:
             logits[i] = controlled.to(logits.dtype)
 
     # ---- commit and stop conditions ---------------------------------------------------------
+    def _is_stop_token(self, r: Request, tok: int) -> bool:
+        return (tok in self.eos_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids
+
     def _commit(self, r: Request, new_tokens: list[int]) -> list[int]:
-        """Append tokens until a stop condition; returns what was appended."""
+        """Append tokens until the request finishes; returns what was appended. SGLang 0.5.23's
+        order (Req.update_finish_state): a token is appended, then checked, so the EOS or a matched
+        stop_token_ids id is the last output id -- with its logprob, counted in completion_tokens,
+        left out of the text (Request.text_ids) -- and a stop token beats the length limit the same
+        token reaches; the grammar's end comes after the length limit. Nothing after the finishing
+        token is appended (a verify step can accept drafts past it), and it is never fed back."""
         p = r.params
         appended = []
         for tok in new_tokens:
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-                r.state, r.finish_reason, r.matched_stop = "done", "stop", tok
+            stop_tok = self._is_stop_token(r, tok)
+            if r.grammar is not None and not r.grammar.accept(tok) and not stop_tok:
+                # Every committed token was allowed by its row's mask: only a bug between masks
+                # and matcher gets here. A stop token ends the request whatever the grammar says
+                # (SGLang checks the finish before it advances the grammar).
+                log.error("request %s: the grammar refused a committed token; ending the request", r.id)
+                r.state, r.finish_reason = "done", "abort"
                 break
             r.output_ids.append(tok)
             appended.append(tok)
+            if stop_tok:
+                r.state, r.finish_reason, r.matched_stop = "done", "stop", tok
+                break
             if len(r.output_ids) >= p.max_new_tokens or r.last_position + 1 >= self.context_length:
                 r.state, r.finish_reason = "done", "length"
                 break
-        if r.grammar is not None and appended:
-            if not r.grammar.advance(appended):
-                log.error("request %s: the grammar refused a committed token; ending the request", r.id)
-                r.state, r.finish_reason = "done", "abort"
-            elif r.grammar.terminated and not r.finished:  # the stop token, kept by ignore_eos
-                r.state, r.finish_reason = "done", "stop"
+            if r.grammar is not None and r.grammar.terminated:  # the stop token, kept by ignore_eos
+                r.state, r.finish_reason, r.matched_stop = "done", "stop", tok
+                break
         if p.stop and appended:
             self._check_stop_strings(r, len(appended))
         elif appended or r.finished:
@@ -735,10 +763,12 @@ class Engine:
         return appended
 
     def _check_stop_strings(self, r: Request, n_new: int) -> None:
+        """SGLang's order: a stop string in the new text beats a stop token committed in the same
+        step (the token's own text counts, as SGLang decodes it with the tail)."""
         text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
         hits = [(text.find(s), s) for s in r.params.stop if s in text]
         if not hits:
-            r.text = text
+            r.text = None if r.ended_on_stop_token else text
             return
         cut, s = min(hits)
         # Keep the fewest tokens whose text reaches the stop string; the text ends before it.
@@ -754,7 +784,7 @@ class Engine:
 
     def output_text(self, r: Request) -> str:
         if r.text is None or not r.params.stop:
-            r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+            r.text = self.tokenizer.decode(r.text_ids, skip_special_tokens=True)
         return r.text
 
     # ---- blocking and streaming APIs --------------------------------------------------------

@@ -115,6 +115,10 @@ class RequestGrammar:
         allowed[filled:] = True
         return allowed
 
+    def accept(self, tok: int) -> bool:
+        """Advance over one committed token; False (the matcher unchanged) if the grammar refuses it."""
+        return self.matcher.accept_token(tok)
+
     def advance(self, committed: list[int]) -> bool:
         """Accept the tokens the step committed (each was allowed by its row's mask); False if the
         grammar refused one, which only a bug between masks and matcher can cause."""

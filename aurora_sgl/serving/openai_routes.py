@@ -243,7 +243,9 @@ def register_openai_routes(app: FastAPI, ctx: ServingContext) -> None:
         prompts = await ctx.encode_all(raw)
         echo_texts = None
         if body.echo:
-            echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in raw]
+            # SGLang's echo: a text prompt as sent, a token-id prompt decoded without its special
+            # tokens (the BOS a client adds does not show in the text).
+            echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(p, skip_special_tokens=True) for p in raw]
         return await run_openai(
             ctx, request, body, prompts, "completion", OPENAI_DEFAULT_MAX_TOKENS, echo_texts=echo_texts
         )

@@ -42,7 +42,15 @@ def generate_sequences(
     ]
     outs = engine.generate(prompts, params)
     ids = [engine.encode(p) for p in prompts]
-    return [p + o["output_ids"] for p, o in zip(ids, outs)], [len(p) for p in ids]
+    return [p + _without_stop_token(o) for p, o in zip(ids, outs)], [len(p) for p in ids]
+
+
+def _without_stop_token(out: dict) -> list[int]:
+    """The output ids up to a matched stop token (EOS), which output_ids keeps as SGLang does: the
+    sequences (and the heads trained on them) stay what they were before it was kept."""
+    meta = out["meta_info"]
+    ended = meta["finish_reason"] == "stop" and isinstance(meta["matched_stop"], int)
+    return out["output_ids"][:-1] if ended else out["output_ids"]
 
 
 def train_head_offline(
