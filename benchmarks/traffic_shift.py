@@ -225,7 +225,7 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                     meta["draft_version"],
                     steps,
                     now - t_start,
-                    engine.output_text(req),
+                    engine.output_text(req) if any(key in stream[i] for key in CONSTRAINTS) else None,
                 )
                 bar.update(1)
         wall = time.perf_counter() - t_start

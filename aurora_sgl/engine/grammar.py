@@ -120,9 +120,8 @@ class RequestGrammar:
         return self.matcher.accept_token(tok)
 
     def advance(self, committed: list[int]) -> bool:
-        """Accept the tokens the step committed (each was allowed by its row's mask); False if the
-        grammar refused one, which only a bug between masks and matcher can cause."""
-        return all(self.matcher.accept_token(tok) for tok in committed)
+        """`accept` over several tokens, stopping at the first the grammar refuses (False)."""
+        return all(self.accept(tok) for tok in committed)
 
 
 def _unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
