@@ -466,6 +466,15 @@ def test_every_field_of_sglangs_request_classes_is_honoured_or_refused(server):
         _assert_error(r, 400)
         assert name in r.json()["error"]["message"], (name, r.text[:300])
         refused.append(("sampling_params", name))
+    # The fields of SGLang's chat message, on a message: a template would drop them silently.
+    message_fields = set(sgl_openai.ChatCompletionMessageGenericParam.model_fields)
+    for name in sorted(message_fields - set(ours.ChatMessage.model_fields)):
+        body = {"messages": [{"role": "user", "content": "hi", name: probe}], "max_tokens": 2}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+        _assert_error(r, 400)
+        assert f"messages[0].{name}" in r.json()["error"]["message"], (name, r.text[:300])
+        refused.append(("message", name))
+    assert {"tool_calls", "tool_call_id", "name"} <= {n for where, n in refused if where == "message"}
     assert len(refused) > 60  # the walk really covered SGLang's classes
     # sampling_seed is SGLang's spelling of the seed: honoured as the seed.
     sampled = {"text": "def f(x):", "sampling_params": {"max_new_tokens": 8, "temperature": 1.0}}

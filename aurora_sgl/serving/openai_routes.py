@@ -33,10 +33,15 @@ def completion_prompts(body: CompletionRequest) -> list:
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:
-    """Messages with their content as one string (text parts joined). Any other kind of part is
-    refused by name: dropping an image silently would answer a different question."""
+    """Messages with their content as one string (text parts joined). Any other kind of part, and
+    any message field besides role and content, is refused by name: dropping an image or a tool
+    call silently would answer a different question."""
     messages = []
     for i, m in enumerate(body.messages):
+        unhonoured = sorted(name for name, value in (m.model_extra or {}).items() if value is not None)
+        if unhonoured:
+            fields = ", ".join(f"messages[{i}].{name}" for name in unhonoured)
+            raise APIError(400, f"not supported by this server: {fields}", code="unsupported_parameter")
         if isinstance(m.content, str):
             content = m.content
         else:

@@ -161,6 +161,10 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
+    # Other message fields (name, tool_calls, tool_call_id, reasoning_content, ...) are kept so
+    # that chat_messages can refuse them by name: the template would drop them without a word.
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["system", "user", "assistant"]
     content: StrictStr | list[dict[str, Any]]
 
