@@ -422,10 +422,12 @@ def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_
         reference_head_path(),
         "--trainer-device",
         "cuda:1",
+        "--tool-call-parser",  # SGLang's own flags pass through: tool calling is its API server's
+        "qwen25",
     ]
     args, passthrough = build_parser().parse_known_args(ours)
     resolve_defaults(args)
-    assert passthrough == ["--mem-fraction-static", "0.7"]
+    assert passthrough == ["--mem-fraction-static", "0.7", "--tool-call-parser", "qwen25"]
     got = build_server_args(args, passthrough, args.speculative_draft_model_path)
     want = prepare_server_args(
         [
@@ -451,6 +453,8 @@ def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_
             "info",
             "--mem-fraction-static",
             "0.7",
+            "--tool-call-parser",
+            "qwen25",
         ]
     )
     assert got == want
@@ -460,10 +464,11 @@ def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_
         got.speculative_eagle_topk,
         got.speculative_num_draft_tokens,
         got.mem_fraction_static,
-    ) == ("EAGLE3", 5, 1, 6, 0.7)
+        got.tool_call_parser,
+    ) == ("EAGLE3", 5, 1, 6, 0.7, "qwen25")
     # overridable: an explicit topk leaves SGLang's own draft-token default alone
     args, passthrough = build_parser().parse_known_args(
-        ours[:-2] + ["--speculative-num-steps", "3", "--speculative-eagle-topk", "4"]
+        ours[:-4] + ["--speculative-num-steps", "3", "--speculative-eagle-topk", "4"]
     )
     resolve_defaults(args)
     got = build_server_args(args, passthrough, reference_head_path())
