@@ -53,9 +53,12 @@ def test_greedy_is_lossless_for_every_k(model, ref_tokenizer, hf_greedy, trained
             max_running_requests=concurrency,
             draft_model_path=trained_head_dir if head == "trained" else None,
         )
-        outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
-        for prompt, out, ref in zip(PROMPTS, outs, hf_greedy):
-            assert out["output_ids"] == ref, (k, prompt)
+        # Batched, every prompt runs at every K (rows of one step at different lengths); alone,
+        # each K runs a third of them, so every prompt still meets two or three values of K.
+        chosen = range(len(PROMPTS)) if concurrency > 1 else range(k % 3, len(PROMPTS), 3)
+        outs = eng.generate([PROMPTS[i] for i in chosen], SamplingParams(max_new_tokens=MAX_NEW))
+        for i, out in zip(chosen, outs):
+            assert out["output_ids"] == hf_greedy[i], (k, PROMPTS[i])
         if k:
             taus.append(sum(o["meta_info"]["spec_accept_length"] for o in outs) / len(outs))
     if head == "trained":
