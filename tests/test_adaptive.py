@@ -8,6 +8,7 @@ import pytest
 from aurora_sgl.engine.adaptive import (
     AcceptanceWindow,
     AdaptiveK,
+    RequestAcceptance,
     StepCosts,
     bucket_of,
     calibrate,
@@ -166,6 +167,59 @@ def test_the_first_steps_draft_the_maximum_to_measure_the_head_and_a_pin_wins():
     assert ch.choose(1, version=0) == 0  # measured useless: no drafting
     assert ch.choose(1, version=0, pinned=4) == 4 and ch.decode_steps == 4
     assert ch.stats()["k_steps"] == {"0": 1, "1": 0, "2": 0, "3": 0, "4": 4}
+
+
+def test_request_acceptance_decays_old_steps_and_shrinks_to_the_global_rates():
+    q = RequestAcceptance(3)
+    glob = [0.9, 0.8, 0.7]
+    assert q.rates(0, glob) == glob  # nothing of its own yet
+    outcomes = [(3, 1), (2, 2), (3, 0), (1, 1)]
+    for drafted, accepted in outcomes:
+        q.add(0, drafted, accepted, decay=0.5)
+    # Naive: step t of n weighs decay ** (n - 1 - t); a step informs the positions it reached.
+    n = len(outcomes)
+    reached, hit = [0.0] * 3, [0.0] * 3
+    for t, (d, a) in enumerate(outcomes):
+        w = 0.5 ** (n - 1 - t)
+        for j in range(min(d, a + 1)):
+            reached[j] += w
+            hit[j] += w * (j < a)
+    assert q.reached == pytest.approx(reached) and q.accepted == pytest.approx(hit)
+    want = [(h + 4 * g) / (r + 4) for h, r, g in zip(hit, reached, glob)]
+    assert q.rates(0, glob, prior=4) == pytest.approx(want)
+    q.add(0, 0, 0, decay=0.5)  # a step without drafts changes nothing
+    assert q.reached == pytest.approx(reached)
+    # Another version: its outcomes were the old head's, so the request starts over.
+    assert q.rates(1, glob) == glob
+    q.add(1, 2, 0)
+    assert q.reached == [1.0, 0.0, 0.0] and q.accepted == [0.0, 0.0, 0.0]
+
+
+def test_each_request_drafts_by_its_own_outcomes_not_the_batch_average():
+    costs = {(b, k): 1.0 + 0.5 * k for b in (1, 2) for k in range(5)}
+    # Concurrency 1: the head drafted perfectly for the requests before; this one it cannot draft.
+    ch = _chooser(costs)
+    for _ in range(400):
+        ch.observe(1, 4, 3.0, [4])
+    new = RequestAcceptance(4)
+    assert ch.choose(1, version=0, requests=[new]) == 4  # nothing known of it: the global rates
+    picks = []
+    for _ in range(8):
+        k = ch.choose(1, version=0, requests=[new])
+        picks.append(k)
+        ch.observe(1, k, 1.0 + 0.5 * k, [0] if k else [], requests=[new])
+    # Its first-position rate falls below 0.5 (where no K pays here) after five of its own steps.
+    assert picks == [4] * 5 + [0] * 3, picks
+    assert ch.choose(1, version=0) == 4  # the global rates alone still say draft everything
+    # Batched: the step's K maximises the batch's expected tokens, request by request.
+    good, bad = RequestAcceptance(4), RequestAcceptance(4)
+    for _ in range(20):
+        good.add(0, 4, 4)
+        bad.add(0, 4, 0)
+    glob = ch.acceptance.rates()
+    per = [good.rates(0, glob), bad.rates(0, glob)]
+    want = max(range(5), key=lambda k: (sum(_naive_expected(r, k) for r in per) / costs[(2, k)], -k))
+    assert ch.choose(2, version=0, requests=[good, bad]) == want
 
 
 def test_calibrate_times_every_bucket_and_k():

@@ -3,12 +3,16 @@ committed tokens per second.
 
 Expected committed tokens per request at k drafts (a chain verify accepts a prefix):
     E(k) = 1 + sum_{j=1..k} prod_{i<=j} alpha_i,
-alpha_i = P(draft i accepted | drafts 1..i-1 accepted), estimated from the live outcomes of the
-served head over a window of recent request-steps (Beta(1, 1) prior: 0.5 where nothing is known).
+alpha_i = P(draft i accepted | drafts 1..i-1 accepted), estimated per request: the request's own
+outcomes under the served head (decayed as its text moves on), shrunk towards the rates of a
+window of recent request-steps of every request (Beta(1, 1) prior there: 0.5 where nothing is
+known). How well a head drafts depends on the text -- code, chat, a list -- far more than on the
+time of day: with one rate for the whole batch, a request that drafts well pays for the one that
+does not, and at concurrency 1 the choice lags one request behind the traffic.
 A step of k drafts at batch b costs cost(b, k) seconds: calibrated once at startup with the real
 forwards, then scaled by the median measured/calibrated ratio of recent steps (a loaded machine, a
-long context). The choice is argmax_k E(k) / cost(b, k), so K = 0 (no drafting) wins when the head is
-poor or the verify width is dear.
+long context). The choice is argmax_k sum over the batch's requests of E_i(k), over cost(b, k), so K = 0 (no
+drafting) wins when the head is poor or the verify width is dear.
 
 Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
 choice (at most K), so the served head keeps being measured and can earn its way back; every other
@@ -26,6 +30,12 @@ from collections import deque
 from collections.abc import Callable
 
 PRIOR_STEPS = 32  # after a swap, the old version's rates count as this many request-steps
+# A request's own outcomes against the global rates: the global rates count as REQUEST_PRIOR of its
+# request-steps, and each of its drafting steps fades the older ones by REQUEST_DECAY. Chosen on
+# the tuning traces (speed.py's prompts, general and code heads) by replaying K = 6 acceptance
+# traces through the policy, and checked on held-out streams (benchmarks/README.md, Adaptive K).
+REQUEST_PRIOR = 4.0
+REQUEST_DECAY = 0.9
 
 
 def expected_tokens(rates: list[float], k: int) -> float:
@@ -84,6 +94,33 @@ class AcceptanceWindow:
         self.reached = [r * scale for r in self.reached]
         self.accepted = [a * scale for a in self.accepted]
         self.steps.clear()
+
+
+class RequestAcceptance:
+    """One request's per-position outcomes under the served draft version, older steps decayed."""
+
+    def __init__(self, k_max: int):
+        self.version: int | None = None
+        self.reached = [0.0] * k_max
+        self.accepted = [0.0] * k_max
+
+    def add(self, version: int, drafted: int, accepted: int, decay: float = REQUEST_DECAY) -> None:
+        if version != self.version:  # a swap: the request's outcomes were the old head's
+            self.version = version
+            self.reached = [0.0] * len(self.reached)
+            self.accepted = [0.0] * len(self.accepted)
+        if drafted <= 0:
+            return
+        self.reached = [r * decay for r in self.reached]
+        self.accepted = [a * decay for a in self.accepted]
+        for j in range(min(drafted, accepted + 1, len(self.reached))):
+            self.reached[j] += 1
+            self.accepted[j] += j < accepted
+
+    def rates(self, version: int, global_rates: list[float], prior: float = REQUEST_PRIOR) -> list[float]:
+        if version != self.version:
+            return list(global_rates)
+        return [(a + prior * g) / (r + prior) for a, r, g in zip(self.accepted, self.reached, global_rates)]
 
 
 def bucket_of(batch: int, buckets: list[int]) -> int:
@@ -203,8 +240,16 @@ class AdaptiveK:
         self.explored = 0
         self.k_counts = [0] * (k_max + 1)  # decode steps per chosen K, since start
 
-    def choose(self, batch: int, version: int, pinned: int | None = None) -> int:
-        """K for the next step at this batch size; `pinned` overrides the choice (still counted)."""
+    def choose(
+        self,
+        batch: int,
+        version: int,
+        pinned: int | None = None,
+        requests: list[RequestAcceptance] | None = None,
+    ) -> int:
+        """K for the next step at this batch size; `pinned` overrides the choice (still counted).
+        `requests`: the batch's requests' own outcomes (without them, every request drafts at the
+        global rates)."""
         if version != self.version:
             if self.version is not None:
                 self.acceptance.new_version()
@@ -217,8 +262,10 @@ class AdaptiveK:
             best = self.k_max
         else:
             rates = self.acceptance.rates()
+            per_request = [q.rates(version, rates) for q in requests] if requests else [rates]
             cost = self.costs.costs_for(batch, self.k_max)
-            best = max(range(self.k_max + 1), key=lambda k: (expected_tokens(rates, k) / cost[k], -k))
+            tokens = [sum(expected_tokens(r, k) for r in per_request) for k in range(self.k_max + 1)]
+            best = max(range(self.k_max + 1), key=lambda k: (tokens[k] / cost[k], -k))
             if self.decode_steps % self.explore_every == 0:
                 down = best == self.k_max or (best > 0 and self.explored % 2 == 1)
                 best += -1 if down else 1
@@ -226,10 +273,21 @@ class AdaptiveK:
         self.k_counts[best] += 1
         return best
 
-    def observe(self, batch: int, k: int, seconds: float, accepted: list[int]) -> None:
+    def observe(
+        self,
+        batch: int,
+        k: int,
+        seconds: float,
+        accepted: list[int],
+        requests: list[RequestAcceptance] | None = None,
+    ) -> None:
+        """A decode step's time and, per request (in `requests`' order), its accepted drafts."""
         self.costs.observe(batch, k, seconds)
         for a in accepted:
             self.acceptance.add(k, a)
+        if requests and k:
+            for q, a in zip(requests, accepted):
+                q.add(self.version, k, a)
 
     def stats(self) -> dict:
         rates = self.acceptance.rates()

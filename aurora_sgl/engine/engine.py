@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aurora_sgl.engine.adaptive import AdaptiveK, StepCosts, calibrate
+from aurora_sgl.engine.adaptive import AdaptiveK, RequestAcceptance, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.engine.grammar import GrammarCompiler, RequestGrammar
 from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
@@ -72,6 +72,7 @@ class Request:
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)  # steps that drafted position j
     k_steps: list[int] = field(default_factory=list)  # decode steps per K chosen (adaptive)
+    acceptance: RequestAcceptance | None = None  # its own draft outcomes, for adaptive K
     grammar: RequestGrammar | None = None  # structured output (regex / json_schema / ebnf)
     draft_versions: set[int] = field(default_factory=set)
     head_hidden: torch.Tensor | None = None  # head state after the last extend: next draft's input
@@ -294,6 +295,7 @@ class Engine:
             accepted_per_position=[0] * self.k,
             drafted_per_position=[0] * self.k,
             k_steps=[0] * (self.k + 1),
+            acceptance=RequestAcceptance(self.k) if self.adaptive is not None else None,
             grammar=grammar,
         )
         with self._lock:
@@ -446,7 +448,9 @@ class Engine:
         # At T > 0 the text a seed gives depends on the K of every step; a choice made from timings
         # would make the same seed give different text. A seeded sampling request pins K instead.
         seeded = any(r.params.seed is not None and not r.params.greedy for r in reqs)
-        return self.adaptive.choose(len(reqs), self.draft_version, pinned=self.k if seeded else None)
+        return self.adaptive.choose(
+            len(reqs), self.draft_version, pinned=self.k if seeded else None, requests=[r.acceptance for r in reqs]
+        )
 
     def _decode_step(self, reqs: list[Request]) -> list[StepRecord]:
         k = self._choose_k(reqs)
@@ -463,7 +467,9 @@ class Engine:
             records = self._decode(reqs, k)
         if self.adaptive is not None:
             accepted = [r.num_accepted for r in records] if k else []
-            self.adaptive.observe(len(reqs), k, time.perf_counter() - t0, accepted)
+            self.adaptive.observe(
+                len(reqs), k, time.perf_counter() - t0, accepted, requests=[r.acceptance for r in reqs]
+            )
         return records
 
     def _catch_up(self, reqs: list[Request]) -> None:
