@@ -48,8 +48,8 @@ def run_hf(model, tokenizer, prompts, max_new, **generate_kwargs) -> dict:
                 ids, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id, **generate_kwargs
             )
             seq = g[0, ids.shape[1] :].tolist()
-            if tokenizer.eos_token_id in seq:
-                seq = seq[: seq.index(tokenizer.eos_token_id)]
+            if tokenizer.eos_token_id in seq:  # kept as the last token, as the engine and SGLang do
+                seq = seq[: seq.index(tokenizer.eos_token_id) + 1]
             outs.append(seq)
             tokens += len(seq)
         dt = time.perf_counter() - t0

@@ -228,9 +228,17 @@ class AdaptiveK:
     """The per-step choice of K (0..k_max) for the embedded engine."""
 
     def __init__(
-        self, k_max: int, costs: StepCosts, explore_every: int = 32, window: int = 512, warmup_steps: int = 16
+        self,
+        k_max: int,
+        costs: StepCosts,
+        explore_every: int = 32,
+        window: int = 512,
+        warmup_steps: int = 16,
+        request_prior: float = REQUEST_PRIOR,
+        request_decay: float = REQUEST_DECAY,
     ):
         self.k_max = k_max
+        self.request_prior, self.request_decay = request_prior, request_decay
         self.costs = costs
         self.explore_every = explore_every
         self.warmup_steps = warmup_steps
@@ -262,7 +270,7 @@ class AdaptiveK:
             best = self.k_max
         else:
             rates = self.acceptance.rates()
-            per_request = [q.rates(version, rates) for q in requests] if requests else [rates]
+            per_request = [q.rates(version, rates, self.request_prior) for q in requests] if requests else [rates]
             cost = self.costs.costs_for(batch, self.k_max)
             tokens = [sum(expected_tokens(r, k) for r in per_request) for k in range(self.k_max + 1)]
             best = max(range(self.k_max + 1), key=lambda k: (tokens[k] / cost[k], -k))
@@ -287,7 +295,7 @@ class AdaptiveK:
             self.acceptance.add(k, a)
         if requests and k:
             for q, a in zip(requests, accepted):
-                q.add(self.version, k, a)
+                q.add(self.version, k, a, self.request_decay)
 
     def stats(self) -> dict:
         rates = self.acceptance.rates()
@@ -296,6 +304,8 @@ class AdaptiveK:
             "k_steps": {str(k): n for k, n in enumerate(self.k_counts)},
             "explore_every": self.explore_every,
             "explored_steps": self.explored,
+            "request_prior": self.request_prior,
+            "request_decay": self.request_decay,
             "accept_rate_per_position": [round(a, 4) for a in rates],
             "expected_tokens_per_k": [round(expected_tokens(rates, k), 4) for k in range(self.k_max + 1)],
             "step_cost": self.costs.table(),
