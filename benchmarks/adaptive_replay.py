@@ -12,6 +12,8 @@ compared, so the estimate's settings are chosen here, where only the estimate di
    and report them on the check set, held-out streams (benchmarks/streams) nobody tuned on.
 
     python benchmarks/adaptive_replay.py --out benchmarks/results/adaptive/replay.json
+    python benchmarks/adaptive_replay.py --costs-from benchmarks/results/adaptive/per_request/speed_adaptive.json \
+        --out benchmarks/results/adaptive/replay_served_costs.json
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--tune-per-domain", type=int, default=8, help="prompts per tuning file (speed.py's 8)")
     ap.add_argument("--check-per-domain", type=int, default=6, help="prompts per held-out stream file")
+    ap.add_argument(
+        "--costs-from",
+        type=Path,
+        help="a speed.py result: replay with the step costs its adaptive engine learned while serving "
+        "(adaptive.step_cost.ms) instead of this machine's startup calibration",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -107,10 +115,13 @@ def main(argv=None) -> int:
         "check": benchmark_prompts(tok, args.check_per_domain, files=CHECK_FILES),
     }
     heads = {"general": reference_head_path(), "code": str(Path(reference_head_path()).parent / "code")}
-    # This machine's step costs: the startup calibration of an adaptive engine at K_max.
-    calibrated = Engine(
-        num_speculative_steps=args.k_max, max_running_requests=16, model=hf, tokenizer=tok, adaptive=True
-    ).adaptive.costs.calibrated
+    if args.costs_from:  # what a served run measured, e.g. {"b1_k0": 11.5, ...} in ms
+        ms = json.loads(args.costs_from.read_text())["adaptive"]["step_cost"]["ms"]
+        calibrated = {tuple(int(x[1:]) for x in key.split("_")): v / 1e3 for key, v in ms.items()}
+    else:  # this machine's step costs: the startup calibration of an adaptive engine at K_max
+        calibrated = Engine(
+            num_speculative_steps=args.k_max, max_running_requests=16, model=hf, tokenizer=tok, adaptive=True
+        ).adaptive.costs.calibrated
 
     traces = {}
     for hname, hpath in heads.items():
@@ -180,7 +191,8 @@ def main(argv=None) -> int:
             {
                 "k_max": args.k_max,
                 "max_new_tokens": args.max_new_tokens,
-                "calibrated_ms": {f"b{b}_k{k}": round(v * 1e3, 3) for (b, k), v in sorted(calibrated.items())},
+                "costs": str(args.costs_from) if args.costs_from else "startup calibration",
+                "step_ms": {f"b{b}_k{k}": round(v * 1e3, 3) for (b, k), v in sorted(calibrated.items())},
                 "tune_files": [str(f.relative_to(f.parents[1])) for f in DEFAULT_FILES],
                 "check_files": [str(f.relative_to(REPO)) for f in CHECK_FILES],
                 "summary": summary,

@@ -198,7 +198,7 @@ def test_request_acceptance_decays_old_steps_and_shrinks_to_the_global_rates():
 def test_each_request_drafts_by_its_own_outcomes_not_the_batch_average():
     costs = {(b, k): 1.0 + 0.5 * k for b in (1, 2) for k in range(5)}
     # Concurrency 1: the head drafted perfectly for the requests before; this one it cannot draft.
-    ch = _chooser(costs)
+    ch = AdaptiveK(4, StepCosts(costs), explore_every=1000, warmup_steps=0, request_prior=4, request_decay=0.9)
     for _ in range(400):
         ch.observe(1, 4, 3.0, [4])
     new = RequestAcceptance(4)
@@ -208,7 +208,8 @@ def test_each_request_drafts_by_its_own_outcomes_not_the_batch_average():
         k = ch.choose(1, version=0, requests=[new])
         picks.append(k)
         ch.observe(1, k, 1.0 + 0.5 * k, [0] if k else [], requests=[new])
-    # Its first-position rate falls below 0.5 (where no K pays here) after five of its own steps.
+    # Its first-position rate, 4 / (4 + sum of 0.9^i over its steps), falls below 0.5 (where no K
+    # pays here) after five of its own steps.
     assert picks == [4] * 5 + [0] * 3, picks
     assert ch.choose(1, version=0) == 4  # the global rates alone still say draft everything
     # Batched: the step's K maximises the batch's expected tokens, request by request.

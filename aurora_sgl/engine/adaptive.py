@@ -33,9 +33,10 @@ PRIOR_STEPS = 32  # after a swap, the old version's rates count as this many req
 # A request's own outcomes against the global rates: the global rates count as REQUEST_PRIOR of its
 # request-steps, and each of its drafting steps fades the older ones by REQUEST_DECAY. Chosen on
 # the tuning traces (speed.py's prompts, general and code heads) by replaying K = 6 acceptance
-# traces through the policy, and checked on held-out streams (benchmarks/README.md, Adaptive K).
-REQUEST_PRIOR = 4.0
-REQUEST_DECAY = 0.9
+# traces through this chooser under two cost tables, and checked on held-out streams
+# (benchmarks/adaptive_replay.py; benchmarks/README.md, Adaptive K).
+REQUEST_PRIOR = 2.0
+REQUEST_DECAY = 0.8
 
 
 def expected_tokens(rates: list[float], k: int) -> float:
