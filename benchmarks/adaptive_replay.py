@@ -12,7 +12,8 @@ compared, so the estimate's settings are chosen here, where only the estimate di
    and report them on the check set, held-out streams (benchmarks/streams) nobody tuned on.
 
     python benchmarks/adaptive_replay.py --out benchmarks/results/adaptive/replay.json
-    python benchmarks/adaptive_replay.py --costs-from benchmarks/results/adaptive/per_request/speed_adaptive.json \
+    python benchmarks/adaptive_replay.py \
+        --costs-from benchmarks/results/adaptive/per_request_prior4_decay0.9/speed_adaptive.json \
         --out benchmarks/results/adaptive/replay_served_costs.json
 """
 
