@@ -11,8 +11,8 @@ time of day: with one rate for the whole batch, a request that drafts well pays 
 does not, and at concurrency 1 the choice lags one request behind the traffic.
 A step of k drafts at batch b costs cost(b, k) seconds: calibrated once at startup with the real
 forwards, then scaled by the median measured/calibrated ratio of recent steps (a loaded machine, a
-long context). The choice is argmax_k sum over the batch's requests of E_i(k), over cost(b, k), so K = 0 (no
-drafting) wins when the head is poor or the verify width is dear.
+long context). The choice is argmax_k (sum over the batch's requests of E_i(k)) / cost(b, k), so
+K = 0 (no drafting) wins when the head is poor or the verify width is dear.
 
 Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
 choice (at most K), so the served head keeps being measured and can earn its way back; every other
