@@ -14,6 +14,7 @@ from aurora_sgl.engine.adaptive import (
     calibrate,
     chain_accept_length,
     expected_tokens,
+    expected_tokens_per_k,
 )
 
 
@@ -36,6 +37,7 @@ def test_expected_tokens_matches_the_chain_distribution():
         rates = [rng.random() for _ in range(6)]
         for k in range(7):
             assert expected_tokens(rates, k) == pytest.approx(_naive_expected(rates, k))
+        assert expected_tokens_per_k(rates, 6) == pytest.approx([_naive_expected(rates, k) for k in range(7)])
 
 
 def test_chain_accept_length_is_the_plain_mean_when_k_is_fixed_and_unbiased_when_it_varies():

@@ -17,6 +17,7 @@ from aurora_sgl.online.sidecar import OnlineTraining
 from aurora_sgl.serving.native_routes import training_health
 from aurora_sgl.trainer.checkpoints import newest_checkpoint
 from benchmarks.common.server import ServerProcess, owned_leftovers
+from benchmarks.traffic_shift import TrainerBudget
 
 MAX_NEW = 48
 WAVE = 8
@@ -28,16 +29,6 @@ def _code_prompts(tok, n):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     step = max(1, (len(ids) - 40) // n)
     return [ids[i * step : i * step + 16 + (i % 5) * 4] for i in range(n)]
-
-
-def _wait_for_trainer_budget(online: OnlineTraining, ratio: float, stall_s: float = 120.0) -> None:
-    """Lockstep with the trainer, as traffic_shift.py's --trainer-budget: the next wave waits until
-    `ratio` x the recorded positions have been trained, so how much the head learns per request does
-    not depend on how busy the machine is (the suite runs two workers on two cores)."""
-    deadline = time.monotonic() + stall_s
-    while (online.trainer_state().get("trained_positions") or 0) < ratio * online.flywheel.recorded_positions:
-        assert time.monotonic() < deadline, ("trainer stalled", online.trainer_state())
-        time.sleep(0.02)
 
 
 def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp_path):
@@ -65,9 +56,12 @@ def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp
     online.start()
     try:
         assert online.wait_for_trainer(120)
+        # Lockstep, as traffic_shift.py's --trainer-budget: how much the head learns per request does
+        # not depend on how busy the machine is (the suite runs two workers on two cores).
+        budget = TrainerBudget(2, stall_s=120)
         taus, outs = [], []
         for w in range(0, learn, WAVE):
-            _wait_for_trainer_budget(online, 2)  # ... and each wave waits until it has trained them
+            budget.wait(online.flywheel.recorded_positions, online.trainer_state)  # ... each wave waits for it
             res = engine.generate(prompts[w : w + WAVE], sp)
             outs += [o["output_ids"] for o in res]
             taus += [o["meta_info"]["spec_accept_length"] for o in res]

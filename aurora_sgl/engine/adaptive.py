@@ -48,6 +48,15 @@ def expected_tokens(rates: list[float], k: int) -> float:
     return total
 
 
+def expected_tokens_per_k(rates: list[float], k_max: int) -> list[float]:
+    """[E(0), ..., E(k_max)] in one pass (E(k) as `expected_tokens`)."""
+    out, run = [1.0], 1.0
+    for a in rates[:k_max]:
+        run *= a
+        out.append(out[-1] + run)
+    return out
+
+
 def chain_accept_length(steps: list[tuple[int, int]], k: int) -> float | None:
     """The accept length a chain of k drafts would have had, from steps of any width: each
     (drafted, accepted) step informs the positions it reached. When every step drafted k this is
@@ -273,7 +282,7 @@ class AdaptiveK:
             rates = self.acceptance.rates()
             per_request = [q.rates(version, rates, self.request_prior) for q in requests] if requests else [rates]
             cost = self.costs.costs_for(batch, self.k_max)
-            tokens = [sum(expected_tokens(r, k) for r in per_request) for k in range(self.k_max + 1)]
+            tokens = [sum(col) for col in zip(*(expected_tokens_per_k(r, self.k_max) for r in per_request))]
             best = max(range(self.k_max + 1), key=lambda k: (tokens[k] / cost[k], -k))
             if self.decode_steps % self.explore_every == 0:
                 down = best == self.k_max or (best > 0 and self.explored % 2 == 1)
@@ -308,7 +317,7 @@ class AdaptiveK:
             "request_prior": self.request_prior,
             "request_decay": self.request_decay,
             "accept_rate_per_position": [round(a, 4) for a in rates],
-            "expected_tokens_per_k": [round(expected_tokens(rates, k), 4) for k in range(self.k_max + 1)],
+            "expected_tokens_per_k": [round(e, 4) for e in expected_tokens_per_k(rates, self.k_max)],
             "step_cost": self.costs.table(),
         }
 
