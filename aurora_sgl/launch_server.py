@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--online", action=argparse.BooleanOptionalAction, default=True, help="train the draft head on served traffic"
     )
     ap.add_argument(
+        "--fallback-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="embedded, online, with --speculative-draft-model-path: keep that head frozen beside the live one; "
+        "a request whose prompt it predicts better drafts with it, so a domain the live head has forgotten "
+        "keeps the start head's speed (default on)",
+    )
+    ap.add_argument(
         "--trainer-device",
         default=None,
         help="default cpu embedded; sglang: the first GPU the server does not use (shared with a warning when "
@@ -132,6 +140,11 @@ def validate(args) -> str | None:
         return (
             "--speculative-adaptive is embedded-only: SGLang captures its CUDA graphs per step count, "
             "so --backend sglang drafts a fixed --speculative-num-steps"
+        )
+    if args.fallback_head and (args.backend == "sglang" or not args.online or not args.speculative_draft_model_path):
+        return (
+            "--fallback-head keeps the start head beside the live one: it needs the embedded backend, --online "
+            "and --speculative-draft-model-path (SGLang serves one draft model)"
         )
     if args.backend == "sglang" and args.speculative_num_steps == 0:
         return "--backend sglang runs EAGLE-3: --speculative-num-steps must be at least 1"
@@ -265,6 +278,7 @@ def serve(engine, args) -> int:
             trainer_device=args.trainer_device,
             checkpoint_dir=args.checkpoint_dir,
             init_head=args.resolved_draft_path,
+            fallback_to_start=args.fallback_head is not False,
             trainer_config=dict(
                 getattr(args, "trainer_overrides", {}), **({"lr": args.train_lr} if args.train_lr else {})
             ),

@@ -46,6 +46,7 @@ class StepRecord:
     draft_version: int
     prefill: bool = False  # prompt positions: no drafts, but context the trainer needs
     num_drafted: int | None = None  # drafts this step (adaptive K); None: all K
+    draft_head: int = 0  # 0: the live head drafted; i > 0: the engine's fallback head i (not in the ring)
 
 
 def chain_outcome(k: int, accepted: int, device: torch.device | str | None = None) -> torch.Tensor:

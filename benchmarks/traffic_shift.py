@@ -176,6 +176,7 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
             model_path=reference_model_path(),
             objective=args.objective,
             init_head=head,
+            fallback_to_start=args.fallback_head,
             trainer_config=args.trainer_config,
             trainer_threads=1,
         )
@@ -227,6 +228,7 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                     now - t_start,
                     engine.output_text(req) if any(key in stream[i] for key in CONSTRAINTS) else None,
                 )
+                rows[i]["draft_head"] = meta["spec_draft_head"]
                 bar.update(1)
         wall = time.perf_counter() - t_start
         extra = {"k_steps": k_steps, "adaptive": engine.adaptive.stats() if engine.adaptive else None}
@@ -353,6 +355,7 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                         now - t_start,
                         resp.json().get("text"),
                     )
+                    rows[item["index"]]["draft_head"] = meta.get("spec_draft_head")
                     bar.update(1)
 
             await asyncio.gather(*(one(item) for item in stream))
@@ -609,6 +612,12 @@ def parse_args(argv) -> argparse.Namespace:
         default=300.0,
         help="--trainer-budget: a trainer that makes no progress this long ends the run with an error",
     )
+    ap.add_argument(
+        "--no-fallback-head",
+        dest="fallback_head",
+        action="store_false",
+        help="online_static: no fallback to the static head (the engine drafts every request with the live head)",
+    )
     ap.add_argument("--static-head", default=str(STATIC_HEAD), help="head of the static / online_static arms")
     ap.add_argument("--offline-head", default=None, help="head of the offline arm (default: the reference head)")
     ap.add_argument("--url", default=None, help="drive a running server instead of in-process arms")
@@ -742,6 +751,7 @@ def main(argv=None) -> int:
             "concurrency": args.concurrency,
             "k": args.k,
             "fixed_k": args.fixed_k,
+            "fallback_head": args.fallback_head,
             "window": args.window,
             "objective": args.objective,
             "trainer_config": args.trainer_config,

@@ -41,6 +41,7 @@ import torch
 from aurora_sgl.engine.adaptive import AdaptiveK, RequestAcceptance, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.engine.grammar import GrammarCompiler, RequestGrammar
+from aurora_sgl.engine.head_choice import FALLBACK_MARGIN, SCORE_POSITIONS, choose_head, prompt_score
 from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
 from aurora_sgl.engine.penalties import controlled_logits, has_controls
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
@@ -77,6 +78,11 @@ class Request:
     draft_versions: set[int] = field(default_factory=set)
     head_hidden: torch.Tensor | None = None  # head state after the last extend: next draft's input
     head_logits: torch.Tensor | None = None
+    # Which head drafts it (0: the live head, i: engine.fallback_heads[i - 1]), chosen once its
+    # prompt is prefilled; and, until then, the prompt's last positions the choice scores heads on:
+    # (aux_hidden [n, 3H], the token after each [n], the target's greedy token at each [n]).
+    head_index: int = 0
+    head_score_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # Committed positions the draft head has not run over yet: (aux_hidden [n, 3H], the token
     # after each [n], first position), consecutive and oldest first.
     head_pending: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
@@ -167,6 +173,7 @@ class Request:
             ],
             "spec_k_steps": list(self.k_steps),
             "draft_version": max(self.draft_versions) if self.draft_versions else None,
+            "spec_draft_head": "live" if self.head_index == 0 else f"fallback{self.head_index}",
         }
 
 
@@ -234,6 +241,13 @@ class Engine:
         self.head_v = torch.zeros(shape, dtype=dtype, device=device)
         self.device = torch.device(device)
         self.draft_version = 0
+        # Frozen heads a request may draft with instead of the live one (engine/head_choice.py);
+        # online training keeps the head it started from here.
+        self.fallback_heads: list[Eagle3Head] = []
+        self.fallback_margin = FALLBACK_MARGIN
+        # Overrides the choice when set: (request, scores of the live head then each fallback) ->
+        # head index. Tests pin mixed batches with it, as k_policy pins K.
+        self.head_policy: Callable[[Request, list[float]], int] | None = None
 
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # running[i].slot == i, always
@@ -251,6 +265,19 @@ class Engine:
         if adaptive and self.k:
             costs = StepCosts(calibrate(self._synthetic_step, self.k, max_running_requests))
             self.adaptive = AdaptiveK(self.k, costs, explore_every)
+
+    def add_fallback_head(self) -> Eagle3Head:
+        """Keep a frozen copy of the head served now (weights and draft vocabulary) as a fallback:
+        swaps change the live head only. It shares the target's embedding, so it costs the head's
+        own weights."""
+        copy = Eagle3Head(self.head.config, self.head.embed_weight)
+        copy.load_serving_state(self.head.serving_state())
+        copy = copy.to(device=self.device, dtype=self.head_k.dtype).eval().requires_grad_(False)
+        self.fallback_heads.append(copy)
+        return copy
+
+    def draft_head(self, index: int) -> Eagle3Head:
+        return self.head if index == 0 else self.fallback_heads[index - 1]
 
     # ---- request intake ---------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -395,12 +422,41 @@ class Engine:
             for i, (r, n) in enumerate(zip(reqs, lens)):
                 if not r.finished:
                     r.head_pending.append((out.aux_hidden[i, :n], next_in[i, :n], starts[i]))
+            if self.fallback_heads:
+                self._keep_score_rows(reqs, lens, starts, next_in, out)
         for i in finishing:
             if not reqs[i].finished:
                 reqs[i].state = "decode"
+                if self.fallback_heads:
+                    self._choose_head(reqs[i])
         if not self.k or not self.record_sink:
             return []
         return self._prefill_records(reqs, lens, starts, tokens, next_in, out)
+
+    def _keep_score_rows(self, reqs, lens, starts, next_in, out) -> None:
+        """Keep the rows of this chunk among each prompt's last SCORE_POSITIONS positions, with
+        the target's greedy token at each (one lm_head over those rows only)."""
+        for i, (r, n) in enumerate(zip(reqs, lens)):
+            first = max(0, len(r.prompt_ids) - SCORE_POSITIONS - starts[i])
+            if r.finished or first >= n:
+                continue
+            greedy = self.target.hf.lm_head(out.final_hidden[i, first:n]).argmax(-1)
+            r.head_score_rows.append((out.aux_hidden[i, first:n], next_in[i, first:n], greedy))
+
+    def _choose_head(self, r: Request) -> None:
+        """Score every head on the prompt's last positions and pick the drafter (head_choice.py)."""
+        aux, following, greedy = (torch.cat(x) for x in zip(*r.head_score_rows))
+        r.head_score_rows = []
+        # Start t drafts x_{t+2}, which the target chose at t + 1; the last start's is not known yet.
+        target_next = torch.cat([greedy[1:], greedy.new_full((1,), -1)])
+        heads = [self.head, *self.fallback_heads]
+        scores = [prompt_score(h, aux, following, target_next, self.k) for h in heads]
+        if self.head_policy is not None:
+            r.head_index = int(self.head_policy(r, scores))
+            if not 0 <= r.head_index <= len(self.fallback_heads):
+                raise ValueError(f"head_policy chose {r.head_index}, outside [0, {len(self.fallback_heads)}]")
+        else:
+            r.head_index = choose_head(scores, self.fallback_margin)
 
     def _prefill_records(self, reqs, lens, starts, tokens, next_in, out) -> list[StepRecord]:
         """The prompt's positions, cut into record-sized pieces: the trainer needs the context the
@@ -481,6 +537,13 @@ class Engine:
                 aux, tok, start = zip(*r.head_pending)
                 todo.append((r, torch.cat(aux), torch.cat(tok), start[0]))
                 r.head_pending = []
+        by_head: dict[int, list] = {}
+        for entry in todo:
+            by_head.setdefault(entry[0].head_index, []).append(entry)
+        for index, entries in by_head.items():
+            self._catch_up_with(self.draft_head(index), entries)
+
+    def _catch_up_with(self, head: Eagle3Head, todo: list) -> None:
         done = 0
         while todo:
             width = min(self.chunk, max(a.shape[0] - done for _, a, _, _ in todo))
@@ -496,7 +559,7 @@ class Engine:
                 positions[i] = torch.arange(start + done, start + done + width)
                 lens.append(n)
             slots = torch.tensor([r.slot for r, _, _, _ in todo], device=self.device)
-            hidden = self.head.forward_cached(aux, tokens, positions.to(self.device), self.head_k, self.head_v, slots)
+            hidden = head.forward_cached(aux, tokens, positions.to(self.device), self.head_k, self.head_v, slots)
             left = []
             for i, (entry, n) in enumerate(zip(todo, lens)):
                 if entry[1].shape[0] - done > n:
@@ -504,7 +567,7 @@ class Engine:
                 else:
                     r = entry[0]
                     r.head_hidden = hidden[i, n - 1]
-                    r.head_logits = self.head.logits(r.head_hidden)
+                    r.head_logits = head.logits(r.head_hidden)
             todo, done = left, done + width
 
     def _synthetic_step(self, b: int, k: int) -> None:
@@ -529,6 +592,45 @@ class Engine:
         if k:
             ext = self.head.forward_cached(out.aux_hidden, tokens, positions, self.head_k, self.head_v, slots, srange)
             self.head.logits(ext[:, 0]).tolist()
+
+    # ---- the drafting heads of a batch ------------------------------------------------------
+    def _head_groups(self, reqs: list[Request]) -> list[tuple[Eagle3Head, torch.Tensor | None]]:
+        """[(head, the batch rows it drafts)]; rows None: one head drafts the whole batch."""
+        rows: dict[int, list[int]] = {}
+        for i, r in enumerate(reqs):
+            rows.setdefault(r.head_index, []).append(i)
+        if len(rows) == 1:
+            return [(self.draft_head(next(iter(rows))), None)]
+        return [(self.draft_head(h), torch.tensor(ix, device=self.device)) for h, ix in sorted(rows.items())]
+
+    def _heads_forward(self, groups, hidden, tokens, positions, slots, srange) -> torch.Tensor:
+        if groups[0][1] is None:
+            return groups[0][0].forward_cached(hidden, tokens, positions, self.head_k, self.head_v, slots, srange)
+        out = None
+        for head, rows in groups:
+            h = head.forward_cached(hidden[rows], tokens[rows], positions[rows], self.head_k, self.head_v, slots[rows])
+            out = h.new_empty((hidden.shape[0], *h.shape[1:])) if out is None else out
+            out[rows] = h
+        return out
+
+    def _heads_logits(self, groups, hidden: torch.Tensor) -> torch.Tensor:
+        if groups[0][1] is None:
+            return groups[0][0].logits(hidden)
+        out = None
+        for head, rows in groups:
+            logits = head.logits(hidden[rows])
+            out = logits.new_empty((hidden.shape[0], logits.shape[-1])) if out is None else out
+            out[rows] = logits
+        return out
+
+    def _heads_hot_ids(self, groups, b: int) -> torch.Tensor:
+        """[B, draft vocab]: the target id of each row's draft-vocabulary entries."""
+        if groups[0][1] is None:
+            return groups[0][0].hot_ids.expand(b, -1)
+        out = torch.empty(b, self.head.config.draft_vocab_size, dtype=torch.long, device=self.device)
+        for head, rows in groups:
+            out[rows] = head.hot_ids
+        return out
 
     def _batch_tensors(self, reqs: list[Request]):
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
@@ -596,7 +698,8 @@ class Engine:
         greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
         all_greedy = bool(greedy.all())
         temp, top_p, top_k = self._param_tensors(reqs)
-        hot = self.head.hot_ids
+        groups = self._head_groups(reqs)
+        hot = self._heads_hot_ids(groups, b)
         vocab = self.target.vocab_size
 
         # Draft: chain of K tokens, each step feeding the head its own hidden state.
@@ -605,16 +708,10 @@ class Engine:
         drafts, draft_probs = [], []
         for j in range(k):
             if j:
-                hidden = self.head.forward_cached(
-                    hidden.unsqueeze(1),
-                    drafts[-1].unsqueeze(1),
-                    (n + j - 1).unsqueeze(1),
-                    self.head_k,
-                    self.head_v,
-                    slots,
-                    srange,
+                hidden = self._heads_forward(
+                    groups, hidden.unsqueeze(1), drafts[-1].unsqueeze(1), (n + j - 1).unsqueeze(1), slots, srange
                 )[:, 0]
-                logits = self.head.logits(hidden)
+                logits = self._heads_logits(groups, hidden)
             choice = logits.argmax(-1)
             if not all_greedy:
                 q = probs_from_logits(logits, temp, top_p, top_k)
@@ -625,8 +722,8 @@ class Engine:
                 broken = ~torch.isfinite(q).all(-1)
                 if bool(broken.any()):
                     q[broken] = torch.nn.functional.one_hot(choice[broken], q.shape[-1]).to(q.dtype)
-                draft_probs.append(torch.zeros(b, vocab, device=dev).index_copy_(1, hot, q))
-            drafts.append(hot[choice])
+                draft_probs.append(torch.zeros(b, vocab, device=dev).scatter_(1, hot, q))
+            drafts.append(hot.gather(1, choice.unsqueeze(1))[:, 0])
         d = torch.stack(drafts, dim=1)  # [B, K]
 
         # Verify: x_n, d_1..d_K at positions n..n+K in one target forward.
@@ -659,12 +756,10 @@ class Engine:
         idx = torch.arange(k + 1, device=dev).unsqueeze(0)
         a = accepted.unsqueeze(1)
         ext_tokens = torch.where(idx < a, torch.cat([d, d[:, :1]], dim=1), next_tok.unsqueeze(1))
-        ext_hidden = self.head.forward_cached(
-            out.aux_hidden, ext_tokens, positions, self.head_k, self.head_v, slots, srange
-        )
+        ext_hidden = self._heads_forward(groups, out.aux_hidden, ext_tokens, positions, slots, srange)
         rows = torch.arange(b, device=dev)
         new_hidden = ext_hidden[rows, accepted]
-        new_logits = self.head.logits(new_hidden)
+        new_logits = self._heads_logits(groups, new_hidden)
 
         accepted_l, d_l, next_l = accepted.tolist(), d.tolist(), next_tok.tolist()
         outcome = torch.where(
@@ -705,6 +800,7 @@ class Engine:
                     final_hidden=out.final_hidden[i, : acc + 1],
                     draft_version=self.draft_version,
                     num_drafted=k,
+                    draft_head=r.head_index,
                 )
             )
         # Committed token j of this step (d_1..d_a, then the target's) sits at verify row j.

@@ -92,7 +92,8 @@ class Flywheel:
         self.recorded_positions += sum(r.input_tokens.numel() for r in records)
         for r in records:
             drafted = self.engine.k if r.num_drafted is None else r.num_drafted
-            if drafted and not r.prefill and r.request_id not in self._probe_stale:
+            # A fallback head's drafts say nothing about the live version (engine/head_choice.py).
+            if drafted and not r.prefill and r.draft_head == 0 and r.request_id not in self._probe_stale:
                 self._taus[r.draft_version].append((drafted, r.num_accepted))
 
     def live_accept_length(self, version: int) -> float | None:

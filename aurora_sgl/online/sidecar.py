@@ -36,6 +36,7 @@ class OnlineTraining:
         checkpoint_dir: str | None = None,
         trainer_threads: int = 1,
         init_head: str | None = None,
+        fallback_to_start: bool = True,
         trainer_config: dict | None = None,
         ring_records: int | None = None,
     ):
@@ -52,6 +53,10 @@ class OnlineTraining:
         self.ring = SignalRing.create("aurora_ring", ring_records, engine.k + 1, aux_dim, h, engine.k)
         self.store = WeightStore.create("aurora_weights", layout_of(engine.head.serving_state()))
         self.status = TrainerStatus.create("aurora_trainer")
+        # A pretrained start head stays as the engine's fallback (engine/head_choice.py): what it
+        # drafts well, the live head may forget. A random start has nothing to fall back to.
+        if fallback_to_start and init_head is not None:
+            engine.add_fallback_head()
         # Version 1 is what the engine serves now; the trainer starts from it.
         engine.draft_version = self.store.publish(engine.head.serving_state())
         self.flywheel = Flywheel(engine, self.ring, self.store)

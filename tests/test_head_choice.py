@@ -1,0 +1,192 @@
+"""The fallback head: how a request's drafting head is chosen (against naive references), and that
+batches drafted by several heads at once stay exact (greedy token for token, T > 0 in distribution)."""
+
+import pytest
+import torch
+
+from aurora_sgl.engine.engine import Engine
+from aurora_sgl.engine.head_choice import choose_head, prompt_score
+from aurora_sgl.engine.sampling import SamplingParams
+from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord
+from helpers import MAX_NEW, PROMPTS, exact_two_token_dist  # noqa: E402
+
+
+def _engine(model, tok, k=3, **kw):
+    kw.setdefault("prefill_chunk_size", 5)
+    return Engine(model=model, tokenizer=tok, num_speculative_steps=k, **kw)
+
+
+def _naive_choice(scores, margin):
+    live = scores[0]
+    better = [(s, -i) for i, s in enumerate(scores) if i and s > live + margin]
+    return -max(better)[1] if better else 0
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[2.0], [2.0, 2.04], [2.0, 2.06], [2.0, 2.06, 2.5], [2.0, 2.5, 2.5], [3.0, 1.0, 2.9], [1.0, 1.2, 1.1]],
+)
+def test_choose_head_is_the_best_fallback_only_past_the_margin(scores):
+    assert choose_head(scores, 0.05) == _naive_choice(scores, 0.05)
+
+
+def _naive_prompt_score(head, aux, following, target_next, k):
+    """For every start s: the head drafts as serving does -- teacher-forced over positions <= s in
+    a fresh cache, then its own chain -- and counts the drafts matching target_next[s], [s + 1], ..."""
+    hc = head.config
+    taus = []
+    for s in range(aux.shape[0]):
+        if target_next[s] < 0:
+            continue
+        kc = torch.zeros(1, hc.num_key_value_heads, aux.shape[0] + k + 1, hc.head_dim)
+        vc = torch.zeros_like(kc)
+        slots = torch.tensor([0])
+        hidden = head.forward_cached(
+            aux[None, : s + 1], following[None, : s + 1], torch.arange(s + 1)[None], kc, vc, slots
+        )
+        hidden = hidden[:, -1]
+        tau = 1
+        for j in range(k):
+            draft = head.hot_ids[head.logits(hidden).argmax(-1)]
+            if s + j >= len(target_next) or int(draft) != int(target_next[s + j]):
+                break
+            tau += 1
+            hidden = head.forward_cached(hidden[:, None], draft[:, None], torch.tensor([[s + j + 1]]), kc, vc, slots)
+            hidden = hidden[:, 0]
+        taus.append(tau)
+    return sum(taus) / len(taus)
+
+
+@torch.no_grad()
+def test_prompt_score_is_the_accept_length_serving_would_see(tiny_model, ref_tokenizer, tiny_head_dir):
+    eng = _engine(tiny_model, ref_tokenizer, draft_model_path=tiny_head_dir)
+    ids = ref_tokenizer(PROMPTS[1] + " " + PROMPTS[2])["input_ids"]
+    t = len(ids)
+    out = eng.target.forward(torch.tensor([ids]), torch.arange(t)[None], torch.tensor([0]))
+    greedy = out.logits[0].argmax(-1)
+    aux, following = out.aux_hidden[0, :-1], torch.tensor(ids[1:])
+    # The head's own greedy continuation makes long chains; the target's greedy choices are checked too.
+    for target_next in (
+        torch.cat([greedy[1:-1], torch.tensor([-1])]),
+        following.roll(-1).index_fill(0, torch.tensor([t - 2]), -1),
+    ):
+        got = prompt_score(eng.head, aux, following, target_next, 3)
+        want = _naive_prompt_score(eng.head, aux, following, target_next, 3)
+        assert got == pytest.approx(want, abs=1e-6)
+    assert prompt_score(eng.head, aux, following, torch.full_like(following, -1), 3) == 1.0
+
+
+def _mixed(model, tok, head_dir, **kw):
+    """An engine drafting with a random live head and the trained head as fallback, whose draft
+    vocabulary differs from the live head's; requests alternate between the two."""
+    eng = _engine(model, tok, draft_model_path=head_dir, **kw)
+    fallback = eng.add_fallback_head()
+    eng.head.reset_parameters(seed=5)
+    hot = torch.randperm(eng.head.config.vocab_size, generator=torch.Generator().manual_seed(3))
+    eng.head.set_draft_vocab(hot[: eng.head.config.draft_vocab_size])
+    assert not torch.equal(eng.head.hot_ids, fallback.hot_ids)
+    chosen = iter(range(10**6))
+    eng.head_policy = lambda r, scores: next(chosen) % 2
+    return eng
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_greedy_stays_lossless_when_a_batch_drafts_with_two_heads(
+    tiny_model, ref_tokenizer, tiny_head_dir, concurrency
+):
+    plain = _engine(tiny_model, ref_tokenizer, k=0)
+    sp = [SamplingParams(max_new_tokens=MAX_NEW - (i % 3) * 5) for i in range(len(PROMPTS))]  # finish apart
+    want = [o["output_ids"] for o in plain.generate(PROMPTS, sp)]
+    eng = _mixed(tiny_model, ref_tokenizer, tiny_head_dir, max_running_requests=concurrency)
+    outs = eng.generate(PROMPTS, sp)
+    assert [o["output_ids"] for o in outs] == want
+    heads = [o["meta_info"]["spec_draft_head"] for o in outs]
+    assert heads.count("live") and heads.count("fallback1"), heads
+    taus = {
+        h: [o["meta_info"]["spec_accept_length"] for o in outs if o["meta_info"]["spec_draft_head"] == h]
+        for h in set(heads)
+    }
+    # The trained fallback really drafted its requests (the random live head gets nothing accepted).
+    assert sum(taus["fallback1"]) / len(taus["fallback1"]) > sum(taus["live"]) / len(taus["live"]) + 0.3, taus
+
+
+def test_sampling_stays_exact_when_a_batch_drafts_with_two_heads(tiny_model, ref_tokenizer, tiny_head_dir):
+    params = dict(max_new_tokens=2, temperature=0.9, top_k=3, ignore_eos=True)
+    prompt = PROMPTS[0]
+    exact = exact_two_token_dist(tiny_model, ref_tokenizer, prompt, SamplingParams(**params))
+    eng = _mixed(tiny_model, ref_tokenizer, tiny_head_dir, max_running_requests=16)
+    n = 900
+    outs = eng.generate([prompt] * n, [SamplingParams(seed=s, **params) for s in range(n)])
+    assert {o["meta_info"]["spec_draft_head"] for o in outs} == {"live", "fallback1"}
+    counts = {}
+    for o in outs:
+        counts[tuple(o["output_ids"])] = counts.get(tuple(o["output_ids"]), 0) + 1
+    assert set(counts) <= set(exact)
+    cells = [c for c in exact if exact[c] * n >= 5]
+    chi2 = sum((counts.get(c, 0) - exact[c] * n) ** 2 / (exact[c] * n) for c in cells)
+    assert chi2 < 27.9, (chi2, len(cells))  # df <= 8 at p = 0.001
+
+
+def test_the_head_that_knows_the_prompt_drafts_it(tiny_model, ref_tokenizer, tiny_head_dir):
+    """Scored for real (no policy): a random live head hands every request to the trained fallback;
+    a trained live head keeps them all from a random fallback. The prompts end with text the trained
+    head has learned (the target's own continuation of the training prompts)."""
+    plain = _engine(tiny_model, ref_tokenizer, k=0)
+    prompts = [ref_tokenizer(p)["input_ids"] + o["output_ids"][:16] for p, o in zip(PROMPTS, plain.generate(PROMPTS))]
+    sp = SamplingParams(max_new_tokens=8)
+    eng = _engine(tiny_model, ref_tokenizer, draft_model_path=tiny_head_dir, max_running_requests=8)
+    eng.add_fallback_head()
+    eng.head.reset_parameters(seed=5)
+    assert {o["meta_info"]["spec_draft_head"] for o in eng.generate(prompts, sp)} == {"fallback1"}
+
+    eng = _engine(tiny_model, ref_tokenizer, draft_model_path=tiny_head_dir, max_running_requests=8)
+    eng.add_fallback_head().reset_parameters(seed=5)
+    assert {o["meta_info"]["spec_draft_head"] for o in eng.generate(prompts, sp)} == {"live"}
+
+
+def test_a_fallback_is_a_copy_the_live_heads_swaps_do_not_touch(tiny_model, ref_tokenizer, tiny_head_dir):
+    eng = _engine(tiny_model, ref_tokenizer, draft_model_path=tiny_head_dir)
+    fallback = eng.add_fallback_head()
+    before = {k: v.clone() for k, v in fallback.serving_state().items()}
+    with torch.no_grad():
+        for p in eng.head.serving_state().values():
+            p.zero_()  # what a swap does: copies into the live head's tensors
+    assert all(torch.equal(before[k], v) for k, v in fallback.serving_state().items())
+    assert fallback.embed_weight.data_ptr() == eng.head.embed_weight.data_ptr()  # the target's, shared
+
+
+def test_the_flywheel_judges_the_live_version_on_its_own_drafts_only(tiny_model, ref_tokenizer, tiny_head_dir):
+    from aurora_sgl.online.sidecar import OnlineTraining
+
+    eng = _engine(tiny_model, ref_tokenizer, draft_model_path=tiny_head_dir)
+    online = OnlineTraining(eng, model_path="unused", init_head=tiny_head_dir)
+    try:
+        assert len(eng.fallback_heads) == 1  # a pretrained start stays as the fallback
+
+        def record(head, accepted):
+            none = torch.full((eng.k,), NO_TOKEN)
+            return StepRecord(
+                request_id="r",
+                position=10,
+                draft_tokens=none,
+                target_tokens=none,
+                outcome=torch.full((eng.k,), Outcome.NOT_REACHED, dtype=torch.int8),
+                num_accepted=accepted,
+                committed=[1],
+                input_tokens=torch.ones(accepted + 1, dtype=torch.long),
+                next_tokens=torch.ones(accepted + 1, dtype=torch.long),
+                aux_hidden=torch.zeros(accepted + 1, 3 * 64),
+                final_hidden=torch.zeros(accepted + 1, 64),
+                draft_version=eng.draft_version,
+                num_drafted=eng.k,
+                draft_head=head,
+            )
+
+        online.flywheel.record_sink([record(0, 0), record(1, 3), record(1, 3)])
+        assert online.flywheel.live_accept_length(eng.draft_version) == pytest.approx(1.0)
+    finally:
+        online.close()
+    eng2 = _engine(tiny_model, ref_tokenizer)
+    online = OnlineTraining(eng2, model_path="unused")  # a random start: nothing to fall back to
+    online.close()
+    assert eng2.fallback_heads == []
