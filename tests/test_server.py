@@ -203,12 +203,14 @@ def test_service_routes(server):
 def test_metrics_parse_and_count(server):
     before = _metrics(server)
     n, m = 3, 7  # a known sequence: n requests of exactly m tokens each
-    prompt_tokens = 0
+    prompt_tokens = drafted = 0
     for p in PROMPTS[:n]:
         params = {"max_new_tokens": m, "temperature": 0, "ignore_eos": True}
         out = httpx.post(server.url + "/generate", json={"text": p, "sampling_params": params}, timeout=120).json()
         assert len(out["output_ids"]) == m
         prompt_tokens += out["meta_info"]["prompt_tokens"]
+        assert out["meta_info"]["spec_draft_head"] == "live"  # no fallback without online training
+        drafted += out["meta_info"]["spec_verify_ct"] > 0
     after = _metrics(server)
 
     def delta(name):
@@ -218,6 +220,7 @@ def test_metrics_parse_and_count(server):
     assert delta("aurora_generation_tokens_total") == n * m
     assert delta("aurora_prompt_tokens_total") == prompt_tokens
     assert delta("aurora_time_to_first_token_seconds_count") == n
+    assert delta("aurora_draft_head_requests_total") == drafted
     for name in (
         "aurora_time_to_first_token_seconds_count",
         "aurora_time_per_output_token_seconds_count",

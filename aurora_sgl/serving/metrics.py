@@ -87,6 +87,12 @@ class Metrics:
         self.trainer_publishes = Gauge("aurora_trainer_publishes", "Draft versions the trainer published", registry=r)
         self.trainer_refused = Gauge("aurora_trainer_refused", "Candidates the trainer's guardrail refused", registry=r)
         self.ring_drops = Gauge("aurora_ring_drops", "Records overwritten before the trainer read them", registry=r)
+        self.draft_head_requests = Counter(
+            "aurora_draft_head_requests",
+            "Finished requests by the head that drafted them: live, or fallbackN (the start head kept frozen)",
+            ["head"],
+            registry=r,
+        )
         self.swaps = Gauge("aurora_draft_swaps", "Draft weight swaps applied", registry=r)
         self.rollbacks = Gauge("aurora_draft_rollbacks", "Draft versions rolled back", registry=r)
         self.swap_pause = Gauge("aurora_last_swap_pause_seconds", "Pause of the last swap", registry=r)
@@ -115,6 +121,9 @@ class Metrics:
             self._spec_tokens += req.accept_length * req.verify_ct
             self._spec_verifies += req.verify_ct
         self.accept_rate.observe(meta["spec_accept_rate"])
+        self.draft_head_requests.labels(head=meta["spec_draft_head"]).inc()
+        if meta["spec_draft_head"] != "live":
+            return  # the windows below describe the live version
         with self._lock:
             self._window.append(
                 (
