@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aurora_sgl.engine.engine import Engine
-from aurora_sgl.engine.head_choice import choose_head, prompt_score
+from aurora_sgl.engine.head_choice import DECIDE_AFTER_TOKENS, choose_head, prompt_score
 from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord
 from helpers import MAX_NEW, PROMPTS, exact_two_token_dist  # noqa: E402
@@ -76,9 +76,10 @@ def test_prompt_score_is_the_accept_length_serving_would_see(tiny_model, ref_tok
     assert prompt_score(eng.head, aux, following, torch.full_like(following, -1), 3) == 1.0
 
 
-def _mixed(model, tok, head_dir, **kw):
+def _mixed(model, tok, head_dir, switch=False, **kw):
     """An engine drafting with a random live head and the trained head as fallback, whose draft
-    vocabulary differs from the live head's; requests alternate between the two."""
+    vocabulary differs from the live head's; requests alternate between the two at their prefill,
+    and with `switch` every request changes head at its final choice."""
     eng = _engine(model, tok, draft_model_path=head_dir, **kw)
     fallback = eng.add_fallback_head()
     eng.head.reset_parameters(seed=5)
@@ -86,28 +87,58 @@ def _mixed(model, tok, head_dir, **kw):
     eng.head.set_draft_vocab(hot[: eng.head.config.draft_vocab_size])
     assert not torch.equal(eng.head.hot_ids, fallback.hot_ids)
     chosen = iter(range(10**6))
-    eng.head_policy = lambda r, scores: next(chosen) % 2
+    first: dict[str, int] = {}
+
+    def policy(r, scores):
+        if r.id not in first:
+            first[r.id] = next(chosen) % 2
+            return first[r.id]
+        return 1 - first[r.id] if switch else first[r.id]
+
+    eng.head_policy = policy
     return eng
 
 
+@pytest.mark.parametrize("switch", [False, True])
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_greedy_stays_lossless_when_a_batch_drafts_with_two_heads(
-    tiny_model, ref_tokenizer, tiny_head_dir, concurrency
+    tiny_model, ref_tokenizer, tiny_head_dir, concurrency, switch
 ):
     plain = _engine(tiny_model, ref_tokenizer, k=0)
     sp = [SamplingParams(max_new_tokens=MAX_NEW - (i % 3) * 5) for i in range(len(PROMPTS))]  # finish apart
     want = [o["output_ids"] for o in plain.generate(PROMPTS, sp)]
-    eng = _mixed(tiny_model, ref_tokenizer, tiny_head_dir, max_running_requests=concurrency)
-    outs = eng.generate(PROMPTS, sp)
-    assert [o["output_ids"] for o in outs] == want
-    heads = [o["meta_info"]["spec_draft_head"] for o in outs]
+    eng = _mixed(tiny_model, ref_tokenizer, tiny_head_dir, switch=switch, max_running_requests=concurrency)
+    reqs = [eng.add_request(p, params) for p, params in zip(PROMPTS, sp)]
+    eng.run_until_done(reqs)
+    assert [r.output_ids for r in reqs] == want
+    heads = [r.meta_info()["spec_draft_head"] for r in reqs]
     assert heads.count("live") and heads.count("fallback1"), heads
-    taus = {
-        h: [o["meta_info"]["spec_accept_length"] for o in outs if o["meta_info"]["spec_draft_head"] == h]
-        for h in set(heads)
-    }
-    # The trained fallback really drafted its requests (the random live head gets nothing accepted).
-    assert sum(taus["fallback1"]) / len(taus["fallback1"]) > sum(taus["live"]) / len(taus["live"]) + 0.3, taus
+    long = [r for r in reqs if len(r.output_ids) > DECIDE_AFTER_TOKENS]
+    assert long and all(r.head_switched == switch for r in long)
+    if not switch:  # the trained fallback really drafted its requests (the random live head: ~nothing)
+        taus = {h: [r.accept_length for r, hr in zip(reqs, heads) if hr == h] for h in set(heads)}
+        assert sum(taus["fallback1"]) / len(taus["fallback1"]) > sum(taus["live"]) / len(taus["live"]) + 0.3, taus
+
+
+def test_a_head_taking_over_rebuilds_its_cache_over_the_whole_context(tiny_model, ref_tokenizer, tiny_head_dir):
+    """After a switch, the new head's cache over every committed position equals the cache of an
+    engine that drafted with that head from the start (a one-layer head's keys and values at a
+    position depend on that position's inputs only)."""
+    prompt, sp = PROMPTS[4], SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    eng = _mixed(tiny_model, ref_tokenizer, tiny_head_dir, switch=True)
+    eng.head_policy = lambda r, scores: 1 if len(r.output_ids) >= DECIDE_AFTER_TOKENS else 0  # live, then fallback
+    req = eng.add_request(prompt, sp)
+    while not (req.head_switched and not req.head_pending and req.head_hidden is not None):
+        eng.step()
+    n = req.last_position
+    switched = eng.head_k[req.slot, :, :n].clone(), eng.head_v[req.slot, :, :n].clone()
+
+    alone = _engine(tiny_model, ref_tokenizer, draft_model_path=tiny_head_dir)
+    other = alone.add_request(prompt, sp)
+    while other.last_position < n:
+        alone.step()
+    assert torch.allclose(switched[0], alone.head_k[other.slot, :, :n], atol=1e-5)
+    assert torch.allclose(switched[1], alone.head_v[other.slot, :, :n], atol=1e-5)
 
 
 def test_sampling_stays_exact_when_a_batch_drafts_with_two_heads(tiny_model, ref_tokenizer, tiny_head_dir):

@@ -41,7 +41,14 @@ import torch
 from aurora_sgl.engine.adaptive import AdaptiveK, RequestAcceptance, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.engine.grammar import GrammarCompiler, RequestGrammar
-from aurora_sgl.engine.head_choice import FALLBACK_MARGIN, SCORE_POSITIONS, choose_head, prompt_score
+from aurora_sgl.engine.head_choice import (
+    DECIDE_AFTER_TOKENS,
+    FALLBACK_MARGIN,
+    SCORE_POSITIONS,
+    HeadEvidence,
+    choose_head,
+    prompt_score,
+)
 from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
 from aurora_sgl.engine.penalties import controlled_logits, has_controls
 from aurora_sgl.engine.sampling import SamplingParams, probs_from_logits
@@ -78,11 +85,11 @@ class Request:
     draft_versions: set[int] = field(default_factory=set)
     head_hidden: torch.Tensor | None = None  # head state after the last extend: next draft's input
     head_logits: torch.Tensor | None = None
-    # Which head drafts it (0: the live head, i: engine.fallback_heads[i - 1]), chosen once its
-    # prompt is prefilled; and, until then, the prompt's last positions the choice scores heads on:
-    # (aux_hidden [n, 3H], the token after each [n], the target's greedy token at each [n]).
+    # Which head drafts it (0: the live head, i: engine.fallback_heads[i - 1]), and the evidence
+    # the choice is made on until it is final (engine/head_choice.py; None: final, or one head).
     head_index: int = 0
-    head_score_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    head_evidence: HeadEvidence | None = None
+    head_switched: bool = False  # the final choice moved it to another head mid-request
     # Committed positions the draft head has not run over yet: (aux_hidden [n, 3H], the token
     # after each [n], first position), consecutive and oldest first.
     head_pending: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
@@ -423,40 +430,57 @@ class Engine:
                 if not r.finished:
                     r.head_pending.append((out.aux_hidden[i, :n], next_in[i, :n], starts[i]))
             if self.fallback_heads:
-                self._keep_score_rows(reqs, lens, starts, next_in, out)
+                self._keep_prompt_evidence(reqs, lens, starts, next_in, out)
         for i in finishing:
             if not reqs[i].finished:
                 reqs[i].state = "decode"
-                if self.fallback_heads:
-                    self._choose_head(reqs[i])
+                if reqs[i].head_evidence is not None:
+                    self._choose_head(reqs[i], final=False)
         if not self.k or not self.record_sink:
             return []
         return self._prefill_records(reqs, lens, starts, tokens, next_in, out)
 
-    def _keep_score_rows(self, reqs, lens, starts, next_in, out) -> None:
-        """Keep the rows of this chunk among each prompt's last SCORE_POSITIONS positions, with
+    def _keep_prompt_evidence(self, reqs, lens, starts, next_in, out) -> None:
+        """Every prompt row as context; the prompt's last SCORE_POSITIONS rows also to score, with
         the target's greedy token at each (one lm_head over those rows only)."""
         for i, (r, n) in enumerate(zip(reqs, lens)):
-            first = max(0, len(r.prompt_ids) - SCORE_POSITIONS - starts[i])
-            if r.finished or first >= n:
+            if r.finished:
                 continue
-            greedy = self.target.hf.lm_head(out.final_hidden[i, first:n]).argmax(-1)
-            r.head_score_rows.append((out.aux_hidden[i, first:n], next_in[i, first:n], greedy))
+            if starts[i] == 0:
+                r.head_evidence = HeadEvidence()
+            first = min(n, max(0, len(r.prompt_ids) - SCORE_POSITIONS - starts[i]))
+            if first:
+                r.head_evidence.add(out.aux_hidden[i, :first], next_in[i, :first], starts[i], None)
+            if first < n:
+                greedy = self.target.hf.lm_head(out.final_hidden[i, first:n]).argmax(-1)
+                r.head_evidence.add(out.aux_hidden[i, first:n], next_in[i, first:n], starts[i] + first, greedy)
 
-    def _choose_head(self, r: Request) -> None:
-        """Score every head on the prompt's last positions and pick the drafter (head_choice.py)."""
-        aux, following, greedy = (torch.cat(x) for x in zip(*r.head_score_rows))
-        r.head_score_rows = []
-        # Start t drafts x_{t+2}, which the target chose at t + 1; the last start's is not known yet.
-        target_next = torch.cat([greedy[1:], greedy.new_full((1,), -1)])
+    def _keep_decode_evidence(self, r: Request, aux: torch.Tensor, following: torch.Tensor, start: int) -> None:
+        """Committed rows (the target's token after each is the one committed); the choice becomes
+        final once DECIDE_AFTER_TOKENS tokens are out."""
+        r.head_evidence.add(aux, following, start, following)
+        if not r.finished and len(r.output_ids) >= DECIDE_AFTER_TOKENS:
+            self._choose_head(r, final=True)
+
+    def _choose_head(self, r: Request, final: bool) -> None:
+        """Score every head on the request's newest rows and pick its drafter (head_choice.py). A
+        head taking over runs over the whole context at the next drafting step (_catch_up)."""
+        aux, following, target_next = r.head_evidence.score_rows()
         heads = [self.head, *self.fallback_heads]
         scores = [prompt_score(h, aux, following, target_next, self.k) for h in heads]
         if self.head_policy is not None:
-            r.head_index = int(self.head_policy(r, scores))
-            if not 0 <= r.head_index <= len(self.fallback_heads):
-                raise ValueError(f"head_policy chose {r.head_index}, outside [0, {len(self.fallback_heads)}]")
+            index = int(self.head_policy(r, scores))
+            if not 0 <= index <= len(self.fallback_heads):
+                raise ValueError(f"head_policy chose {index}, outside [0, {len(self.fallback_heads)}]")
         else:
-            r.head_index = choose_head(scores, self.fallback_margin)
+            index = choose_head(scores, self.fallback_margin, incumbent=r.head_index)
+        if final:
+            if index != r.head_index:
+                r.head_pending = list(r.head_evidence.context)
+                r.head_hidden = r.head_logits = None
+                r.head_switched = True
+            r.head_evidence = None
+        r.head_index = index
 
     def _prefill_records(self, reqs, lens, starts, tokens, next_in, out) -> list[StepRecord]:
         """The prompt's positions, cut into record-sized pieces: the trainer needs the context the
@@ -668,6 +692,8 @@ class Engine:
         nxt = nxt.unsqueeze(1)
         for i, r in enumerate(reqs):
             r.head_pending.append((out.aux_hidden[i, :1], nxt[i], positions[i]))
+            if r.head_evidence is not None:
+                self._keep_decode_evidence(r, out.aux_hidden[i, :1], nxt[i], positions[i])
         if self.record_sink is None:
             return []
         none = torch.full((self.k,), NO_TOKEN, dtype=torch.long, device=self.device)
@@ -785,6 +811,8 @@ class Engine:
             r.draft_versions.add(self.draft_version)
             committed = self._commit(r, d_l[i][:acc] + [next_l[i]])
             r.head_hidden, r.head_logits = new_hidden[i], new_logits[i]
+            if r.head_evidence is not None:
+                self._keep_decode_evidence(r, out.aux_hidden[i, : acc + 1], ext_tokens[i, : acc + 1], int(n[i]))
             records.append(
                 StepRecord(
                     request_id=r.id,

@@ -2,15 +2,20 @@
 
 An online head follows its traffic and forgets what it no longer sees: when a domain it left comes
 back, the requests in flight are drafted by a head that has not yet relearned it, and no judgement
-made from finished requests can come soon enough for them. The prompt is known before the first
-draft, though, and the target has already computed its states: each head's simulated accept length
-over the prompt's last positions (teacher-forced on the target's own next-token choices, as the
-trainer's guardrail scores heads) tells which head knows this text. A fallback head drafts the
-request only when it beats the live head there by a margin, so a live head that knows the traffic
-keeps it (benchmarks/README.md, "Fallback head").
+made from finished requests can come soon enough for them. Each request carries its own evidence,
+though: the target has computed its states at every position, so each head's simulated accept
+length over the request's latest positions (teacher-forced on the target's own tokens, as the
+trainer's guardrail scores heads) tells which head knows this text. The choice is made twice: when
+the prompt is prefilled (its last positions; a prompt often reads unlike its answer -- a docstring
+before code, a question before an essay) and again, final, after the first DECIDE_AFTER_TOKENS
+generated tokens, which tell far better. A head that takes over mid-request first runs over the
+request's whole context, so its cache is exact. Another head replaces the incumbent only when it
+beats it by a margin (benchmarks/README.md, "Fallback head").
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,13 +23,44 @@ from aurora_sgl.engine.draft_head import Eagle3Head
 from aurora_sgl.trainer.guardrail import simulated_tau_per_start
 from aurora_sgl.training.losses import ttt_logits
 
-# The prompt positions scored: the last this many before the first generated token.
+# The positions a head is scored on: the newest this many of the request (prompt, then output).
 SCORE_POSITIONS = 64
 # Simulated accept length a fallback head must gain over the live head on the prompt. Chosen on the
 # tuning domains (HumanEval, MT-Bench, GSM8K) with the two reference heads each playing the live
 # one: 0.05 kept the live head's accept length when it was the better head (-0.6 %) and recovered
 # most of the gap when it was not (2.29 -> 2.98 of an oracle's 3.05).
 FALLBACK_MARGIN = 0.05
+# Generated tokens after which the choice is made again, and kept. In an offline check on the
+# tuning domains, scoring the prompt's end plus the first 16 generated tokens picked the better of
+# the two reference heads for almost every request (3.28 of an oracle's 3.29 accept length; the
+# prompt's end alone: 3.12).
+DECIDE_AFTER_TOKENS = 16
+
+
+@dataclass
+class HeadEvidence:
+    """What a request keeps until its head choice is final: every row its drafting head consumed
+    (to rebuild another head's cache on a switch) and the newest rows to score heads on. Row
+    tensors are views of the step's outputs; nothing is copied."""
+
+    # (aux_hidden [n, 3H], the token after each [n], first position): consecutive, oldest first.
+    context: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    # (aux_hidden [n, 3H], the token after each [n], the target's token after each [n]).
+    scored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, aux: torch.Tensor, following: torch.Tensor, start: int, target_tokens: torch.Tensor | None) -> None:
+        """Rows at positions start..start+n-1; `target_tokens` None: keep them as context only."""
+        self.context.append((aux, following, start))
+        if target_tokens is not None:
+            self.scored.append((aux, following, target_tokens))
+            while sum(a.shape[0] for a, _, _ in self.scored[1:]) >= SCORE_POSITIONS:
+                self.scored.pop(0)
+
+    def score_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(aux, following, target_next) of the newest SCORE_POSITIONS rows: start t drafts x_{t+2},
+        the target's token after row t + 1; the newest row's is not known yet."""
+        aux, following, target = (torch.cat(x)[-SCORE_POSITIONS:] for x in zip(*self.scored))
+        return aux, following, torch.cat([target[1:], target.new_full((1,), -1)])
 
 
 @torch.no_grad()
@@ -42,8 +78,8 @@ def prompt_score(
     return float((tau * mask).sum() / mask.sum())
 
 
-def choose_head(scores: list[float], margin: float = FALLBACK_MARGIN) -> int:
-    """scores[0] is the live head's, the rest the fallbacks'. The best fallback drafts only when it
-    beats the live head by more than `margin`; ties and near-ties stay with the live head."""
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return best if best and scores[best] > scores[0] + margin else 0
+def choose_head(scores: list[float], margin: float = FALLBACK_MARGIN, incumbent: int = 0) -> int:
+    """scores[i] is head i's (0: the live head). The best other head replaces the incumbent only
+    when it beats it by more than `margin`; ties and near-ties stay."""
+    best = max(range(len(scores)), key=lambda i: (scores[i], i == incumbent, -i))
+    return best if scores[best] > scores[incumbent] + margin else incumbent
