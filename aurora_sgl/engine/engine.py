@@ -479,6 +479,8 @@ class Engine:
                 r.head_pending = list(r.head_evidence.context)
                 r.head_hidden = r.head_logits = None
                 r.head_switched = True
+                if r.acceptance is not None:  # its outcomes so far were the other head's
+                    r.acceptance = RequestAcceptance(self.k)
             r.head_evidence = None
         r.head_index = index
 

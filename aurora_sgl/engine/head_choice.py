@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aurora_sgl.engine.draft_head import Eagle3Head
-from aurora_sgl.trainer.guardrail import simulated_tau_per_start
-from aurora_sgl.training.losses import ttt_logits
+from aurora_sgl.engine.unroll import simulated_tau_per_start, ttt_logits
 
 # The positions a head is scored on: the newest this many of the request (prompt, then output).
 SCORE_POSITIONS = 64

@@ -8,27 +8,8 @@ from collections.abc import Iterable
 import torch
 
 from aurora_sgl.engine.draft_head import Eagle3Head
+from aurora_sgl.engine.unroll import simulated_tau_per_start, ttt_logits
 from aurora_sgl.training.batches import HeadBatch, Sequence
-from aurora_sgl.training.losses import ttt_logits
-
-
-def simulated_tau_per_start(
-    step_logits: list[torch.Tensor], hot_ids: torch.Tensor, target_argmax: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """tau_sim(s) = 1 + sum_{k<K} prod_{j<=k} agree_j(s+j), agree_j(t) = (hot_ids[argmax of unroll
-    step j at t] == target_argmax[t]) and mask[t]; positions past the end never agree.
-    step_logits: K x [B, T, Vd]; target_argmax, mask: [B, T]. Returns [B, T] (valid where mask)."""
-    b, t = mask.shape
-    run = torch.ones(b, t, dtype=torch.bool, device=mask.device)
-    tau = torch.ones(b, t, dtype=torch.float64, device=mask.device)
-    for j, logits in enumerate(step_logits):
-        agree = (hot_ids[logits.argmax(-1)] == target_argmax) & mask
-        shifted = torch.zeros_like(agree)  # shifted[s] = agree[s + j]
-        if j < t:
-            shifted[:, : t - j] = agree[:, j:]
-        run = run & shifted
-        tau += run
-    return tau
 
 
 def mean_of_sums(sums: Iterable[tuple[float, int]]) -> tuple[float, int] | None:

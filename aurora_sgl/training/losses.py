@@ -1,4 +1,5 @@
-"""Training math for the draft head: the EAGLE-3 training-time-test (TTT) unroll and the objectives.
+"""Training math for the draft head: the objectives over the EAGLE-3 training-time-test (TTT)
+unroll (the unroll itself is engine/unroll.py: the guardrail and the engine's head choice use it too).
 
 Alignment used throughout, per sequence of length T:
   aux[t]          target auxiliary hidden states at position t            [B, T, 3H]
@@ -12,68 +13,11 @@ keys its own chain produced at steps 1..k -- exactly the draft KV cache at servi
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from aurora_sgl.engine.unroll import ttt_logits  # noqa: F401  (the unroll lives with the head; re-exported)
+
 OBJECTIVES = ("kl", "kl_rejected", "accept")
-
-
-def _shift_right(x: torch.Tensor, by: int, dim: int) -> torch.Tensor:
-    """out[t] = x[t - by] along `dim`, zero-filled at the front (all zeros when `by` >= the length:
-    a sequence shorter than the unroll has no position that step reaches)."""
-    if by == 0:
-        return x
-    if by >= x.shape[dim]:
-        return torch.zeros_like(x)
-    pad = torch.zeros_like(x.narrow(dim, 0, by))
-    return torch.cat([pad, x.narrow(dim, 0, x.shape[dim] - by)], dim=dim)
-
-
-def _ttt_attention(q, keys, values, k):
-    """q [B, H, T, D]; keys/values: per unroll step [B, KVH, T, D], step 0 teacher-forced."""
-    n_rep = q.shape[1] // keys[0].shape[1]
-    rep = (lambda x: x.repeat_interleave(n_rep, dim=1)) if n_rep > 1 else (lambda x: x)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    t = q.shape[2]
-    scores = (q @ rep(keys[0]).transpose(-1, -2)) * scale  # [B, H, T, T]
-    qpos = torch.arange(t, device=q.device).unsqueeze(1)
-    kpos = torch.arange(t, device=q.device).unsqueeze(0)
-    # Queries with t < k have no valid chain (loss-masked); let them see key 0 to stay finite.
-    allowed = kpos <= (qpos - k).clamp(min=0)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    shifted_v = []
-    diag = []
-    for i in range(1, k + 1):
-        e_k = _shift_right(rep(keys[i]), k - i, dim=2)
-        shifted_v.append(_shift_right(rep(values[i]), k - i, dim=2))
-        diag.append((q * e_k).sum(-1, keepdim=True) * scale)
-    probs = torch.softmax(torch.cat([scores] + diag, dim=-1), dim=-1)
-    out = probs[..., :t] @ rep(values[0])
-    for i, v in enumerate(shifted_v):
-        out = out + probs[..., t + i : t + i + 1] * v
-    return out
-
-
-def ttt_logits(head, aux: torch.Tensor, next_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """Draft-vocab logits [B, T, Vd] for each of `steps` unroll steps."""
-    b, t, _ = aux.shape
-    positions = torch.arange(t, device=aux.device).expand(b, t)
-    attn = head.midlayer.self_attn
-    keys, values, outs = [], [], []
-    hidden = head.project(aux)
-    for k in range(steps):
-
-        def attend(x, k=k):
-            q, kk, vv = attn.qkv(x, positions)
-            keys.append(kk)
-            values.append(vv)
-            return _ttt_attention(q, keys, values, k)
-
-        h = head.layer(hidden, next_tokens, attend)
-        outs.append(head.logits(h))
-        hidden = _shift_right(h, 1, dim=1)
-    return outs
 
 
 def draft_loss(
