@@ -4,7 +4,8 @@ with its KV cache; the objectives must match their definitions."""
 import torch
 
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
-from aurora_sgl.training.losses import draft_loss, ttt_logits
+from aurora_sgl.engine.unroll import ttt_logits
+from aurora_sgl.training.losses import draft_loss
 
 
 def _head(vocab=50, hidden=32, draft_vocab=20, seed=0):

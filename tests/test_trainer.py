@@ -17,14 +17,14 @@ import torch
 from aurora_sgl.engine.draft_head import Eagle3Head
 from aurora_sgl.engine.engine import Engine
 from aurora_sgl.engine.sampling import SamplingParams
+from aurora_sgl.engine.unroll import simulated_tau_per_start, ttt_logits
 from aurora_sgl.trainer.checkpoints import newest_checkpoint, save_checkpoint
 from aurora_sgl.trainer.config import TrainerConfig
-from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_per_start, simulated_tau_sums
+from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_sums
 from aurora_sgl.trainer.loop import Trainer
 from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
 from aurora_sgl.training.batches import HeadBatch, Sequence
-from aurora_sgl.training.losses import ttt_logits
 from aurora_sgl.training.offline import train_head_offline
 from aurora_sgl.transport.segments import SHM_DIR
 from aurora_sgl.transport.signal_ring import RingRecord, SignalRing

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from aurora_sgl.engine.draft_head import Eagle3Head
-from aurora_sgl.training.losses import draft_loss, ttt_logits
+from aurora_sgl.engine.unroll import ttt_logits
+from aurora_sgl.training.losses import draft_loss
 
 
 @dataclass

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from aurora_sgl.engine.unroll import ttt_logits  # noqa: F401  (the unroll lives with the head; re-exported)
-
 OBJECTIVES = ("kl", "kl_rejected", "accept")
 
 
