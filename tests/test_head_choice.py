@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from aurora_sgl.engine.engine import Engine
-from aurora_sgl.engine.head_choice import DECIDE_AFTER_TOKENS, choose_head, prompt_score
+from aurora_sgl.engine.head_choice import (
+    DECIDE_AFTER_TOKENS,
+    SCORE_POSITIONS,
+    HeadEvidence,
+    choose_head,
+    prompt_score,
+)
 from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord
 from helpers import MAX_NEW, PROMPTS, exact_two_token_dist  # noqa: E402
@@ -16,18 +22,36 @@ def _engine(model, tok, k=3, **kw):
     return Engine(model=model, tokenizer=tok, num_speculative_steps=k, **kw)
 
 
-def _naive_choice(scores, margin):
-    live = scores[0]
-    better = [(s, -i) for i, s in enumerate(scores) if i and s > live + margin]
-    return -max(better)[1] if better else 0
+def _naive_choice(scores, margin, incumbent):
+    better = [(s, -i) for i, s in enumerate(scores) if i != incumbent and s > scores[incumbent] + margin]
+    return -max(better)[1] if better else incumbent
 
 
+@pytest.mark.parametrize("incumbent", [0, 1])
 @pytest.mark.parametrize(
     "scores",
-    [[2.0], [2.0, 2.04], [2.0, 2.06], [2.0, 2.06, 2.5], [2.0, 2.5, 2.5], [3.0, 1.0, 2.9], [1.0, 1.2, 1.1]],
+    [[2.0, 2.04], [2.0, 2.06], [2.0, 2.06, 2.5], [2.0, 2.5, 2.5], [3.0, 1.0, 2.9], [1.0, 1.2, 1.1], [2.0, 2.0, 2.0]],
 )
-def test_choose_head_is_the_best_fallback_only_past_the_margin(scores):
-    assert choose_head(scores, 0.05) == _naive_choice(scores, 0.05)
+def test_choose_head_moves_to_the_best_other_head_only_past_the_margin(scores, incumbent):
+    assert choose_head(scores, 0.05, incumbent) == _naive_choice(scores, 0.05, incumbent)
+    assert choose_head([2.0], 0.05) == 0
+
+
+def test_evidence_scores_the_newest_rows_against_the_next_target_token():
+    ev, rows, pos = HeadEvidence(), [], 0
+    for n, scored in ((50, False), (30, True), (20, True), (1, True), (3, True)):
+        aux = torch.randn(n, 6)
+        following = torch.randint(0, 100, (n,))
+        target = torch.randint(0, 100, (n,))
+        ev.add(aux, following, pos, target if scored else None)
+        rows += [(aux[i], following[i], target[i]) for i in range(n) if scored]
+        pos += n
+    assert [start for _, _, start in ev.context] == [0, 50, 80, 100, 101]  # every row, in order
+    aux, following, target_next = ev.score_rows()
+    newest = rows[-SCORE_POSITIONS:]
+    assert torch.equal(aux, torch.stack([a for a, _, _ in newest]))
+    assert torch.equal(following, torch.stack([f for _, f, _ in newest]))
+    assert target_next.tolist() == [int(t) for _, _, t in newest[1:]] + [-1]
 
 
 def _naive_prompt_score(head, aux, following, target_next, k):
