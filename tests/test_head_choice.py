@@ -11,6 +11,7 @@ from aurora_sgl.engine.head_choice import (
     HeadEvidence,
     choose_head,
     prompt_score,
+    usual_head,
 )
 from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.records import NO_TOKEN, Outcome, StepRecord
@@ -35,6 +36,11 @@ def _naive_choice(scores, margin, incumbent):
 def test_choose_head_moves_to_the_best_other_head_only_past_the_margin(scores, incumbent):
     assert choose_head(scores, 0.05, incumbent) == _naive_choice(scores, 0.05, incumbent)
     assert choose_head([2.0], 0.05) == 0
+
+
+@pytest.mark.parametrize("recent,usual", [([], 0), ([1, 1, 0], 1), ([1, 0], 0), ([2, 1, 1, 2], 1), ([0, 2, 2], 2)])
+def test_a_new_request_starts_from_the_head_recent_requests_ended_with(recent, usual):
+    assert usual_head(recent) == usual
 
 
 def test_evidence_scores_the_newest_rows_against_the_next_target_token():

@@ -28,6 +28,7 @@ online trainer's ring consumes these; the engine never waits on it.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -44,10 +45,12 @@ from aurora_sgl.engine.grammar import GrammarCompiler, RequestGrammar
 from aurora_sgl.engine.head_choice import (
     DECIDE_AFTER_TOKENS,
     FALLBACK_MARGIN,
+    RECENT_CHOICES,
     SCORE_POSITIONS,
     HeadEvidence,
     choose_head,
     prompt_score,
+    usual_head,
 )
 from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
 from aurora_sgl.engine.penalties import controlled_logits, has_controls
@@ -252,6 +255,7 @@ class Engine:
         # online training keeps the head it started from here.
         self.fallback_heads: list[Eagle3Head] = []
         self.fallback_margin = FALLBACK_MARGIN
+        self.recent_heads: collections.deque[int] = collections.deque(maxlen=RECENT_CHOICES)  # final choices
         # Overrides the choice when set: (request, scores of the live head then each fallback) ->
         # head index. Tests pin mixed batches with it, as k_policy pins K.
         self.head_policy: Callable[[Request, list[float]], int] | None = None
@@ -473,8 +477,10 @@ class Engine:
             if not 0 <= index <= len(self.fallback_heads):
                 raise ValueError(f"head_policy chose {index}, outside [0, {len(self.fallback_heads)}]")
         else:
-            index = choose_head(scores, self.fallback_margin, incumbent=r.head_index)
+            incumbent = r.head_index if final else usual_head(self.recent_heads)
+            index = choose_head(scores, self.fallback_margin, incumbent=incumbent)
         if final:
+            self.recent_heads.append(index)
             if index != r.head_index:
                 r.head_pending = list(r.head_evidence.context)
                 r.head_hidden = r.head_logits = None

@@ -15,6 +15,8 @@ beats it by a margin (benchmarks/README.md, "Fallback head").
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,17 @@ FALLBACK_MARGIN = 0.05
 # the two reference heads for almost every request (3.28 of an oracle's 3.29 accept length; the
 # prompt's end alone: 3.12).
 DECIDE_AFTER_TOKENS = 16
+
+
+# A new request starts from the head most of the last this many requests ended with (traffic comes
+# in runs of one kind); its prompt can still move it, by the margin, and its output decides.
+RECENT_CHOICES = 16
+
+
+def usual_head(recent: Iterable[int]) -> int:
+    """The head most recent final choices went to; ties and no history: the live head (0)."""
+    counts = Counter(recent)
+    return max(counts, key=lambda i: (counts[i], i == 0, -i)) if counts else 0
 
 
 @dataclass
