@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="embedded, online, with --speculative-draft-model-path: keep that head frozen beside the live one; "
-        "a request whose prompt it predicts better drafts with it, so a domain the live head has forgotten "
-        "keeps the start head's speed (default on)",
+        "a request whose text (the prompt's end, then its first 16 tokens) it predicts better drafts with it, "
+        "so a domain the live head has forgotten keeps the start head's speed (default on)",
     )
     ap.add_argument(
         "--trainer-device",

@@ -382,6 +382,9 @@ class Engine:
     def retire_finished(self) -> None:
         """Drop finished requests and compact the survivors into slots 0..n-1."""
         keep = [r for r in self.running if not r.finished]
+        for r in self.running:
+            if r.finished:
+                r.head_evidence = None  # views of step outputs: not kept past the request
         for new_slot, req in enumerate(keep):
             if req.slot != new_slot:
                 length = req.last_position + 1 if req.state == "decode" else req.prefilled
@@ -819,6 +822,7 @@ class Engine:
             r.draft_versions.add(self.draft_version)
             committed = self._commit(r, d_l[i][:acc] + [next_l[i]])
             r.head_hidden, r.head_logits = new_hidden[i], new_logits[i]
+            drafted_by = r.head_index  # before the final choice may hand the request to another head
             if r.head_evidence is not None:
                 self._keep_decode_evidence(r, out.aux_hidden[i, : acc + 1], ext_tokens[i, : acc + 1], int(n[i]))
             records.append(
@@ -836,7 +840,7 @@ class Engine:
                     final_hidden=out.final_hidden[i, : acc + 1],
                     draft_version=self.draft_version,
                     num_drafted=k,
-                    draft_head=r.head_index,
+                    draft_head=drafted_by,
                 )
             )
         # Committed token j of this step (d_1..d_a, then the target's) sits at verify row j.

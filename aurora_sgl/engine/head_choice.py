@@ -26,15 +26,16 @@ from aurora_sgl.engine.unroll import simulated_tau_per_start, ttt_logits
 
 # The positions a head is scored on: the newest this many of the request (prompt, then output).
 SCORE_POSITIONS = 64
-# Simulated accept length a fallback head must gain over the live head on the prompt. Chosen on the
-# tuning domains (HumanEval, MT-Bench, GSM8K) with the two reference heads each playing the live
-# one: 0.05 kept the live head's accept length when it was the better head (-0.6 %) and recovered
-# most of the gap when it was not (2.29 -> 2.98 of an oracle's 3.05).
+# Simulated accept length another head must gain over the incumbent to take a request: a switch
+# costs a run over the whole context, and scores on 64 positions are noisy. Offline on the tuning
+# domains (benchmarks/head_choice_offline.py, results/traffic_shift_fallback/offline_g16.json; each
+# reference head playing the live one) 0.05 gave 3.156 / 3.111 accept length, margin 0 gave 3.165 /
+# 3.169 (the general head alone 3.114, the code head alone 2.153, a per-request oracle 3.195); the
+# online runs of benchmarks/README.md ("Fallback head") used 0.05.
 FALLBACK_MARGIN = 0.05
-# Generated tokens after which the choice is made again, and kept. In an offline check on the
-# tuning domains, scoring the prompt's end plus the first 16 generated tokens picked the better of
-# the two reference heads for almost every request (3.28 of an oracle's 3.29 accept length; the
-# prompt's end alone: 3.12).
+# Generated tokens after which the choice is made again, and kept. Offline, the prompt's end alone
+# picked 2.959 / 2.867 (offline_g0.json) -- worse than always drafting with the general head, as a
+# prompt often reads unlike its answer -- and with the first 16 generated tokens 3.156 / 3.111.
 DECIDE_AFTER_TOKENS = 16
 
 
