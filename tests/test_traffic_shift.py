@@ -81,6 +81,10 @@ def test_quick_run_through_every_arm(tmp_path):
     for arm in ts.ONLINE_ARMS:
         assert data["arms"][arm]["trainer"]["alive"] and data["arms"][arm]["trainer_steps_per_request"] is not None
         assert all(r["draft_version"] >= 1 and r["trainer_steps"] is not None for r in data["arms"][arm]["requests"])
+    # Only the arm that starts from a pretrained head keeps a fallback: day 0 drafts with its live head.
+    assert {r["draft_head"] for r in data["arms"]["day0"]["requests"]} == {"live"}
+    assert {r["draft_head"] for r in data["arms"]["online_static"]["requests"]} <= {"live", "fallback1"}
+    assert data["config"]["fallback_head"] is True
     s = data["summary"]
     assert set(s["phase_tau"]) == set(ts.ARMS) and all(len(v) == 4 for v in s["phase_tau"].values())
     for key in ("online_over_static_after_shift", "day0_over_offline"):
