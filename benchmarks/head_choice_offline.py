@@ -44,21 +44,20 @@ HEADS = {
 MARGINS = (0.0, 0.02, 0.05, 0.1)
 
 
-def score(engine, head, ids: list[int], positions: int, k: int) -> float:
-    """The engine's measure: the head's simulated accept length over the newest `positions` rows,
-    each row's target token the target's greedy choice (the output's own tokens, at T = 0)."""
+def score(engine, head, ids: list[int], k: int) -> float:
+    """The engine's measure, through the engine's own evidence: the head's simulated accept length
+    over the newest SCORE_POSITIONS rows, each row's target token the target's greedy choice (the
+    output's own tokens, at T = 0)."""
     import torch
 
-    from aurora_sgl.engine.head_choice import prompt_score
+    from aurora_sgl.engine.head_choice import HeadEvidence, prompt_score
 
     t = len(ids)
     with torch.no_grad():
         out = engine.target.forward(torch.tensor([ids]), torch.arange(t)[None], torch.tensor([0]))
-    aux = out.aux_hidden[0, :-1][-positions:]
-    following = torch.tensor(ids[1:])[-positions:]
-    greedy = out.logits[0, :-1].argmax(-1)[-positions:]
-    target_next = torch.cat([greedy[1:], greedy.new_full((1,), -1)])
-    return prompt_score(head, aux, following, target_next, k)
+    evidence = HeadEvidence()
+    evidence.add(out.aux_hidden[0, :-1], torch.tensor(ids[1:]), 0, out.logits[0, :-1].argmax(-1))
+    return prompt_score(head, *evidence.score_rows(), k)
 
 
 def run(args) -> dict:
@@ -91,10 +90,7 @@ def run(args) -> dict:
             num_speculative_steps=args.k, max_running_requests=8, draft_model_path=str(path), model=hf, tokenizer=tok
         )
         taus = [o["meta_info"]["spec_accept_length"] for o in eng.generate(texts, sp)]
-        scores = [
-            score(eng, eng.head, eng.encode(p) + out[: args.generated], args.positions, args.k)
-            for p, out in zip(texts, outputs)
-        ]
+        scores = [score(eng, eng.head, eng.encode(p) + out[: args.generated], args.k) for p, out in zip(texts, outputs)]
         per_head[name] = {"accept_length": taus, "score": scores}
     return {"prompts": [{"set": s, "domain": d} for s, d, _ in prompts], "heads": per_head}
 
@@ -130,18 +126,14 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--generated", type=int, default=16, help="generated tokens that join the scored rows (0: prompt only)"
     )
-    ap.add_argument("--positions", type=int, default=64, help="newest rows scored")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.per_domain < 1 or args.generated < 0 or args.positions < 2 or args.max_tokens < 1 or args.k < 1:
-        print(
-            "error: --per-domain, --positions (>= 2), --max-tokens and --k must be positive; --generated >= 0",
-            file=sys.stderr,
-        )
+    if args.per_domain < 1 or args.generated < 0 or args.max_tokens < 1 or args.k < 1:
+        print("error: --per-domain, --max-tokens and --k must be positive; --generated >= 0", file=sys.stderr)
         return 2
     raw = run(args)
     summary = summarize(raw)

@@ -642,6 +642,8 @@ def validate(args) -> None:
         raise UsageError(f"unknown arm {', '.join(unknown) or '(none given)'}; arms are {', '.join(ARMS)}")
     if args.url:
         args.arms = [args.url_arm]
+        if not args.fallback_head:
+            raise UsageError("--no-fallback-head is for in-process arms; a server's own --fallback-head decides")
     paths = [Path(p.strip()) for p in args.stream.split(",") if p.strip()] if args.stream else DEFAULT_STREAM
     for p in paths:
         if not p.is_file():

@@ -184,6 +184,7 @@ def test_drives_a_running_server(tmp_path):
         (["--arms", "nospec,turbo"], "unknown arm turbo"),
         (["--trainer-config", '{"lr": 5}'], "--trainer-config: lr must be"),
         (["--requests-per-phase", "0"], "--requests-per-phase must be at least 1"),
+        (["--url", "http://127.0.0.1:1", "--no-fallback-head"], "--no-fallback-head is for in-process arms"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, message):
