@@ -44,20 +44,23 @@ HEADS = {
 MARGINS = (0.0, 0.02, 0.05, 0.1)
 
 
-def score(engine, head, ids: list[int], k: int) -> float:
-    """The engine's measure, through the engine's own evidence: the head's simulated accept length
-    over the newest SCORE_POSITIONS rows, each row's target token the target's greedy choice (the
-    output's own tokens, at T = 0)."""
+def score(engine, head, prompt: list[int], generated: list[int]) -> float:
+    """The engine's measure, through the engine's own evidence: with no generated tokens, the
+    prefill choice's (the head over the prompt's newest SCORE_POSITIONS rows); with some, the final
+    choice's (drafts from the generated rows only, after SCORE_CONTEXT rows of context). Each row's
+    target token is the target's greedy choice (the output's own tokens, at T = 0)."""
     import torch
 
-    from aurora_sgl.engine.head_choice import HeadEvidence, prompt_score
+    from aurora_sgl.engine.head_choice import SCORE_STEPS, HeadEvidence, head_score
 
+    ids = prompt + generated
     t = len(ids)
     with torch.no_grad():
         out = engine.target.forward(torch.tensor([ids]), torch.arange(t)[None], torch.tensor([0]))
     evidence = HeadEvidence()
     evidence.add(out.aux_hidden[0, :-1], torch.tensor(ids[1:]), 0, out.logits[0, :-1].argmax(-1))
-    return prompt_score(head, *evidence.score_rows(), k)
+    rows = evidence.score_rows(first_start=len(prompt) - 1 if generated else None)
+    return head_score(head, *rows, SCORE_STEPS)
 
 
 def run(args) -> dict:
@@ -90,7 +93,7 @@ def run(args) -> dict:
             num_speculative_steps=args.k, max_running_requests=8, draft_model_path=str(path), model=hf, tokenizer=tok
         )
         taus = [o["meta_info"]["spec_accept_length"] for o in eng.generate(texts, sp)]
-        scores = [score(eng, eng.head, eng.encode(p) + out[: args.generated], args.k) for p, out in zip(texts, outputs)]
+        scores = [score(eng, eng.head, eng.encode(p), out[: args.generated]) for p, out in zip(texts, outputs)]
         per_head[name] = {"accept_length": taus, "score": scores}
     return {"prompts": [{"set": s, "domain": d} for s, d, _ in prompts], "heads": per_head}
 

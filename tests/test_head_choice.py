@@ -7,10 +7,11 @@ import torch
 from aurora_sgl.engine.engine import Engine
 from aurora_sgl.engine.head_choice import (
     DECIDE_AFTER_TOKENS,
+    SCORE_CONTEXT,
     SCORE_POSITIONS,
     HeadEvidence,
     choose_head,
-    prompt_score,
+    head_score,
     usual_head,
 )
 from aurora_sgl.engine.sampling import SamplingParams
@@ -58,9 +59,16 @@ def test_evidence_scores_the_newest_rows_against_the_next_target_token():
     assert torch.equal(aux, torch.stack([a for a, _, _ in newest]))
     assert torch.equal(following, torch.stack([f for _, f, _ in newest]))
     assert target_next.tolist() == [int(t) for _, _, t in newest[1:]] + [-1]
+    # The final choice: starts from position 100 on only (the rows of the last two pieces), after
+    # SCORE_CONTEXT rows of context whose starts are not scored.
+    aux, following, target_next = ev.score_rows(first_start=100)
+    window = rows[-(4 + SCORE_CONTEXT) :]
+    assert torch.equal(aux, torch.stack([a for a, _, _ in window]))
+    want = [int(t) for _, _, t in window[1:]] + [-1]
+    assert target_next.tolist() == [-1] * SCORE_CONTEXT + want[SCORE_CONTEXT:]
 
 
-def _naive_prompt_score(head, aux, following, target_next, k):
+def _naive_head_score(head, aux, following, target_next, k):
     """For every start s: the head drafts as serving does -- teacher-forced over positions <= s in
     a fresh cache, then its own chain -- and counts the drafts matching target_next[s], [s + 1], ..."""
     hc = head.config
@@ -88,7 +96,7 @@ def _naive_prompt_score(head, aux, following, target_next, k):
 
 
 @torch.no_grad()
-def test_prompt_score_is_the_accept_length_serving_would_see(tiny_model, ref_tokenizer, tiny_head_dir):
+def test_head_score_is_the_accept_length_serving_would_see(tiny_model, ref_tokenizer, tiny_head_dir):
     eng = _engine(tiny_model, ref_tokenizer, draft_model_path=tiny_head_dir)
     ids = ref_tokenizer(PROMPTS[1] + " " + PROMPTS[2])["input_ids"]
     t = len(ids)
@@ -100,10 +108,10 @@ def test_prompt_score_is_the_accept_length_serving_would_see(tiny_model, ref_tok
         torch.cat([greedy[1:-1], torch.tensor([-1])]),
         following.roll(-1).index_fill(0, torch.tensor([t - 2]), -1),
     ):
-        got = prompt_score(eng.head, aux, following, target_next, 3)
-        want = _naive_prompt_score(eng.head, aux, following, target_next, 3)
+        got = head_score(eng.head, aux, following, target_next, 3)
+        want = _naive_head_score(eng.head, aux, following, target_next, 3)
         assert got == pytest.approx(want, abs=1e-6)
-    assert prompt_score(eng.head, aux, following, torch.full_like(following, -1), 3) == 1.0
+    assert head_score(eng.head, aux, following, torch.full_like(following, -1), 3) == 1.0
 
 
 def _mixed(model, tok, head_dir, switch=False, **kw):

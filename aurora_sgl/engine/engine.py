@@ -47,9 +47,10 @@ from aurora_sgl.engine.head_choice import (
     FALLBACK_MARGIN,
     RECENT_CHOICES,
     SCORE_POSITIONS,
+    SCORE_STEPS,
     HeadEvidence,
     choose_head,
-    prompt_score,
+    head_score,
     usual_head,
 )
 from aurora_sgl.engine.logprobs import add_input_logprobs, add_output_logprobs
@@ -470,11 +471,13 @@ class Engine:
             self._choose_head(r, final=True)
 
     def _choose_head(self, r: Request, final: bool) -> None:
-        """Score every head on the request's newest rows and pick its drafter (head_choice.py). A
-        head taking over runs over the whole context at the next drafting step (_catch_up)."""
-        aux, following, target_next = r.head_evidence.score_rows()
+        """Score every head (the prompt's end at prefill, the generated rows at the final choice)
+        and pick the request's drafter (head_choice.py). A head taking over runs over the whole
+        context at the next drafting step (_catch_up)."""
+        # Row len(prompt) - 1 is the first whose draft is of a generated token (it follows the first).
+        rows = r.head_evidence.score_rows(first_start=len(r.prompt_ids) - 1 if final else None)
         heads = [self.head, *self.fallback_heads]
-        scores = [prompt_score(h, aux, following, target_next, self.k) for h in heads]
+        scores = [head_score(h, *rows, SCORE_STEPS) for h in heads]
         if self.head_policy is not None:
             index = int(self.head_policy(r, scores))
             if not 0 <= index <= len(self.fallback_heads):
