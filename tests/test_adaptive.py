@@ -140,13 +140,29 @@ def test_adaptive_k_drafts_as_far_as_pays_and_not_at_all_for_a_useless_head():
     assert dear.choose(1, version=0) == 0
 
 
-def test_adaptive_k_explores_one_more_draft_on_a_share_of_steps():
+def test_adaptive_k_at_zero_explores_a_full_chain_on_a_share_of_steps():
     ch = _chooser(_flat(3, 0.5), k_max=3, explore_every=4)
     for _ in range(400):
         ch.observe(1, 3, 2.5, [0])
     picks = [ch.choose(1, version=0) for _ in range(40)]
-    assert picks.count(1) == 10 and picks.count(0) == 30  # 1 in 4 drafts one token
-    assert ch.explored == 10 and ch.stats()["k_steps"] == {"0": 30, "1": 10, "2": 0, "3": 0}
+    assert picks.count(3) == 10 and picks.count(0) == 30  # 1 in 4 drafts the maximum
+    assert ch.explored == 10 and ch.stats()["k_steps"] == {"0": 30, "1": 0, "2": 0, "3": 10}
+
+
+def test_exploring_from_zero_finds_a_head_whose_deeper_drafts_pay_for_the_fixed_price():
+    # Drafting at all costs 0.6 of a step (catch-up, verify width), each further draft 0.02: a first
+    # draft accepted 40 % of the time never pays for K = 1, but chains that go on after it do.
+    costs = {(1, k): 1.0 if k == 0 else 1.6 + 0.02 * k for k in range(5)}
+    ch = _chooser(costs, explore_every=4)
+    for i in range(20):  # the head before: first draft accepted 40 % of the time, the second never
+        ch.observe(1, 4, 1.7, [int(i % 5 < 2)])
+    assert ch.choose(1, version=0) == 0
+    picks = []
+    for i in range(120):  # now: the first draft 40 % of the time (period 5, not the explore period), then all
+        k = ch.choose(1, version=0)
+        picks.append(k)
+        ch.observe(1, k, costs[(1, k)], [min(k, 4 * (i % 5 < 2))] if k else [])
+    assert picks[-20:].count(4) >= 15  # drafting the maximum: E(4) = 2.6 tokens for 1.68 of a step
 
 
 def test_exploration_also_goes_one_draft_down_so_a_dear_looking_k_is_measured_again():

@@ -14,10 +14,12 @@ forwards, then scaled by the median measured/calibrated ratio of recent steps (a
 long context). The choice is argmax_k (sum over the batch's requests of E_i(k)) / cost(b, k), so
 K = 0 (no drafting) wins when the head is poor or the verify width is dear.
 
-Learning must not starve at K = 0: one step in `explore_every` drafts one more token than the
-choice (at most K), so the served head keeps being measured and can earn its way back; every other
-such step drafts one fewer instead (when the choice is above 0), so a K whose cost was once
-over-estimated is measured again rather than avoided for good. The first
+Learning must not starve at K = 0: one step in `explore_every` drafts where the choice does not,
+so the served head keeps being measured and can earn its way back. From K = 0 that step drafts K
+(a full chain measures every position at once: drafting at all has a fixed price -- the head's
+catch-up, a wider verify -- so K = 1 can lose where K = 3 wins, and exploring one draft up from 0
+would never find it); from a choice above 0 it drafts one more, and every other time one fewer,
+so a K whose cost was once over-estimated is measured again rather than avoided for good. The first
 `warmup_steps` decode steps after startup draft K: the prior (0.5 at every position) is no
 measurement, and a good head would otherwise wait for exploration to show it.
 """
@@ -285,8 +287,10 @@ class AdaptiveK:
             tokens = [sum(col) for col in zip(*(expected_tokens_per_k(r, self.k_max) for r in per_request))]
             best = max(range(self.k_max + 1), key=lambda k: (tokens[k] / cost[k], -k))
             if self.decode_steps % self.explore_every == 0:
-                down = best == self.k_max or (best > 0 and self.explored % 2 == 1)
-                best += -1 if down else 1
+                if best == 0:
+                    best = self.k_max
+                else:
+                    best += -1 if best == self.k_max or self.explored % 2 == 1 else 1
                 self.explored += 1
         self.k_counts[best] += 1
         return best
