@@ -112,8 +112,11 @@ def test_costs_are_made_non_decreasing_in_k_by_their_evidence():
     assert fit[1] == fit[2] and raw[2] < fit[1] <= raw[1]  # pooled, nearer the better-measured k = 1
 
 
-def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0):
-    return AdaptiveK(k_max, StepCosts(costs), explore_every=explore_every, warmup_steps=warmup_steps)
+def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0, explore_share=100.0):
+    """A chooser whose probes come every `explore_every` steps (by default never short of budget)."""
+    return AdaptiveK(
+        k_max, StepCosts(costs), explore_every=explore_every, warmup_steps=warmup_steps, explore_share=explore_share
+    )
 
 
 def _flat(k_max, per_k):
@@ -147,6 +150,18 @@ def test_adaptive_k_at_zero_explores_a_full_chain_on_a_share_of_steps():
     picks = [ch.choose(1, version=0) for _ in range(40)]
     assert picks.count(3) == 10 and picks.count(0) == 30  # 1 in 4 drafts the maximum
     assert ch.explored == 10 and ch.stats()["k_steps"] == {"0": 30, "1": 0, "2": 0, "3": 10}
+
+
+@pytest.mark.parametrize("per_k,every", [(1.0, 200), (0.01, 4)])
+def test_probes_are_paid_from_a_share_of_the_serving_time(per_k, every):
+    # A K = 0 step costs 1, a probe at K = 4 costs 1 + 4 * per_k: with 2 % of the time to spend, a
+    # probe 4 steps dearer comes every 200 steps, a cheap one as often as explore_every allows.
+    ch = _chooser(_flat(4, per_k), explore_every=4, explore_share=0.02)
+    for _ in range(400):
+        ch.observe(1, 4, 1.0 + 4 * per_k, [0])
+    picks = [ch.choose(1, version=0) for _ in range(1000)]
+    assert [i + 1 for i, k in enumerate(picks) if k] == list(range(every, 1001, every))
+    assert ch.stats()["explore_share"] == 0.02
 
 
 def test_exploring_from_zero_finds_a_head_whose_deeper_drafts_pay_for_the_fixed_price():

@@ -14,14 +14,18 @@ forwards, then scaled by the median measured/calibrated ratio of recent steps (a
 long context). The choice is argmax_k (sum over the batch's requests of E_i(k)) / cost(b, k), so
 K = 0 (no drafting) wins when the head is poor or the verify width is dear.
 
-Learning must not starve at K = 0: one step in `explore_every` drafts where the choice does not,
-so the served head keeps being measured and can earn its way back. From K = 0 that step drafts K
-(a full chain measures every position at once: drafting at all has a fixed price -- the head's
-catch-up, a wider verify -- so K = 1 can lose where K = 3 wins, and exploring one draft up from 0
-would never find it); from a choice above 0 it drafts one more, and every other time one fewer,
-so a K whose cost was once over-estimated is measured again rather than avoided for good. The first
-`warmup_steps` decode steps after startup draft K: the prior (0.5 at every position) is no
-measurement, and a good head would otherwise wait for exploration to show it.
+Learning must not starve at K = 0: now and then a step drafts where the choice does not, so the
+served head keeps being measured and can earn its way back. From K = 0 that step drafts K (a full
+chain measures every position at once: drafting at all has a fixed price -- the head's catch-up, a
+wider verify -- so K = 1 can lose where K = 3 wins, and exploring one draft up from 0 would never
+find it); from a choice above 0 it drafts one more, and every other time one fewer, so a K whose
+cost was once over-estimated is measured again rather than avoided for good. Exploring is paid
+from a budget in time, not in steps: each step earns `explore_share` of its own cost, and a probe
+(at least `explore_every` steps after the last) spends what it costs over the choice. Where
+drafting is dear (batch 8 on a CPU: a K = 4 step with the head's catch-up costs 3-5 K = 0 steps) a
+probe every 32 steps would cost a fifth of the serving time; where it is cheap the probes come
+every 32 steps. There is no warm-up at K: the prior (0.5 at every position, E(4) = 1.94) drafts from
+the start where a draft is cheap, and where it is dear the first probe measures the head.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ PRIOR_STEPS = 32  # after a swap, the old version's rates count as this many req
 # (benchmarks/adaptive_replay.py; benchmarks/README.md, Adaptive K).
 REQUEST_PRIOR = 2.0
 REQUEST_DECAY = 0.8
+# The share of decode time exploration may spend beyond what the chosen K costs (see above).
+EXPLORE_SHARE = 0.02
 
 
 def expected_tokens(rates: list[float], k: int) -> float:
@@ -245,14 +251,18 @@ class AdaptiveK:
         costs: StepCosts,
         explore_every: int = 32,
         window: int = 512,
-        warmup_steps: int = 16,
+        warmup_steps: int = 0,
         request_prior: float = REQUEST_PRIOR,
         request_decay: float = REQUEST_DECAY,
+        explore_share: float = EXPLORE_SHARE,
     ):
         self.k_max = k_max
         self.request_prior, self.request_decay = request_prior, request_decay
         self.costs = costs
         self.explore_every = explore_every
+        self.explore_share = explore_share
+        self.explore_credit = 0.0  # seconds of probing earned and not yet spent
+        self.since_probe = 0
         self.warmup_steps = warmup_steps
         self.acceptance = AcceptanceWindow(k_max, window)
         self.version: int | None = None
@@ -286,14 +296,28 @@ class AdaptiveK:
             cost = self.costs.costs_for(batch, self.k_max)
             tokens = [sum(col) for col in zip(*(expected_tokens_per_k(r, self.k_max) for r in per_request))]
             best = max(range(self.k_max + 1), key=lambda k: (tokens[k] / cost[k], -k))
-            if self.decode_steps % self.explore_every == 0:
-                if best == 0:
-                    best = self.k_max
-                else:
-                    best += -1 if best == self.k_max or self.explored % 2 == 1 else 1
-                self.explored += 1
+            best = self._probe(best, cost)
         self.k_counts[best] += 1
         return best
+
+    def _probe(self, best: int, cost: list[float]) -> int:
+        """`best`, or the K to measure instead when the exploration budget allows it."""
+        # Earned per step, capped so that a long stretch without probes does not buy a burst of them.
+        self.explore_credit = min(self.explore_credit + self.explore_share * cost[best], cost[self.k_max])
+        self.since_probe += 1
+        if self.since_probe < self.explore_every:
+            return best
+        if best == 0:
+            probe = self.k_max
+        else:
+            probe = best - 1 if best == self.k_max or self.explored % 2 == 1 else best + 1
+        price = max(0.0, cost[probe] - cost[best])
+        if price > self.explore_credit:
+            return best
+        self.explore_credit -= price
+        self.since_probe = 0
+        self.explored += 1
+        return probe
 
     def observe(
         self,
@@ -317,6 +341,7 @@ class AdaptiveK:
             "k_max": self.k_max,
             "k_steps": {str(k): n for k, n in enumerate(self.k_counts)},
             "explore_every": self.explore_every,
+            "explore_share": self.explore_share,
             "explored_steps": self.explored,
             "request_prior": self.request_prior,
             "request_decay": self.request_decay,
