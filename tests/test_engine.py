@@ -78,8 +78,17 @@ def _changing_k(ks=(0, 3, 1, 4, 0, 0, 2, 4, 4, 1, 0, 2)):
 def test_greedy_stays_lossless_when_k_changes_between_steps(
     model, ref_tokenizer, hf_greedy, trained_head_dir, mode, concurrency
 ):
+    # The real chooser, probing every other step: K changes within each request whatever this
+    # machine's step costs say (with the default 2 % budget a loaded machine may choose K = 0 throughout).
     eng = _engine(
-        model, ref_tokenizer, 4, max_running_requests=concurrency, draft_model_path=trained_head_dir, adaptive=True
+        model,
+        ref_tokenizer,
+        4,
+        max_running_requests=concurrency,
+        draft_model_path=trained_head_dir,
+        adaptive=True,
+        explore_every=2,
+        explore_share=100.0,
     )
     assert eng.adaptive is not None
     if mode == "changing":
@@ -91,7 +100,9 @@ def test_greedy_stays_lossless_when_k_changes_between_steps(
     assert all(len(ks) == 5 for ks in k_steps)
     if mode == "changing":
         assert all(sum(1 for n in ks if n) >= 3 for ks in k_steps if sum(ks) >= 6), k_steps
-        assert max(o["meta_info"]["spec_accept_length"] for o in outs) > 1.3  # accept paths ran
+    else:
+        assert all(sum(1 for n in ks if n) >= 2 for ks in k_steps if sum(ks) >= 4), k_steps
+    assert max(o["meta_info"]["spec_accept_length"] for o in outs) > 1.3  # accept paths ran
     stats = eng.adaptive.stats()
     assert sum(stats["k_steps"].values()) == eng.adaptive.decode_steps
     if mode == "adaptive":  # every decode step's measured time fed the cost model

@@ -65,9 +65,10 @@ def k0_outputs(tiny_model, ref_tokenizer):
 @pytest.mark.parametrize("setup", ["random K=4", "trained K=4", "trained K changing", "trained adaptive"])
 def test_logprobs_equal_k0_for_any_k_and_head(tiny_model, ref_tokenizer, tiny_head_dir, k0_outputs, setup, temperature):
     head = None if setup.startswith("random") else tiny_head_dir
-    eng = _engine(
-        tiny_model, ref_tokenizer, 4, max_running_requests=4, draft_model_path=head, adaptive="adaptive" in setup
-    )
+    # Adaptive: the real chooser, probing every other step, so K changes whatever this machine's
+    # step costs say (with the default budget a loaded machine may choose K = 0 throughout).
+    adaptive = {"adaptive": True, "explore_every": 2, "explore_share": 100.0} if "adaptive" in setup else {}
+    eng = _engine(tiny_model, ref_tokenizer, 4, max_running_requests=4, draft_model_path=head, **adaptive)
     if "changing" in setup:
         eng.k_policy = _changing_k()
     outs = eng.generate(PROMPTS[:6], _k_params(temperature))

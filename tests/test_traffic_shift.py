@@ -145,7 +145,12 @@ def test_drives_a_running_server(tmp_path):
     question = {"messages": [{"role": "user", "content": "Is 7 times 8 more than 50?"}], "json_schema": ANSWER_SCHEMA}
     chat.write_text(json.dumps(question) + "\n")
     out = tmp_path / "url.json"
-    server = ServerProcess("--no-online", "--speculative-draft-model-path", reference_head_path())
+    server = ServerProcess(
+        "--no-online",
+        "--speculative-draft-model-path",
+        reference_head_path(),
+        "--no-speculative-adaptive",  # every step drafts 4: the rows below measure each position
+    )
     try:
         res = _run(
             "--url",

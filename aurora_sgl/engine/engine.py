@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aurora_sgl.engine.adaptive import AdaptiveK, RequestAcceptance, StepCosts, calibrate
+from aurora_sgl.engine.adaptive import EXPLORE_SHARE, AdaptiveK, RequestAcceptance, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.engine.grammar import GrammarCompiler, RequestGrammar
 from aurora_sgl.engine.head_choice import (
@@ -211,6 +211,7 @@ class Engine:
         tokenizer=None,
         adaptive: bool = False,
         explore_every: int = 32,
+        explore_share: float = EXPLORE_SHARE,
     ):
         from transformers import AutoTokenizer
 
@@ -276,7 +277,7 @@ class Engine:
         self.adaptive: AdaptiveK | None = None
         if adaptive and self.k:
             costs = StepCosts(calibrate(self._synthetic_step, self.k, max_running_requests))
-            self.adaptive = AdaptiveK(self.k, costs, explore_every)
+            self.adaptive = AdaptiveK(self.k, costs, explore_every, explore_share=explore_share)
 
     def add_fallback_head(self) -> Eagle3Head:
         """Keep a frozen copy of the head served now (weights and draft vocabulary) as a fallback:
