@@ -112,10 +112,16 @@ def test_costs_are_made_non_decreasing_in_k_by_their_evidence():
     assert fit[1] == fit[2] and raw[2] < fit[1] <= raw[1]  # pooled, nearer the better-measured k = 1
 
 
-def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0, explore_share=100.0):
-    """A chooser whose probes come every `explore_every` steps (by default never short of budget)."""
+def _chooser(costs, k_max=4, explore_every=1000, warmup_steps=0, explore_share=100.0, probe_first=False):
+    """A chooser whose probes come every `explore_every` steps (by default never short of budget),
+    and not at the first step unless asked."""
     return AdaptiveK(
-        k_max, StepCosts(costs), explore_every=explore_every, warmup_steps=warmup_steps, explore_share=explore_share
+        k_max,
+        StepCosts(costs),
+        explore_every=explore_every,
+        warmup_steps=warmup_steps,
+        explore_share=explore_share,
+        probe_first=probe_first,
     )
 
 
@@ -162,6 +168,18 @@ def test_probes_are_paid_from_a_share_of_the_serving_time(per_k, every):
     picks = [ch.choose(1, version=0) for _ in range(1000)]
     assert [i + 1 for i, k in enumerate(picks) if k] == list(range(every, 1001, every))
     assert ch.stats()["explore_share"] == 0.02
+
+
+def test_the_first_step_probes_a_full_chain_paid_in_advance_then_the_budget_rules():
+    # Drafting costs 4 K = 0 steps, so the prior (E(4) = 1.94) chooses K = 0: the head is measured
+    # at the first step, not after explore_every steps and a slowly earned 2 % budget.
+    ch = _chooser(_flat(4, 0.75), explore_every=4, explore_share=0.02, probe_first=True)
+    picks = [ch.choose(1, version=0) for _ in range(100)]
+    assert picks[0] == 4 and picks[1:] == [0] * 99 and ch.explored == 1
+    # The default engine chooser probes first; the same chooser without it waits for its budget.
+    assert AdaptiveK(4, StepCosts(_flat(4, 0.75))).choose(1, version=0) == 4
+    late = _chooser(_flat(4, 0.75), explore_every=4, explore_share=0.02)
+    assert [late.choose(1, version=0) for _ in range(100)] == [0] * 100
 
 
 def test_exploring_from_zero_finds_a_head_whose_deeper_drafts_pay_for_the_fixed_price():
@@ -231,7 +249,7 @@ def test_request_acceptance_decays_old_steps_and_shrinks_to_the_global_rates():
 def test_each_request_drafts_by_its_own_outcomes_not_the_batch_average():
     costs = {(b, k): 1.0 + 0.5 * k for b in (1, 2) for k in range(5)}
     # Concurrency 1: the head drafted perfectly for the requests before; this one it cannot draft.
-    ch = AdaptiveK(4, StepCosts(costs), explore_every=1000, warmup_steps=0, request_prior=4, request_decay=0.9)
+    ch = AdaptiveK(4, StepCosts(costs), explore_every=1000, request_prior=4, request_decay=0.9, probe_first=False)
     for _ in range(400):
         ch.observe(1, 4, 3.0, [4])
     new = RequestAcceptance(4)

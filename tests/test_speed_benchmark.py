@@ -70,8 +70,10 @@ def test_quick_run_covers_every_system_with_greedy_outputs(tmp_path):
             for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
                 assert math.isfinite(row[key]) and row[key] > 0, (row, key)
             assert row["ttft_p99_ms"] >= row["ttft_p50_ms"]
-    # The offline head drafts something right on these prompts, through the engine and the server.
-    assert next(row["tau"] for row in res["rows"] if row["system"] == "server" and row["k"] == 4) > 1.0
+    # The offline head drafts something right on these prompts at a fixed K. The server chooses K
+    # per step (the launch default): on a loaded machine it may rightly draft nothing.
+    assert next(row["tau"] for row in res["rows"] if row["system"] == "aurora_eagle3" and row["k"] == 4) > 1.0
+    assert next(row["tau"] for row in res["rows"] if row["system"] == "server" and row["k"] == 4) >= 1.0
     for key in (
         "k0_over_hf_c1",
         "spec_over_k0_c1",

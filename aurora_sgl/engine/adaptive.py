@@ -25,7 +25,8 @@ from a budget in time, not in steps: each step earns `explore_share` of its own 
 drafting is dear (batch 8 on a CPU: a K = 4 step with the head's catch-up costs 3-5 K = 0 steps) a
 probe every 32 steps would cost a fifth of the serving time; where it is cheap the probes come
 every 32 steps. There is no warm-up at K: the prior (0.5 at every position, E(4) = 1.94) drafts from
-the start where a draft is cheap, and where it is dear the first probe measures the head.
+the start where a draft is cheap, and where it is dear the first step probes, paid in advance, so
+the head is measured at once (one step, not a warm-up of many on a machine where each costs 3-5).
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ class AdaptiveK:
         request_prior: float = REQUEST_PRIOR,
         request_decay: float = REQUEST_DECAY,
         explore_share: float = EXPLORE_SHARE,
+        probe_first: bool = True,
     ):
         self.k_max = k_max
         self.request_prior, self.request_decay = request_prior, request_decay
@@ -263,6 +265,11 @@ class AdaptiveK:
         self.explore_share = explore_share
         self.explore_credit = 0.0  # seconds of probing earned and not yet spent
         self.since_probe = 0
+        if probe_first:
+            # The first step may probe, paid in advance (the cap in _probe makes it one full chain's
+            # worth): where the prior says K = 0, the head and the real price of drafting are
+            # measured at once instead of after explore_every steps and a slowly earned budget.
+            self.explore_credit, self.since_probe = math.inf, explore_every
         self.warmup_steps = warmup_steps
         self.acceptance = AcceptanceWindow(k_max, window)
         self.version: int | None = None
