@@ -6,17 +6,10 @@ one (`Engine.record_sink`), never waits on the trainer, and never replaces a par
 weights are copied into the existing storage (CUDA graphs captured those pointers).
 
 Whatever the trainer publishes -- late, NaN, random -- outputs stay exact, because verification
-decides every token. What a bad version can cost is speed, which the rollback bounds: when a new
-version's live accept length over its first `window` drafting steps falls below the last confirmed
-version's (over its last `baseline` steps) by more than `margin`, the confirmed weights come back
-and the trainer is told.
-
-The two figures must come from the same traffic: after a shift (code, then math) every version
-looks worse than the one measured before it, and blaming the new weights would throw away exactly
-the adaptation the shift calls for. So a suspect version is not rolled back at once: the confirmed
-weights serve one more `window` (a probe), measured afresh on requests that start after it (the
-ones already running hold draft KV the suspect computed), and the suspect is rolled back only if
-it is still worse than that; otherwise it comes back and is confirmed.
+decides every token. What a bad version can cost is speed, which the rollback bounds: the policy
+(`online/rollback.py`, shared with the SGLang plugin) judges each new version on live acceptance
+against the last confirmed one, re-measured on the same traffic; this module carries its decisions
+out on the engine's parameters.
 """
 
 from __future__ import annotations
@@ -27,8 +20,8 @@ import time
 
 import torch
 
-from aurora_sgl.engine.adaptive import chain_accept_length
 from aurora_sgl.engine.engine import Engine, StepRecord
+from aurora_sgl.online.rollback import KEEP, PROBE, ROLLBACK, RollbackPolicy
 from aurora_sgl.online.version_check import SUPERSEDED, refusal_reason
 from aurora_sgl.transport.signal_ring import SignalRing
 from aurora_sgl.transport.weight_store import WeightStore
@@ -59,22 +52,8 @@ class Flywheel:
         # The last confirmed version, restored on rollback; written outside the swap pause.
         self.confirmed = [p.detach().clone() for p in self.params]
         self._suspect = [p.detach().clone() for p in self.params]  # a suspect version's weights during a probe
-        self._probe: tuple[int, float] | None = None  # (suspect version, its live accept length)
-        # Requests running when a probe starts hold draft KV computed by the suspect's weights:
-        # they would measure a mix, so the probe counts only requests that start after it.
-        self._probe_stale: set[str] = set()
-        self.confirmed_version = engine.draft_version
-        self.window = window
-        self.margin = margin
-        # A new version is judged after `window` drafting steps, against the confirmed version's
-        # last `baseline` (default 8 windows): a baseline of one window is the tail of a few
-        # requests (at batch 8, eight steps of the same eight), and a low tail once let a random
-        # head through the margin.
-        baseline = max(window, baseline if baseline is not None else 8 * window)
-        self._taus: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=baseline))
+        self.policy = RollbackPolicy(engine.k, engine.draft_version, window=window, margin=margin, baseline=baseline)
         self.swaps = 0
-        self.rollbacks = 0
-        self.probes = 0
         self.refused = 0
         self.last_refused_version = 0
         self.failed_copies = 0
@@ -93,19 +72,28 @@ class Flywheel:
         for r in records:
             drafted = self.engine.k if r.num_drafted is None else r.num_drafted
             # A fallback head's drafts say nothing about the live version (engine/head_choice.py).
-            if drafted and not r.prefill and r.draft_head == 0 and r.request_id not in self._probe_stale:
-                self._taus[r.draft_version].append((drafted, r.num_accepted))
+            if not r.prefill and r.draft_head == 0:
+                self.policy.observe(r.draft_version, r.request_id, drafted, r.num_accepted)
 
     def live_accept_length(self, version: int) -> float | None:
-        """The accept length at the engine's K, from drafting steps of any width (adaptive K):
-        versions measured at different K mixes stay comparable."""
-        taus = self._taus.get(version)
-        return chain_accept_length(list(taus), self.engine.k) if taus else None
+        return self.policy.live_accept_length(version)
+
+    @property
+    def confirmed_version(self) -> int:
+        return self.policy.confirmed_version
+
+    @property
+    def rollbacks(self) -> int:
+        return self.policy.rollbacks
+
+    @property
+    def probes(self) -> int:
+        return self.policy.probes
 
     # ---- weights in -------------------------------------------------------------------------
     def before_step(self, engine: Engine) -> None:
         self._judge_current()
-        if self._probe is not None:  # no new version while the confirmed one is re-measured
+        if self.policy.probing:  # no new version while the confirmed one is re-measured
             return
         polled = self.store.poll(max(engine.draft_version, self._skip_through))
         if polled is not None:
@@ -142,78 +130,23 @@ class Flywheel:
         self.last_swap_pause_s = time.perf_counter() - t0
         self.swap_pauses.append(self.last_swap_pause_s)
 
+    @torch.no_grad()
     def _judge_current(self) -> None:
-        """Confirm or roll back the serving version once it has `window` verify steps of evidence."""
-        if self._probe is not None:
-            self._judge_probe()
+        """Carry out the policy's verdict on the serving version."""
+        d = self.policy.judge(self.engine.draft_version, lambda: [r.id for r in self.engine.running])
+        if d is None:
             return
-        current = self.engine.draft_version
-        if current == self.confirmed_version:
-            return
-        taus = self._taus.get(current)
-        if taus is None or len(taus) < self.window:
-            return
-        new = self.live_accept_length(current)
-        old = self.live_accept_length(self.confirmed_version)
-        if old is not None and new < old - self.margin:
-            # `old` was measured on earlier traffic: re-measure the confirmed weights now.
-            log.info(
-                "draft version %d looks worse (live tau %.3f < %.3f of version %d): re-measuring version %d",
-                current,
-                new,
-                old,
-                self.confirmed_version,
-                self.confirmed_version,
-            )
-            self.probes += 1
+        if d.action == PROBE:
             torch._foreach_copy_(self._suspect, self.params)
-            self._probe = (current, new)
-            self._taus[self.confirmed_version].clear()
-            self._probe_stale = {r.id for r in self.engine.running}
             self._restore_confirmed()
-            return
-        log.info(
-            "draft version %d confirmed (live tau %.3f over %d steps; version %d: %s)",
-            current,
-            new,
-            len(taus),
-            self.confirmed_version,
-            "unmeasured" if old is None else f"{old:.3f}",
-        )
-        self._confirm_current()
-
-    def _judge_probe(self) -> None:
-        suspect, new = self._probe
-        taus = self._taus.get(self.confirmed_version)
-        if taus is None or len(taus) < self.window:
-            return
-        self._probe, self._probe_stale = None, set()
-        old = self.live_accept_length(self.confirmed_version)
-        if new < old - self.margin:
-            log.warning(
-                "rolling back draft version %d (live tau %.3f < %.3f of version %d on the same traffic)",
-                suspect,
-                new,
-                old,
-                self.confirmed_version,
-            )
-            self.rollbacks += 1
-            self._skip_through = max(self._skip_through, suspect)
-            self.store.request_rollback(suspect)
-            return
-        log.info(
-            "draft version %d kept: version %d measures %.3f on today's traffic", suspect, self.confirmed_version, old
-        )
-        torch._foreach_copy_(self.params, self._suspect)
-        self.engine.draft_version = suspect
-        self._confirm_current()
-
-    def _confirm_current(self) -> None:
-        current = self.engine.draft_version
-        torch._foreach_copy_(self.confirmed, self.params)
-        self.confirmed_version = current
-        for v in [v for v in self._taus if v not in (current, self.confirmed_version)]:
-            del self._taus[v]
+        elif d.action == ROLLBACK:  # the confirmed weights serve since the probe
+            self._skip_through = max(self._skip_through, d.version)
+            self.store.request_rollback(d.version)
+        else:
+            if d.action == KEEP:
+                torch._foreach_copy_(self.params, self._suspect)
+                self.engine.draft_version = d.version
+            torch._foreach_copy_(self.confirmed, self.params)
 
     @torch.no_grad()
     def _restore_confirmed(self) -> None:
@@ -235,7 +168,5 @@ class Flywheel:
             "ring_written": ring.get("written", 0),
             "recorded_positions": self.recorded_positions,
             "ring_drops": ring.get("drops", 0),
-            "live_accept_length": {
-                str(v): round(self.live_accept_length(int(v)), 4) for v, t in self._taus.items() if t
-            },
+            "live_accept_length": self.policy.measured(),
         }
