@@ -559,6 +559,7 @@ _OUR_HOOKS = {
     "recv": plugin._after_recv,
     "iteration": plugin._after_iteration,
     "graphs": plugin._after_cuda_graphs,
+    "accepted": plugin._after_accepted,
 }
 
 

@@ -19,7 +19,18 @@ plain `sglang serve`). With it, in every scheduler process:
   SchedulerRequestReceiver.recv_requests (after)
                                      every rank: take the markers out of the received list
   Scheduler.ingest_requests (after)  every rank, once per iteration: drain staging into the ring,
-                                     swap to the marked version, export counters
+                                     carry out the marked rollback decisions, swap to the marked
+                                     version, export counters
+  SchedulerBatchResultProcessor._resolve_spec_v2_tokens (after)
+                                     leader: each decode step's accepted drafts per request (on the
+                                     host already), for the live rollback's judge
+
+Live rollback, as in the embedded engine and with its policy (online/rollback.py): the leader
+judges each new version on those accept lengths against the confirmed version's, re-measured on the
+same traffic before it rolls back; its decisions ride the same markers, so every TP rank restores
+the same copy in the same iteration. `AURORA_SGL_ROLLBACK=0` turns it off and with it the two
+copies of the draft it keeps on each rank (allocated in the worker's __init__, before SGLang sizes
+its KV pool; for an 8B target's head about 0.85 GB each in bf16).
 
 It aborts nothing and pauses nothing: the swap is an in-place copy enqueued on the stream the
 forwards run on (`forward_stream_of`) after the trainer's publish event, between two forwards.
@@ -58,6 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aurora_sgl.online.rollback import CONFIRM, KEEP, PROBE, ROLLBACK, RollbackPolicy
 from aurora_sgl.online.version_check import SUPERSEDED, refusal_reason
 
 from .capture import CaptureStaging, Sequencer, VerifyStep, drain_in_order
@@ -69,6 +81,7 @@ ENV_DIR = "AURORA_SGL_HANDOFF_DIR"
 ENV_RING_RECORDS = "AURORA_SGL_RING_RECORDS"
 ENV_STAGING_REQUESTS = "AURORA_SGL_STAGING_REQUESTS"
 ENV_PREFILL_ROWS = "AURORA_SGL_PREFILL_ROWS"  # prompt rows one prefill staging slot holds (< 0: off)
+ENV_ROLLBACK = "AURORA_SGL_ROLLBACK"  # "0": no live rollback, and no copies of the draft kept for it
 HANDOFF = "handoff.json"
 
 _W = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
@@ -82,6 +95,8 @@ HOOK_TARGETS = {
     "recv": f"{_R}.recv_requests",
     "iteration": "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
     "graphs": "sglang.srt.managers.scheduler.Scheduler.init_all_cuda_graphs",
+    "accepted": "sglang.srt.managers.scheduler_components.batch_result_processor."
+    "SchedulerBatchResultProcessor._resolve_spec_v2_tokens",
 }
 
 _RUNTIME: Runtime | None = None
@@ -89,9 +104,12 @@ _RUNTIME: Runtime | None = None
 
 @dataclass(frozen=True)
 class SwapMarker:
-    """Rides SGLang's per-iteration request broadcast from TP rank 0 to every TP rank."""
+    """Rides SGLang's per-iteration request broadcast from TP rank 0 to every TP rank: swap to a
+    store `version` (op "swap"), or carry out a rollback-policy decision about `version` (op
+    PROBE, KEEP or CONFIRM of online/rollback.py) on every rank's own copies."""
 
     version: int
+    op: str = "swap"
 
 
 def register() -> None:
@@ -106,6 +124,7 @@ def register() -> None:
     HookRegistry.register(HOOK_TARGETS["recv"], _after_recv, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["iteration"], _after_iteration, HookType.AFTER)
     HookRegistry.register(HOOK_TARGETS["graphs"], _after_cuda_graphs, HookType.AFTER)
+    HookRegistry.register(HOOK_TARGETS["accepted"], _after_accepted, HookType.AFTER)
 
 
 def enabled() -> bool:
@@ -155,6 +174,11 @@ def _tp_cpu_group():
 def _around_verify(original, worker, batch, *args, **kwargs):
     result = original(worker, batch, *args, **kwargs)
     rt = _RUNTIME
+    if rt is not None and rt.policy is not None and not batch.forward_mode.is_idle():
+        # The same result object reaches the output processor (`_after_accepted`) with the accept
+        # lengths on the host, one iteration later under overlap: it carries who drafted them.
+        result.aurora_drafted_by = (rt.draft_version, worker.speculative_num_steps)
+        rt.running = {r.rid for r in batch.reqs}
     if rt is not None and rt.staging is not None:
         try:
             step = verify_step(worker, batch, result, rt.draft_version)
@@ -171,6 +195,8 @@ def _around_prefill(original, worker, batch, *args, **kwargs):
     # extend tokens and the per-request layout before the call, the next tokens after it.
     rt = _RUNTIME
     before = None
+    if rt is not None and rt.policy is not None and not batch.forward_mode.is_idle():
+        rt.running.update(r.rid for r in batch.reqs)
     if rt is not None and rt.prefill is not None and not batch.forward_mode.is_idle():
         before = (batch.input_ids, list(batch.reqs), list(batch.prefix_lens or []), list(batch.extend_lens or []))
     result = original(worker, batch, *args, **kwargs)
@@ -189,10 +215,8 @@ def _after_pull(result, receiver, *args, **kwargs):
     rt = _RUNTIME
     if rt is None or result is None or not rt.leader or rt.store is None or rt.broken:
         return None
-    version = rt.poll_new_version()
-    if version:
-        return [*result, SwapMarker(version)]
-    return None
+    markers = rt.decide()
+    return [*result, *markers] if markers else None
 
 
 def _after_recv(result, receiver, *args, **kwargs):
@@ -200,8 +224,28 @@ def _after_recv(result, receiver, *args, **kwargs):
         return None
     rt = _RUNTIME
     if rt is not None:
-        rt.pending_version = max(r.version for r in result if isinstance(r, SwapMarker))
+        markers = [r for r in result if isinstance(r, SwapMarker)]
+        rt.pending_ops += [m for m in markers if m.op != "swap"]
+        rt.pending_version = max([rt.pending_version] + [m.version for m in markers if m.op == "swap"])
     return [r for r in result if not isinstance(r, SwapMarker)]
+
+
+def _after_accepted(result, processor, batch_result, batch, *args, **kwargs):
+    """Each decode step's accepted drafts per request, on the host (SGLang copied them for its own
+    output processing): the live evidence the rollback policy judges versions on."""
+    rt = _RUNTIME
+    drafted_by = getattr(batch_result, "aurora_drafted_by", None)
+    if rt is None or rt.policy is None or drafted_by is None:
+        return None
+    try:
+        version, drafted = drafted_by
+        accepted = batch_result.num_correct_drafts_per_req_cpu or []
+        for req, n in zip(batch.reqs, accepted):
+            rt.policy.observe(version, req.rid, drafted, n)
+    except Exception as e:  # the judge goes blind; serving and swaps go on
+        log.error("aurora_sgl: live rollback disabled after an error: %s", e)
+        rt.policy = None
+    return None
 
 
 def _after_cuda_graphs(result, scheduler, *args, **kwargs):
@@ -300,7 +344,13 @@ def prefill_step(before, batch, result, draft_version: int = 0) -> PrefillStep |
 
 # ---- per-scheduler runtime ------------------------------------------------------------------------
 class Runtime:
-    """One per scheduler process. The leader owns the ring and the store (and their names)."""
+    """One per scheduler process. The leader owns the ring and the store (and their names).
+
+    Live rollback (`rollback=True`, the embedded engine's guardrail): every rank keeps two copies
+    of its draft tensors, the confirmed version's (also what a failed swap restores) and, while
+    the confirmed version is re-measured, the suspect's; the leader's `policy` judges versions on
+    the accept lengths SGLang's output processor hands `_after_accepted`, and its decisions reach
+    every rank as markers, like swaps."""
 
     def __init__(
         self,
@@ -315,24 +365,42 @@ class Runtime:
         keep_previous: bool | None = None,
         side_stream=None,
         prefill: PrefillStaging | None = None,
+        rollback: bool = False,
+        policy: RollbackPolicy | None = None,
     ):
         self.staging, self.prefill, self.ring, self.store, self.swapper = staging, prefill, ring, store, swapper
         self.leader, self.handoff_dir, self.tp_group = leader, handoff_dir, tp_group
         self.side_stream = side_stream
         self.draft_version = store.version if store is not None else 0
         self.pending_version = 0
+        self.pending_ops: list[SwapMarker] = []  # rollback decisions to carry out this iteration
         self._refused_through = 0
-        self._previous = self._live = None
-        self._previous_hot = None
+        self._previous = self._live = self._suspect = None
+        self._previous_hot = self._suspect_hot = None
+        self.rollback = rollback and swapper is not None
+        self.policy = policy if self.rollback else None
+        self.running: set = set()  # requests in the last verify batch and the prefills since (leader)
         if keep_previous is None:
             # With TP a failed swap must be undone on every rank (one hot map for all); alone, a
-            # half-copied head only costs acceptance until the next marker, so no second copy.
+            # half-copied head only costs acceptance until the next marker, so no second copy --
+            # unless the rollback keeps one anyway.
             keep_previous = tp_group is not None
-        if keep_previous and swapper is not None:
+        if (keep_previous or self.rollback) and swapper is not None:
             self._live = swapper.live_tensors()
             self._previous = [t.detach().clone() for t in self._live]
             self._keep_hot()
-        self.counters = {"swaps": 0, "failed_swaps": 0, "refused": 0, "records_written": 0, "markers": 0}
+        if self.rollback:  # allocated here, before SGLang sizes its KV pool
+            self._suspect = [t.detach().clone() for t in self._live]
+        self.confirmed_version = self.draft_version
+        self.counters = {
+            "swaps": 0,
+            "failed_swaps": 0,
+            "refused": 0,
+            "records_written": 0,
+            "markers": 0,
+            "probes": 0,
+            "rollbacks": 0,
+        }
         self._last_export = 0.0
         self.broken = False  # no more swaps; with TP this rank still answers every swap's agreement
         self.pending_handoff: tuple[str, dict] | None = None  # written once SGLang's graphs are captured
@@ -381,6 +449,7 @@ class Runtime:
         aux_dim = model.model.fc.weight.shape[1]  # len(aux layers) x the target's hidden size
         hidden = aux_dim // len(aux_ids)  # final_hidden is the target's
         tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
+        rollback = os.environ.get(ENV_ROLLBACK, "1") != "0"
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         ring = store = staging = prefill = handoff = None
         if owner:
@@ -422,8 +491,10 @@ class Runtime:
             tp_group=tp_group,
             side_stream=side,
             prefill=prefill,
+            rollback=rollback,
+            policy=RollbackPolicy(k, 1) if rollback and leader else None,
         )
-        rt.draft_version = 1
+        rt.draft_version = rt.confirmed_version = 1
         # The trainer starts when the handoff appears. Written here, before SGLang sizes its KV
         # pool and captures its graphs, a trainer on the same GPU would allocate while SGLang
         # measures free memory: the hook after `init_all_cuda_graphs` writes it.
@@ -451,8 +522,32 @@ class Runtime:
         self.counters["markers"] += 1
         return version
 
+    def decide(self) -> list[SwapMarker]:
+        """Leader, once per iteration: the rollback policy's verdict on the serving version, then
+        (unless the confirmed version is being re-measured) a newer verified store version."""
+        markers = []
+        if self.policy is not None:
+            d = self.policy.judge(self.draft_version, lambda: self.running)
+            if d is not None and d.action == ROLLBACK:  # the confirmed weights serve since the probe
+                self._refused_through = max(self._refused_through, d.version)
+                self.store.request_rollback(d.version)
+                self.counters["rollbacks"] += 1
+            elif d is not None:
+                self.counters["probes"] += d.action == PROBE
+                markers.append(SwapMarker(d.version, d.action))
+            if self.policy.probing:
+                return markers
+        version = self.poll_new_version()
+        if version:
+            markers.append(SwapMarker(version))
+        return markers
+
     # -- every rank, once per scheduler iteration ------------------------------------------------
     def iteration(self, forward_stream=None) -> None:
+        ops, self.pending_ops = self.pending_ops, []
+        if not self.broken:
+            for op in ops:
+                self.carry_out(op, forward_stream)
         if self.broken:
             if self.pending_version > self.draft_version:  # a marker every TP rank received
                 self.swap_to(self.pending_version, forward_stream)
@@ -469,11 +564,37 @@ class Runtime:
             self._last_export = now
             self.export_counters()
 
+    @torch.no_grad()
+    def carry_out(self, op: SwapMarker, stream=None) -> None:
+        """A rollback decision, on this rank's copies (no collective: each is a local copy that
+        every TP rank makes in the same iteration, so all serve the same version after it)."""
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if op.op == PROBE:  # the suspect aside, the confirmed weights serve
+                self._keep_hot()
+                torch._foreach_copy_(self._suspect, self._live)
+                if self._suspect_hot is not None:
+                    self._suspect_hot.copy_(self.swapper.hot)
+                self._restore()
+                self.draft_version = self.pending_version = self.confirmed_version  # no swap back
+                return
+            if op.op == KEEP:  # the probe cleared it: the suspect serves again
+                torch._foreach_copy_(self._live, self._suspect)
+                if self._suspect_hot is not None:
+                    self.swapper.hot.copy_(self._suspect_hot)
+                self.draft_version = op.version
+            if op.op in (KEEP, CONFIRM) and self.draft_version == op.version:
+                torch._foreach_copy_(self._previous, self._live)  # the new restore point
+                if self._previous_hot is not None:
+                    self._previous_hot.copy_(self.swapper.hot)
+                self.confirmed_version = op.version
+
     def _keep_hot(self) -> None:
         """The kept copy of the hot map, once the worker has one (SGLang creates it after the
         worker's __init__, where this runtime is built)."""
         if self._previous is not None and self._previous_hot is None and self.swapper.bind_hot() is not None:
             self._previous_hot = self.swapper.hot.detach().clone()
+            if self.rollback:
+                self._suspect_hot = self.swapper.hot.detach().clone()
 
     def swap_to(self, version: int, stream=None) -> bool:
         """Swap every TP rank to `version`, or none. A rank's result is COPIED, RETRY (the trainer
@@ -493,6 +614,8 @@ class Runtime:
             status = agree(status, self.tp_group)
         if status != COPIED:
             self.counters["failed_swaps"] += 1
+            if self.rollback:  # the restore point is the confirmed version
+                self.draft_version = self.confirmed_version
             self.pending_version = self.draft_version
             if not self.broken:
                 try:
@@ -507,7 +630,7 @@ class Runtime:
         self.draft_version = version
         self.pending_version = version
         self.counters["swaps"] += 1
-        if self._previous is not None:  # the kept copy follows the swap on the same stream
+        if self._previous is not None and not self.rollback:  # the kept copy follows the swap
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 torch._foreach_copy_(self._previous, self._live)
                 if self._previous_hot is not None:
@@ -533,6 +656,10 @@ class Runtime:
 
     def stats(self) -> dict:
         out = dict(self.counters, draft_version=self.draft_version)
+        if self.rollback:
+            out["confirmed_version"] = self.confirmed_version
+        if self.policy is not None:
+            out["live_accept_length"] = self.policy.measured()
         if self.staging is not None:
             out.update(
                 captured=self.staging.captured,
