@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="embedded: choose K per step in 0..--speculative-num-steps from the live acceptance and the "
-        "measured step cost (default on); not available with --backend sglang",
+        "measured step cost (default on); sglang: SGLang's own adaptive speculation, its step count per "
+        "batch from --speculative-adaptive-config (default off, as in SGLang)",
     )
     ap.add_argument(
         "--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)"
@@ -136,11 +137,6 @@ def validate(args) -> str | None:
             return error
     if args.checkpoint_dir and not args.online:
         return "--checkpoint-dir is only used with --online"
-    if args.backend == "sglang" and args.speculative_adaptive:
-        return (
-            "--speculative-adaptive is embedded-only: SGLang captures its CUDA graphs per step count, "
-            "so --backend sglang drafts a fixed --speculative-num-steps"
-        )
     if args.fallback_head and (args.backend == "sglang" or not args.online or not args.speculative_draft_model_path):
         return (
             "--fallback-head keeps the start head beside the live one: it needs the embedded backend, --online "

@@ -371,7 +371,6 @@ def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
         (["--trainer-config", '{"no_such_setting": 1}'], "no_such_setting"),
         (["--no-online", "--trainer-config", "{}"], "--trainer-config is only used with --online"),
         (["--api-key", ""], "--api-key must not be empty"),
-        (["--backend", "sglang", "--speculative-adaptive"], "--speculative-adaptive is embedded-only"),
         (["--no-online", "--context-length", "4096"], "exceeds the model's 2048 positions"),
         (["--fallback-head"], "--fallback-head keeps the start head beside the live one"),  # no draft path
         (["--backend", "sglang", "--fallback-head"], "SGLang serves one draft model"),

@@ -107,16 +107,16 @@ def test_load_plugins_discovers_entry_point_and_whitelist_disables(tmp_path):
 H, A = 8, 24  # hidden, aux (3H)
 
 
-def _step(topk: int, seed: int):
+def _step(topk: int, seed: int, steps: int = 3):
     """A verify step as `run_eagle_verify` returns it: SGLang's real batch / verify input / result
     types, and for topk > 1 SGLang's own path compaction applied to predict and hidden states.
     Returns (worker, batch, result, expected rows per request from the *uncompacted* tensors)."""
     g = torch.Generator().manual_seed(seed)
-    steps = 3
     d = steps + 1 if topk == 1 else 8
     bs = 3
-    if topk == 1:
-        accept_index = torch.tensor([[0, 1, 2, -1], [4, 5, 6, 7], [8, -1, -1, -1]])
+    if topk == 1:  # chains accepting 2 (or all), all, and none of the drafts
+        accepted = [min(2, steps), steps, 0]
+        accept_index = torch.tensor([[i * d + j if j <= a else -1 for j in range(d)] for i, a in enumerate(accepted)])
     else:  # tree paths: root 0, then nodes anywhere in the block
         accept_index = torch.tensor([[0, 3, 6, -1], [8, 10, 13, 15], [16, -1, -1, -1]])
     accept_lens = (accept_index >= 0).sum(1)
@@ -209,6 +209,64 @@ def test_capture_hook_writes_exactly_the_accepted_rows(topk):
         assert r.outcome.tolist() == want + [-1] * (k - len(want))
         reached = e["next"][:k].tolist()  # the target's token at each draft position it verified
         assert r.target_tokens.tolist() == reached + [-1] * (k - len(reached))
+
+
+def test_the_staging_is_sized_for_sglangs_largest_adaptive_step(tmp_path):
+    """With --speculative-adaptive SGLang's controller may draft more than --speculative-num-steps
+    (its default candidates go up to 7): the runtime sizes everything for the largest."""
+    from types import SimpleNamespace
+
+    from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
+    from sglang.srt.speculative.adaptive_spec_params import AdaptiveSpeculativeParams
+
+    worker = SimpleNamespace(speculative_num_steps=5, adaptive_controller=None)
+    assert plugin.max_draft_steps(worker) == 5
+    worker.adaptive_controller = AdaptiveController(worker, AdaptiveSpeculativeParams(initial_steps=5, cfg_path=None))
+    assert plugin.max_draft_steps(worker) == max(worker.adaptive_controller.candidate_steps) == 7
+    config = tmp_path / "adaptive.json"
+    config.write_text(json.dumps({"1": {"candidate_steps": [0, 2]}}))
+    worker.adaptive_controller = AdaptiveController(
+        worker, AdaptiveSpeculativeParams(initial_steps=2, cfg_path=str(config))
+    )
+    worker.speculative_num_steps = 2
+    assert plugin.max_draft_steps(worker) == 2
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_capture_of_a_step_drafting_fewer_than_the_maximum(steps):
+    """SGLang's adaptive speculation verifies fewer drafts than the ring's K (0: the trivial verify
+    of one row): the positions never drafted are NOT_REACHED with no draft or target token, the
+    rows of each accepted chain are exact, and stale rows of a wider step do not leak in."""
+    k_max = 5
+    ring = SignalRing.create("test_sgl_ring_k", 16, k_max + 1, A, H, k_max)
+    reader = SignalRing.attach(ring.spec())
+    staging = CaptureStaging(8, k_max, A, H, slots=1)
+    rt = plugin.Runtime(staging=staging, ring=ring, store=None, swapper=None, leader=True, handoff_dir=None)
+    plugin.set_runtime(rt)
+    try:
+        worker, batch, result, _ = _step(1, seed=7, steps=k_max)  # a full-width step fills the slot first
+        plugin._around_verify(lambda w, b: result, worker, batch)
+        rt.iteration()
+        reader.read(16)
+        worker, batch, result, expected = _step(1, seed=8, steps=steps)
+        plugin._around_verify(lambda w, b: result, worker, batch)
+        rt.iteration()
+        recs = reader.read(16)
+    finally:
+        plugin.set_runtime(None)
+        reader.close()
+        ring.close()
+    assert [r.request_id for r in recs] == [e["id"] for e in expected]
+    for r, e in zip(recs, expected):
+        assert r.num_accepted == e["accepted"] and torch.equal(r.next_tokens, e["next"])
+        assert torch.equal(r.input_tokens, e["input"]) and torch.equal(r.final_hidden, e["final"])
+        assert torch.equal(r.aux_hidden, e["aux"])
+        want = [1] * e["accepted"] + ([0] if e["accepted"] < steps else [])
+        assert r.outcome.tolist() == want + [-1] * (k_max - len(want))
+        drafted = batch.spec_info.draft_token.view(3, steps + 1)[int(r.request_id[-1]), 1:].tolist()
+        assert r.draft_tokens.tolist() == drafted + [-1] * (k_max - steps)
+        reached = e["next"][: len(want)].tolist()
+        assert r.target_tokens.tolist() == reached + [-1] * (k_max - len(reached))
 
 
 # ---- the real EAGLE-3 draft module on CPU -----------------------------------------------------------
@@ -473,6 +531,16 @@ def test_launcher_server_args_equal_sglang_parse_of_equivalent_command_line(tmp_
     resolve_defaults(args)
     got = build_server_args(args, passthrough, reference_head_path())
     assert (got.speculative_num_steps, got.speculative_eagle_topk) == (3, 4)
+    assert not got.speculative_adaptive  # SGLang's default
+    # --speculative-adaptive is SGLang's own adaptive speculation (its config passes through)
+    config = tmp_path / "adaptive.json"
+    config.write_text(json.dumps({"1": {"candidate_steps": [0, 2, 6]}}))
+    args, passthrough = build_parser().parse_known_args(
+        ours[:-4] + ["--speculative-adaptive", "--speculative-adaptive-config", str(config)]
+    )
+    resolve_defaults(args)
+    got = build_server_args(args, passthrough, reference_head_path())
+    assert (got.speculative_adaptive, got.speculative_adaptive_config) == (True, str(config))
 
 
 def test_sglang_backend_without_cuda_is_one_line_error():

@@ -56,6 +56,9 @@ class VerifyStep:
     final_hidden: torch.Tensor | None  # [>= bs*D, H] NOT compacted (gathered with accept_index)
     topk: int
     draft_version: int = 0
+    # Draft steps of this verify (SGLang's adaptive speculation changes it per batch, 0 included);
+    # None: the staging's maximum.
+    num_steps: int | None = None
     # [bs] device seq_lens (= root positions), copied like the accept lengths: under overlap
     # scheduling the host mirror can lag or be absent, the device tensor is what verify used.
     seq_lens: torch.Tensor | None = None
@@ -132,19 +135,22 @@ class CaptureStaging:
             self.staging_drops += 1
         if self.cuda:  # the previous ring copies out of this slot must finish first (GPU-side wait)
             torch.cuda.current_stream(self.device).wait_event(slot.drained)
-        s, k = self.s, self.k
-        d = step.predict.numel() // bs
+        d = step.predict.numel() // bs  # verify rows per request
+        # This step's drafts (fewer than the maximum under SGLang's adaptive speculation) and the
+        # rows that can hold its accepted chain; rows past them are padding the drain never reads.
+        k = min(self.k if step.num_steps is None else step.num_steps, self.k)
+        w = min(d, k + 1)
         pred = step.predict.view(bs, d)
-        slot.nexts[:bs].copy_(pred[:, :s])
+        slot.nexts[:bs, :w].copy_(pred[:, :w])
         slot.inputs[:bs, 0].copy_(step.root_tokens)
-        slot.inputs[:bs, 1:].copy_(pred[:, : s - 1])  # an accepted draft equals the target's token
+        slot.inputs[:bs, 1:w].copy_(pred[:, : w - 1])  # an accepted draft equals the target's token
         if step.topk == 1 and step.draft_tokens is not None:
-            slot.drafts[:bs].copy_(step.draft_tokens.view(bs, d)[:, 1 : k + 1])
+            slot.drafts[:bs, :k].copy_(step.draft_tokens.view(bs, d)[:, 1 : k + 1])
         else:  # tree: only the accepted path is known per request; the drain masks the rest
-            slot.drafts[:bs].copy_(pred[:, :k])
-        slot.aux[:bs].copy_(step.aux_hidden[: bs * d].view(bs, d, -1)[:, :s])
-        rows = step.accept_index[:, :s].clamp(min=0).reshape(-1)
-        slot.final[:bs].copy_(step.final_hidden.index_select(0, rows).view(bs, s, -1))
+            slot.drafts[:bs, :k].copy_(pred[:, :k])
+        slot.aux[:bs, :w].copy_(step.aux_hidden[: bs * d].view(bs, d, -1)[:, :w])
+        rows = step.accept_index[:, :w].clamp(min=0).reshape(-1)
+        slot.final[:bs, :w].copy_(step.final_hidden.index_select(0, rows).view(bs, w, -1))
         slot.accept_dev[:bs].copy_(step.accept_lens)
         slot.accept_host[:bs].copy_(slot.accept_dev[:bs], non_blocking=self.cuda)  # async D2H into pinned memory
         if step.seq_lens is not None:
@@ -157,6 +163,7 @@ class CaptureStaging:
             "positions": list(step.positions),
             "bs": bs,
             "topk": step.topk,
+            "drafted": k,
             "version": step.draft_version,
             "seq": self.sequencer.next(),
             "device_positions": step.seq_lens is not None,
@@ -177,15 +184,18 @@ class CaptureStaging:
         tree drafts) are a few batched ops on the device whatever bs is. Rows past a request's
         accepted chain are padding the ring writes but never reads."""
         m = slot.meta
-        bs, k = m["bs"], self.k
-        acc = [max(1, min(int(n), self.s)) - 1 for n in slot.accept_host[:bs].tolist()]  # accepted drafts
+        bs, k, drafted = m["bs"], self.k, m.get("drafted", self.k)
+        acc = [max(1, min(int(n), drafted + 1)) - 1 for n in slot.accept_host[:bs].tolist()]  # accepted drafts
         positions = slot.pos_host[:bs].tolist() if m.get("device_positions") else m["positions"]
         nexts, dev = slot.nexts[:bs], slot.nexts.device
-        a = (slot.accept_dev[:bs].clamp(1, self.s) - 1).unsqueeze(1)  # the same values, on the device
+        a = (slot.accept_dev[:bs].clamp(1, drafted + 1) - 1).unsqueeze(1)  # the same values, on the device
         j = torch.arange(k, device=dev).unsqueeze(0)
-        outcome = torch.where(j < a, Outcome.ACCEPTED, torch.where(j == a, Outcome.REJECTED, Outcome.NOT_REACHED))
-        target = torch.where(j <= a, nexts[:, :k], NO_TOKEN)  # the target's token at each reached draft
-        drafts = slot.drafts[:bs]
+        reached, drafts = j <= a, slot.drafts[:bs]
+        if drafted < k:  # a step of fewer drafts (adaptive) never reaches the positions past them
+            reached = reached & (j < drafted)
+            drafts = torch.where(j < drafted, drafts, NO_TOKEN)
+        outcome = torch.where(j < a, Outcome.ACCEPTED, torch.where(reached, Outcome.REJECTED, Outcome.NOT_REACHED))
+        target = torch.where(reached, nexts[:, :k], NO_TOKEN)  # the target's token at each reached draft
         if m["topk"] > 1:  # tree: the rejected sibling set is not one token
             drafts = torch.where(j < a, drafts, NO_TOKEN)
         return RecordBatch(

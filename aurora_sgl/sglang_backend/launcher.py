@@ -82,6 +82,10 @@ def sglang_argv(args, passthrough: list[str], draft_path: str) -> list[str]:
     dtype = None if _has_flag(passthrough, "--dtype") else target_dtype(model_path)
     if dtype is not None:
         argv += ["--dtype", dtype]
+    if getattr(args, "speculative_adaptive", False) and not _has_flag(passthrough, "--speculative-adaptive"):
+        # SGLang's own adaptive speculation: its controller picks the step count per batch from
+        # graphs captured for each candidate (`--speculative-adaptive-config` passes through).
+        argv.append("--speculative-adaptive")
     for flag, value in (
         ("--served-model-name", args.served_model_name),
         ("--api-key", args.api_key),

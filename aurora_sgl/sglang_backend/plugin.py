@@ -314,6 +314,7 @@ def verify_step(worker, batch, result, draft_version: int = 0) -> VerifyStep | N
         final_hidden=lo.last_hidden_states,
         topk=worker.topk,
         draft_version=draft_version,
+        num_steps=worker.speculative_num_steps,
         seq_lens=batch.seq_lens,
     )
 
@@ -443,7 +444,7 @@ class Runtime:
         # only replica 0's owns the ring and the store (one ring: one writer).
         leader = par.tp_rank == 0
         owner = leader and dp_rank == 0
-        k = worker.speculative_num_steps
+        k = max_draft_steps(worker)
         target_layers = worker._target_worker.model_runner.model.config.num_hidden_layers
         aux_ids = head.config.aux_layer_ids or default_aux_layer_ids(target_layers)  # SGLang's default
         aux_dim = model.model.fc.weight.shape[1]  # len(aux layers) x the target's hidden size
@@ -703,6 +704,15 @@ def agree(status: int, group) -> int:
     flag = torch.tensor([status])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return int(flag.item())
+
+
+def max_draft_steps(worker) -> int:
+    """The most drafts a verify of this worker can carry: its step count, or with SGLang's adaptive
+    speculation (`--speculative-adaptive`) the largest of its candidate step counts -- the
+    staging, the ring and the judge are sized and measured against it."""
+    controller = getattr(worker, "adaptive_controller", None)
+    candidates = list(controller.candidate_steps) if controller is not None else []
+    return max([worker.speculative_num_steps, *candidates])
 
 
 def draft_swapper(worker, names, layout):
