@@ -77,6 +77,7 @@ def test_sglang_handoff_becomes_a_trainer_spec_the_real_trainer_attaches_to(tmp_
     sidecar.handoff = read_handoff(str(tmp_path / "handoff.json"))
     spec = sidecar.trainer_spec()
     assert spec.parent_pid == os.getpid() and spec.init_head == reference_head_path()
+    assert spec.ring_dir == str(tmp_path)  # where the other DP replicas' rings appear
     trainer = Trainer(spec, threading.Event(), parent_pid=os.getppid())  # in-process: our parent is not us
     try:
         trainer.setup()
@@ -89,3 +90,32 @@ def test_sglang_handoff_becomes_a_trainer_spec_the_real_trainer_attaches_to(tmp_
         sidecar.status.close()
         ring.close()
         store.close()
+
+
+def test_sglang_sidecar_reports_every_replicas_counters_and_unlinks_replica_rings(tmp_path):
+    import argparse
+
+    from aurora_sgl.sglang_backend.launcher import TrainerSidecar
+    from aurora_sgl.transport.ring_set import replica_ring_file
+    from aurora_sgl.transport.segments import SHM_DIR
+    from aurora_sgl.transport.signal_ring import SignalRing
+
+    ring = SignalRing.create("aurora_ring_dp1", 4, 2, 3, 1, 1)
+    shm = os.path.join(SHM_DIR, ring.name)
+    try:
+        write_handoff({"ring": ring.spec(), "dp_rank": 1}, str(tmp_path / replica_ring_file(1)))
+        for dp, written in ((0, 5), (1, 7)):
+            (tmp_path / f"counters_dp{dp}_rank0.json").write_text(json.dumps({"records_written": written}))
+        (tmp_path / "counters_dp1_rank1.json").write_text(json.dumps({"records_written": 0}))
+        args = argparse.Namespace(train_objective="kl", train_lr=None, checkpoint_dir=None, trainer_device="cpu")
+        sidecar = TrainerSidecar(str(tmp_path), args, pretrained=True)
+        assert sidecar.counters() == {
+            "dp0_rank0": {"records_written": 5},
+            "dp1_rank0": {"records_written": 7},
+            "dp1_rank1": {"records_written": 0},
+        }
+        assert os.path.exists(shm)
+        sidecar.close()  # the replica's scheduler may have been killed: its ring goes too
+        assert not os.path.exists(shm) and not tmp_path.exists()
+    finally:
+        ring.close()

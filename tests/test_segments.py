@@ -20,11 +20,13 @@ def test_sweep_removes_only_our_names_whose_owner_is_gone(tmp_path):
     dead, alive = _dead_pid(), os.getpid()
     stale = [
         shm / f"aurora_ring_{dead}_0123456789ab",
+        shm / f"aurora_ring_dp1_{dead}_0123456789ab",  # an SGLang DP replica's ring
         shm / f"aurora_weights_{dead}_0123456789ab",
         shm / f"aurora_trainer_{dead}_0123456789ab",
     ]
     kept = [
         shm / f"aurora_ring_{alive}_0123456789ab",
+        shm / f"aurora_ring_dp3_{alive}_0123456789ab",
         shm / f"someone_else_{dead}_0123456789ab",
         shm / "aurora_ring_notapid",
     ]

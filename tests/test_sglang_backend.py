@@ -596,6 +596,80 @@ def test_trainer_handoff_waits_for_sglangs_graphs(tmp_path):
         plugin.set_runtime(None)
 
 
+def test_every_dp_replica_captures_into_its_own_ring_and_hands_it_to_the_trainer(tmp_path):
+    # Issue 13: only DP replica 0 captured. Each replica's leader builds its own stagings and ring;
+    # replica 1 hands its ring over as ring_dp1.json (never the trainer's handoff), after SGLang's
+    # graphs like replica 0, and the trainer's reader gets both replicas' verify steps.
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from aurora_sgl.sglang_backend.replica import Replica, create_capture, handoff_of
+    from aurora_sgl.transport.handoff import read_handoff
+    from aurora_sgl.transport.ring_set import RingSet
+
+    k = 3  # _step's draft steps
+    sizes = dict(device=torch.device("cpu"), dtype=torch.float32, max_requests=8, prefill_rows=16, ring_records=16)
+    assert create_capture(Replica(1, 1), k, A, H, **sizes) == (None, None, None)  # not a leader
+    store = WeightStore.create("test_dp_ws", layout_of({"w": torch.zeros(2)}))
+    store.publish({"w": torch.ones(2)})
+    runtimes, rings, reader = {}, [], None
+    try:
+        for dp in (0, 1):
+            replica = Replica(dp, 0)
+            staging, prefill, ring = create_capture(replica, k, A, H, **sizes)
+            assert staging is not None and prefill is not None
+            rings.append(ring)
+            name, spec = handoff_of(replica, ring, {"store": store.spec()} if replica.owner else {})
+            rt = plugin.Runtime(
+                staging=staging,
+                prefill=prefill,
+                ring=ring,
+                store=store if replica.owner else None,
+                swapper=None,
+                leader=True,
+                handoff_dir=str(tmp_path),
+                replica=replica,
+            )
+            rt.pending_handoff = (str(tmp_path), spec, name)
+            runtimes[dp] = rt
+        assert rings[0].name.startswith("aurora_ring_") and rings[1].name.startswith("aurora_ring_dp1_")
+        scheduler = object.__new__(Scheduler)
+        plugin.set_runtime(runtimes[1])  # replica 1 may finish its graphs first
+        plugin._after_cuda_graphs(None, scheduler)
+        assert sorted(os.listdir(tmp_path)) == ["ring_dp1.json"]
+        plugin.set_runtime(runtimes[0])
+        plugin._after_cuda_graphs(None, scheduler)
+        assert sorted(os.listdir(tmp_path)) == ["handoff.json", "ring_dp1.json"]
+        main = read_handoff(str(tmp_path / "handoff.json"))
+        assert main["ring"]["name"] == rings[0].name and main["store"]["name"] == store.name
+        assert read_handoff(str(tmp_path / "ring_dp1.json"))["ring"]["name"] == rings[1].name
+        reader = RingSet(SignalRing.attach(main["ring"]), str(tmp_path))
+        for dp, rt in runtimes.items():
+            worker, batch, result, _ = _step(1, seed=dp)
+            for req in batch.reqs:
+                req.rid = f"dp{dp}-{req.rid}"
+            plugin.set_runtime(rt)
+            plugin._around_verify(lambda w, b, result=result: result, worker, batch)
+            rt._last_export = float("-inf")  # export counters in this iteration
+            rt.iteration()
+        assert runtimes[1].store is not None  # replica 1 attached replica 0's store
+        got = reader.read(64)
+        assert [(r.source, r.request_id) for r in sorted(got, key=lambda r: r.source)] == [
+            (dp, f"dp{dp}-req-{i}") for dp in (0, 1) for i in range(3)
+        ]
+        counters = sorted(p.name for p in tmp_path.glob("counters_*.json"))
+        assert counters == ["counters_dp0_rank0.json", "counters_dp1_rank0.json"]
+        assert json.loads((tmp_path / "counters_dp1_rank0.json").read_text())["records_written"] == 3
+    finally:
+        plugin.set_runtime(None)
+        if reader is not None:
+            reader.close()
+        for rt in runtimes.values():
+            if rt.store is not None and rt.store is not store:
+                rt.store.close()
+        for seg in [*rings, store]:
+            seg.close()
+
+
 def test_every_hook_target_exists_in_sglang():
     # SGLang's HookRegistry only logs a target it cannot resolve: a renamed method would silently
     # switch capture or swaps off (issue 17).

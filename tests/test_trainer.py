@@ -26,6 +26,8 @@ from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
 from aurora_sgl.training.batches import HeadBatch, Sequence
 from aurora_sgl.training.offline import train_head_offline
+from aurora_sgl.transport.handoff import write_handoff
+from aurora_sgl.transport.ring_set import replica_ring_file
 from aurora_sgl.transport.segments import SHM_DIR
 from aurora_sgl.transport.signal_ring import RingRecord, SignalRing
 from aurora_sgl.transport.trainer_status import TrainerStatus
@@ -596,6 +598,41 @@ def test_requests_shorter_than_the_unroll_never_stop_training(make_rig):
     assert s["step_failures"] == 0, s
     assert min(len(seq.tokens) for seq, _ in rig.trainer.replay) < 5  # the short ones were trained on
     assert s["trained_positions"] > 0 and s["recorded_positions"] >= s["records_read"] > 0
+
+
+def test_trainer_reads_a_replica_ring_that_appears_after_it_started(make_rig, tmp_path):
+    # Issue 13: with SGLang's --dp N every replica's leader writes its own ring; replica d >= 1
+    # hands it over as ring_dp<d>.json in the handoff dir, possibly after the trainer started.
+    rig = make_rig()
+    rig.start(dict(rig.spec(tokens_per_step=64), ring_dir=str(tmp_path)))
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+
+    def read_all(n):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and rig.snap()["records_read"] < n:
+            rig._check()
+            time.sleep(0.02)
+        return rig.snap()["records_read"]
+
+    rig.engine.generate(PROMPTS[:3], params)
+    first = rig.ring.stats()["written"]
+    assert read_all(first) == first
+    spec = rig.ring.spec()
+    second = SignalRing.create("test_tr_ring_dp1", 1024, spec["max_tokens"], spec["aux_dim"], spec["hidden_dim"], K)
+    try:
+        write_handoff({"ring": second.spec(), "dp_rank": 1}, str(tmp_path / replica_ring_file(1)))
+        rig.engine.record_sink = second.write_many  # the traffic of replica 1
+        positions = rig.snap()["recorded_positions"]
+        rig.engine.generate(PROMPTS[3:], params)
+        written = second.stats()["written"]
+        assert written > 0 and rig.ring.stats()["written"] == first
+        assert read_all(first + written) == first + written
+        s = rig.snap()
+        assert s["ring_drops_seen"] == 0 and s["recorded_positions"] > positions
+        assert rig.trainer.ring.stats() == {"written": first + written, "drops": 0, "truncated": 0, "rings": 2}
+        rig.finish()
+    finally:
+        second.close()
 
 
 # ---- (2) guardrail -----------------------------------------------------------------------------

@@ -10,7 +10,9 @@
    (day-0: the trainer starts from it).
 3. `AURORA_SGL_HANDOFF_DIR` (inherited by SGLang's scheduler processes) switches the plugin on.
    The scheduler of TP rank 0 creates the ring and the weight store on its GPU and writes
-   `handoff.json` (+ CUDA IPC handles beside it); a supervisor thread here waits for it and starts
+   `handoff.json` (+ CUDA IPC handles beside it); with `--dp-size N` the TP rank 0 of every other
+   replica writes its own ring's `ring_dp<d>.json` there too, which the trainer picks up whenever
+   it appears. A supervisor thread here waits for the handoff and starts
    `python -m aurora_sgl.trainer` on the trainer device (by default the first GPU SGLang does not
    use: gpus.py), restarting it if it dies.
 4. SGLang's server runs in this process (`sglang.launch_server.run_server`), as `sglang serve` would.
@@ -229,6 +231,7 @@ class TrainerSidecar:
         # The served checkpoint, with its exact shapes; restarts resume from the newest checkpoint.
         return TrainerSpec(
             ring=h["ring"],
+            ring_dir=self.dir,  # the other DP replicas' rings (ring_dp<d>.json)
             store=h["store"],
             status=self.status.spec(),
             model_path=h["model_path"],
@@ -258,9 +261,10 @@ class TrainerSidecar:
             log.info("aurora_sgl counters: %s", json.dumps(self.counters()))
 
     def counters(self) -> dict:
-        """Per-rank plugin counters (exported by the schedulers) and the trainer's status."""
+        """Plugin counters per scheduler (`dp<d>_rank<t>`: DP replica, TP rank) and the trainer's
+        status."""
         out = {}
-        for f in sorted(glob.glob(os.path.join(self.dir, "counters_rank*.json"))):
+        for f in sorted(glob.glob(os.path.join(self.dir, "counters_dp*_rank*.json"))):
             try:
                 with open(f) as fh:
                     out[os.path.basename(f)[len("counters_") : -len(".json")]] = json.load(fh)
@@ -274,6 +278,7 @@ class TrainerSidecar:
         self._stop.set()
         self.supervisor.stop()
         names = [self.handoff[k]["name"] for k in ("ring", "store")] if self.handoff else []
+        names += replica_ring_names(self.dir)
         for name in names:  # the scheduler that owns them may have been killed
             try:
                 os.unlink(os.path.join("/dev/shm", name))
@@ -282,6 +287,23 @@ class TrainerSidecar:
         if self.status is not None:
             self.status.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def replica_ring_names(directory: str) -> list[str]:
+    """The segment names of the DP replicas' rings handed over in `directory` (plain JSON: the CUDA
+    handles beside each spec are not needed to unlink a name)."""
+    from aurora_sgl.transport.ring_set import REPLICA_RINGS
+
+    names = []
+    for path in glob.glob(os.path.join(directory, REPLICA_RINGS)):
+        try:
+            with open(path) as f:
+                name = json.load(f)["ring"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(name, str) and os.path.basename(name) == name:  # a name in /dev/shm, nothing else
+            names.append(name)
+    return names
 
 
 def main(args, passthrough: list[str]) -> int:

@@ -7,9 +7,12 @@ plain `sglang serve`). With it, in every scheduler process:
 
   ModelRunner.load_model (after)     target only: its LogitsProcessor keeps `last_hidden_states`
                                      (the final hidden state; see capture.py), before graph capture
-  EAGLEWorkerV2.__init__ (after)     build this rank's runtime: staging, swapper; the leader (TP
-                                     rank 0) also creates the CUDA signal ring and weight store,
-                                     publishes version 1 and writes the handoff for the launcher
+  EAGLEWorkerV2.__init__ (after)     build this rank's runtime: the swapper; the leader (TP rank 0
+                                     of each DP replica) also its staging and CUDA signal ring,
+                                     replica 0's leader the weight store too (publishes version 1)
+  Scheduler.init_all_cuda_graphs (after)
+                                     leaders: hand over the trainer handoff (replica 0) or the
+                                     replica's ring (`ring_dp<d>.json`), once SGLang's memory is set
   EAGLEWorkerV2.verify (around)      enqueue the step's accepted rows into the staging slots
   EAGLEWorkerV2._forward_prefill_batch (around)
                                      enqueue the computed prompt rows (prefill.py)
@@ -45,6 +48,13 @@ ranks never serve different hot-token maps (rank-local draft ids would desynchro
 forward). Not covered: data-parallel attention (markers would ride a per-DP-group broadcast) and
 pipeline parallelism (draft on the last stage only) -- the runtime refuses to start there.
 
+Data parallelism (`--dp-size N`) -- every replica's accepted chains reach the trainer: each
+replica's leader captures into a ring of its own, on its own GPU (one writer per ring); replica 0's
+handoff names its ring and the store, every other replica hands its ring over as `ring_dp<d>.json`
+in the same directory, and the trainer reads them all (replica.py, transport/ring_set.py). Every
+leader polls the one store and marks swaps for its own TP group; replicas swap, and judge versions
+on their own traffic (live rollback), independently.
+
 Read from the 0.5.23 wheel beyond ../shared/DESIGN.md (and corrections to it):
   * the hot-token map the draft forward indexes is `EagleDraftWorker.hot_token_id`, a device copy
     of `LlamaForCausalLMEagle3.hot_token_id` made in `init_lm_head`, after the worker's __init__;
@@ -72,8 +82,9 @@ import torch
 from aurora_sgl.online.rollback import CONFIRM, KEEP, PROBE, ROLLBACK, RollbackPolicy
 from aurora_sgl.online.version_check import SUPERSEDED, refusal_reason
 
-from .capture import CaptureStaging, Sequencer, VerifyStep, drain_in_order
+from .capture import CaptureStaging, VerifyStep, drain_in_order
 from .prefill import PrefillStaging, PrefillStep
+from .replica import HANDOFF, Replica, create_capture, handoff_of
 
 log = logging.getLogger("aurora_sgl.sglang")
 
@@ -82,7 +93,6 @@ ENV_RING_RECORDS = "AURORA_SGL_RING_RECORDS"
 ENV_STAGING_REQUESTS = "AURORA_SGL_STAGING_REQUESTS"
 ENV_PREFILL_ROWS = "AURORA_SGL_PREFILL_ROWS"  # prompt rows one prefill staging slot holds (< 0: off)
 ENV_ROLLBACK = "AURORA_SGL_ROLLBACK"  # "0": no live rollback, and no copies of the draft kept for it
-HANDOFF = "handoff.json"
 
 _W = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
 _R = "sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver"
@@ -253,8 +263,8 @@ def _after_cuda_graphs(result, scheduler, *args, **kwargs):
     rt = _RUNTIME
     if rt is not None and rt.pending_handoff is not None:
         try:
-            _write_handoff(*rt.pending_handoff)
-            log.info("aurora_sgl: handoff written; the trainer starts")
+            path = _write_handoff(*rt.pending_handoff)
+            log.info("aurora_sgl: %s written for the trainer", path)
         except Exception as e:  # serving goes on without online training
             log.error("aurora_sgl: could not write the trainer handoff: %s", e)
         rt.pending_handoff = None
@@ -345,7 +355,8 @@ def prefill_step(before, batch, result, draft_version: int = 0) -> PrefillStep |
 
 # ---- per-scheduler runtime ------------------------------------------------------------------------
 class Runtime:
-    """One per scheduler process. The leader owns the ring and the store (and their names).
+    """One per scheduler process. Each DP replica's leader owns its ring; replica 0's also owns
+    the store (replica.py).
 
     Live rollback (`rollback=True`, the embedded engine's guardrail): every rank keeps two copies
     of its draft tensors, the confirmed version's (also what a failed swap restores) and, while
@@ -368,10 +379,12 @@ class Runtime:
         prefill: PrefillStaging | None = None,
         rollback: bool = False,
         policy: RollbackPolicy | None = None,
+        replica: Replica | None = None,
     ):
         self.staging, self.prefill, self.ring, self.store, self.swapper = staging, prefill, ring, store, swapper
         self.leader, self.handoff_dir, self.tp_group = leader, handoff_dir, tp_group
         self.side_stream = side_stream
+        self.replica = replica or Replica()  # names its counters file
         self.draft_version = store.version if store is not None else 0
         self.pending_version = 0
         self.pending_ops: list[SwapMarker] = []  # rollback decisions to carry out this iteration
@@ -404,7 +417,8 @@ class Runtime:
         }
         self._last_export = 0.0
         self.broken = False  # no more swaps; with TP this rank still answers every swap's agreement
-        self.pending_handoff: tuple[str, dict] | None = None  # written once SGLang's graphs are captured
+        # (directory, spec[, file name]): written once SGLang's graphs are captured
+        self.pending_handoff: tuple | None = None
 
     @classmethod
     def broken_rank(cls, tp_group=None) -> Runtime:
@@ -420,7 +434,7 @@ class Runtime:
         from sglang.srt.runtime_context import get_parallel, get_server_args
 
         from aurora_sgl.engine.draft_head import Eagle3Head, default_aux_layer_ids
-        from aurora_sgl.transport.signal_ring import SignalRing, ring_capacity
+        from aurora_sgl.transport.signal_ring import ring_capacity
         from aurora_sgl.transport.weight_store import WeightStore
 
         par = get_parallel()
@@ -436,14 +450,7 @@ class Runtime:
         layout = {n: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for n, t in state.items()}
         swapper = draft_swapper(worker, list(state), layout)
         handoff_dir = os.environ[ENV_DIR]
-        try:
-            dp_rank = int(getattr(par, "dp_rank", None) or 0)
-        except Exception:  # not published in this process: a single replica
-            dp_rank = 0
-        # TP rank 0 of every data-parallel replica polls the store and marks swaps for its TP group;
-        # only replica 0's owns the ring and the store (one ring: one writer).
-        leader = par.tp_rank == 0
-        owner = leader and dp_rank == 0
+        replica = Replica.of(par)
         k = max_draft_steps(worker)
         target_layers = worker._target_worker.model_runner.model.config.num_hidden_layers
         aux_ids = head.config.aux_layer_ids or default_aux_layer_ids(target_layers)  # SGLang's default
@@ -452,54 +459,57 @@ class Runtime:
         tp_group = par.tp_group.cpu_group if par.tp_size > 1 else None
         rollback = os.environ.get(ENV_ROLLBACK, "1") != "0"
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        ring = store = staging = prefill = handoff = None
-        if owner:
-            max_req = int(os.environ.get(ENV_STAGING_REQUESTS) or min(sa.max_running_requests or 128, 256))
-            order = Sequencer()
-            staging = CaptureStaging(max_req, k, aux_dim, hidden, device=device, dtype=dtype, slots=3, sequencer=order)
-            prefill_rows = int(os.environ.get(ENV_PREFILL_ROWS) or 2048)
-            if prefill_rows > 0:  # a negative value turns prompt capture off
-                prefill = PrefillStaging(
-                    prefill_rows, k, aux_dim, hidden, device=device, dtype=dtype, slots=2, sequencer=order
-                )
-            records = int(os.environ.get(ENV_RING_RECORDS) or ring_capacity(k + 1, aux_dim, hidden, k))
-            ring = SignalRing.create("aurora_ring", records, k + 1, aux_dim, hidden, k, device=device)
+        # Every replica's leader captures into its own ring; replica 0's also owns the store.
+        staging, prefill, ring = create_capture(
+            replica,
+            k,
+            aux_dim,
+            hidden,
+            device=device,
+            dtype=dtype,
+            max_requests=int(os.environ.get(ENV_STAGING_REQUESTS) or min(sa.max_running_requests or 128, 256)),
+            prefill_rows=int(os.environ.get(ENV_PREFILL_ROWS) or 2048),  # a negative value: no prompt capture
+            ring_records=int(os.environ.get(ENV_RING_RECORDS) or ring_capacity(k + 1, aux_dim, hidden, k)),
+        )
+        store, owner_fields = None, {}
+        if replica.owner:
             store = WeightStore.create("aurora_weights", layout, device=device)
             store.publish(state)  # version 1: what SGLang loaded from the same checkpoint
-            handoff = (
-                handoff_dir,
-                {
-                    "ring": ring.spec(),
-                    "store": store.spec(),
-                    "model_path": sa.model_path,
-                    "draft_path": sa.speculative_draft_model_path,
-                    "aux_layer_ids": aux_ids,
-                    "draft_vocab_size": head.config.draft_vocab_size,
-                    "tp_size": par.tp_size,
-                    "swap_mode": swapper.mode,
-                    "skipped": swapper.skipped,
-                    "scheduler_pid": os.getpid(),
-                },
-            )
-            log.info("aurora_sgl: ring and weight store ready on %s (swap: %s)", device, swapper.mode)
+            owner_fields = {
+                "store": store.spec(),
+                "model_path": sa.model_path,
+                "draft_path": sa.speculative_draft_model_path,
+                "aux_layer_ids": aux_ids,
+                "draft_vocab_size": head.config.draft_vocab_size,
+                "tp_size": par.tp_size,
+                "swap_mode": swapper.mode,
+                "skipped": swapper.skipped,
+                "scheduler_pid": os.getpid(),
+            }
+        if ring is not None:
+            log.info("aurora_sgl: DP replica %d ring ready on %s (swap: %s)", replica.dp_rank, device, swapper.mode)
         rt = cls(
             staging=staging,
             ring=ring,
             store=store,
             swapper=swapper,
-            leader=leader,
+            leader=replica.leader,
             handoff_dir=handoff_dir,
             tp_group=tp_group,
             side_stream=side,
             prefill=prefill,
             rollback=rollback,
-            policy=RollbackPolicy(k, 1) if rollback and leader else None,
+            policy=RollbackPolicy(k, 1) if rollback and replica.leader else None,
+            replica=replica,
         )
         rt.draft_version = rt.confirmed_version = 1
         # The trainer starts when the handoff appears. Written here, before SGLang sizes its KV
         # pool and captures its graphs, a trainer on the same GPU would allocate while SGLang
-        # measures free memory: the hook after `init_all_cuda_graphs` writes it.
-        rt.pending_handoff = handoff if owner else None
+        # measures free memory: the hook after `init_all_cuda_graphs` writes it (and a replica's
+        # ring file, for the same reason).
+        if ring is not None:
+            name, spec = handoff_of(replica, ring, owner_fields)
+            rt.pending_handoff = (handoff_dir, spec, name)
         return rt
 
     # -- leader: decide what to swap to -----------------------------------------------------------
@@ -679,15 +689,8 @@ class Runtime:
         return out
 
     def export_counters(self) -> None:
-        """counters_rank<N>.json in the handoff dir, replaced atomically; the launcher reads it."""
-        rank = 0
-        try:
-            from sglang.srt.runtime_context import get_parallel
-
-            rank = get_parallel().tp_rank
-        except Exception:
-            pass
-        path = os.path.join(self.handoff_dir, f"counters_rank{rank}.json")
+        """counters_dp<D>_rank<T>.json in the handoff dir, replaced atomically; the launcher reads it."""
+        path = os.path.join(self.handoff_dir, self.replica.counters_file)
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump(self.stats(), f)
@@ -728,7 +731,9 @@ def draft_swapper(worker, names, layout):
     )
 
 
-def _write_handoff(directory: str, spec: dict) -> None:
+def _write_handoff(directory: str, spec: dict, name: str = HANDOFF) -> str:
     from aurora_sgl.transport.handoff import write_handoff
 
-    write_handoff(spec, os.path.join(directory, HANDOFF))
+    path = os.path.join(directory, name)
+    write_handoff(spec, path)
+    return path

@@ -5,7 +5,8 @@
 The launcher writes a `TrainerSpec` (JSON: the segments to attach, the target model, the head to
 start from, the `TrainerConfig`) and owns every shared-memory segment; the trainer only attaches.
 
-Loop: read records -> stitch them per request into `Sequence`s (`stitcher`) -> once
+Loop: read records (from one ring, or one per SGLang data-parallel replica: `transport.ring_set`)
+-> stitch them per request into `Sequence`s (`stitcher`) -> once
 `tokens_per_step` generated tokens are in finished sequences, one `training.offline.train_step` -> every
 `publish_every` steps a guardrail (simulated accept length on the newest sequences, scored before
 the trainer learned from them, candidate vs. the served weights) decides whether `store.publish`
@@ -42,6 +43,7 @@ from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
 from aurora_sgl.training.batches import HeadBatch, Sequence, draft_vocab_from_counts, train_step
 from aurora_sgl.transport.handoff import read_handoff
+from aurora_sgl.transport.ring_set import RingSet
 from aurora_sgl.transport.signal_ring import RingRecord, SignalRing
 from aurora_sgl.transport.trainer_status import TrainerStatus
 from aurora_sgl.transport.weight_store import WeightStore
@@ -93,7 +95,7 @@ class Trainer:
         if spec.status:
             self.status = TrainerStatus.attach(spec.status)
             self.beat()
-        self.ring = SignalRing.attach(spec.ring)
+        self.ring = RingSet(SignalRing.attach(spec.ring), spec.ring_dir)
         self.store = WeightStore.attach(spec.store)
         config, embed, lm_w = load_target_weights(spec.model_path)
         self.lm_w = lm_w.to(self.device)

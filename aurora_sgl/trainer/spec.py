@@ -17,6 +17,9 @@ class TrainerSpec:
     store: dict  # WeightStore.spec() -- where head versions are published (version 1: the launcher)
     model_path: str  # target model dir: only its input embedding and lm_head weight are kept
     status: dict | None = None  # TrainerStatus.spec() -- heartbeat and counters for the server
+    # Where more rings' specs appear (`ring_dp<d>.json`, one per SGLang data-parallel replica past
+    # the first, possibly after the trainer started; `transport.ring_set`). None: `ring` only.
+    ring_dir: str | None = None
     init_head: str | None = None  # EAGLE-3 checkpoint dir to start from; None: the store's active version
     # With init_head: take only its shapes from there and its weights from the store's active
     # version (a restart with no checkpoint yet continues from what is served, not from day 0).

@@ -14,10 +14,22 @@ from aurora_sgl.transport.signal_ring import RingRecord
 
 
 class _Segment:
-    __slots__ = ("start", "next_position", "inputs", "aux", "final", "last_next", "rejected", "length", "last_seq")
+    __slots__ = (
+        "start",
+        "next_position",
+        "inputs",
+        "aux",
+        "final",
+        "last_next",
+        "rejected",
+        "length",
+        "last_seq",
+        "source",
+    )
 
     def __init__(self, rec: RingRecord):
         self.start = rec.position
+        self.source = rec.source
         self.inputs, self.aux, self.final, self.rejected = [], [], [], []
         self.length = 0
         self.next_position: int | None = None
@@ -70,6 +82,9 @@ class Stitcher:
         open segments bound the batch size too, but under a stream of short requests finished
         ones pile up faster than that bound lets them go.)
       * or `close_all()` (the trainer calls it when the ring has been idle for a while).
+    Records from several rings (`RingRecord.source`, one ring per SGLang DP replica) are counted per
+    ring: sequence numbers of two rings are unrelated, and how the reader interleaves their records
+    must not make a request look quiet.
     """
 
     def __init__(self, max_tokens: int = 512, rejected_weight: float = 2.0, prompt_tokens: int = -1):
@@ -82,8 +97,9 @@ class Stitcher:
         self._open: dict[int, _Segment] = {}
         self._done: deque[tuple[Sequence, torch.Tensor]] = deque()
         self._done_tokens = 0
-        self._newest_seq = -1
-        self._gaps: deque[int] = deque(maxlen=256)  # seq distance between consecutive records of a request
+        self._newest_seq: dict[int, int] = {}  # per source ring
+        # per source ring: seq distance between consecutive records of a request
+        self._gaps: dict[int, deque[int]] = {}
 
     @property
     def closed_tokens(self) -> int:
@@ -95,8 +111,11 @@ class Stitcher:
         return sum(s.length for s in self._open.values())
 
     def add(self, records: Iterable[RingRecord]) -> None:
+        sources = set()
         for rec in records:
-            self._newest_seq = max(self._newest_seq, rec.seq)
+            src = rec.source
+            sources.add(src)
+            self._newest_seq[src] = max(self._newest_seq.get(src, -1), rec.seq)
             if rec.input_tokens.numel() == 0:
                 continue
             key = rec.request_hash
@@ -106,19 +125,26 @@ class Stitcher:
                 else (self._prompt[key][-1].seq if key in self._prompt else None)
             )
             if last is not None:
-                self._gaps.append(rec.seq - last)
+                self._gaps.setdefault(src, deque(maxlen=256)).append(rec.seq - last)
             if self.prompt_tokens >= 0 and is_prompt_record(rec):
                 self._buffer_prompt(key, rec)
                 continue
             for held in self._prompt.pop(key, ()):
                 self._add_one(held)
             self._add_one(rec)
-        limit = 2 * (len(self._open) + len(self._prompt))
-        if self._gaps:
-            limit = min(limit, 2 * max(self._gaps) + 2)
-        for key in [k for k, q in self._prompt.items() if self._newest_seq - q[-1].seq > limit]:
+        for src in sources:  # only a ring's own records make its requests look quiet
+            self._close_quiet(src)
+
+    def _close_quiet(self, src: int) -> None:
+        newest = self._newest_seq[src]
+        prompts = [k for k, q in self._prompt.items() if q[-1].source == src]
+        opened = [k for k, s in self._open.items() if s.source == src]
+        limit = 2 * (len(opened) + len(prompts))
+        if self._gaps.get(src):
+            limit = min(limit, 2 * max(self._gaps[src]) + 2)
+        for key in [k for k in prompts if newest - self._prompt[k][-1].seq > limit]:
             self._flush_prompt(key)  # a request that ended right after its prompt
-        for key in [k for k, s in self._open.items() if self._newest_seq - s.last_seq > limit]:
+        for key in [k for k, s in self._open.items() if s.source == src and newest - s.last_seq > limit]:
             self._close(key)
 
     def _buffer_prompt(self, key: int, rec: RingRecord) -> None:

@@ -21,9 +21,10 @@ log = logging.getLogger("aurora_sgl.transport")
 SHM_DIR = "/dev/shm"
 ALIGN = 64
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,200}\Z")
-# What this project creates: <prefix>_<owner pid>_<12 hex> in /dev/shm, and the trainer handoff's
-# directory <prefix>_<owner pid>_<random> in the temp dir (the SGLang backend's is aurora_sgl_...).
-_OWNED = re.compile(r"(aurora_ring|aurora_weights|aurora_trainer|aurora_sgl)_(\d+)_[A-Za-z0-9_]+\Z")
+# What this project creates: <prefix>_<owner pid>_<12 hex> in /dev/shm (SGLang DP replica d >= 1's
+# ring: aurora_ring_dp<d>_...), and the trainer handoff's directory <prefix>_<owner pid>_<random>
+# in the temp dir (the SGLang backend's is aurora_sgl_...).
+_OWNED = re.compile(r"(aurora_ring(?:_dp\d+)?|aurora_weights|aurora_trainer|aurora_sgl)_(\d+)_[A-Za-z0-9_]+\Z")
 
 
 def align_up(n: int, to: int = ALIGN) -> int:

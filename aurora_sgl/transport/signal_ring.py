@@ -79,6 +79,7 @@ class RingRecord:
     next_tokens: torch.Tensor  # [n] int64
     aux_hidden: torch.Tensor  # [n, A] float32
     final_hidden: torch.Tensor  # [n, H] float32
+    source: int = 0  # which ring of a `RingSet` it came from: sequence numbers are per ring
 
 
 def _payload_fields(t: int, k: int, aux_dim: int, hidden_dim: int):
