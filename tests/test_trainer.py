@@ -814,19 +814,20 @@ def test_sigterm_exits_zero_promptly(make_rig, tmp_path):
         deadline = time.monotonic() + 20
         while rig.snap()["train_steps"] < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        steps_at_signal = rig.snap()["train_steps"]  # read after: at most the step in flight follows
         rc = proc.wait(timeout=15)
-        elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     out = proc.stdout.read().decode()
     assert rc == 0, out
-    assert elapsed < 5, elapsed
     s = rig.snap()
-    assert s["train_steps"] >= 1 and s["records_read"] > 0
+    # Promptly means at the step boundary, not after the ring is drained (no wall-clock bound: CI
+    # machines are loaded; a hang is proc.wait's timeout).
+    assert 1 <= s["train_steps"] <= steps_at_signal + 1, (steps_at_signal, s["train_steps"])
+    assert s["records_read"] > 0
     assert "Traceback" not in out
     # The trainer attached and closed; the segments are still the launcher's to unlink.
     for name in (rig.ring.name, rig.store.name, rig.status.name):
