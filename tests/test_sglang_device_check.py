@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aurora_sgl import reference_head_path
+from aurora_sgl import reference_head_path, reference_model_path
 from aurora_sgl.engine.draft_head import Eagle3Head
+from aurora_sgl.sglang_backend.recompute import REL_TOL, compare, eager_states
 from aurora_sgl.sglang_backend.swap_facts import (
     differences,
     expected_params,
@@ -20,6 +21,81 @@ from aurora_sgl.sglang_backend.swap_facts import (
     row_fingerprint,
     sglang_layout,
 )
+
+
+# ---- ring rows against the eager recompute (records of the embedded engine) -----------------------------
+@pytest.fixture(scope="module")
+def engine_records():
+    """Records of the embedded engine (reference model and head, K = 4, bf16 like SGLang serves,
+    prompts prefilled in chunks of 16) as a ring reader gets them, and each request's tokens."""
+    from aurora_sgl.engine.engine import Engine
+    from aurora_sgl.engine.sampling import SamplingParams
+    from aurora_sgl.transport.signal_ring import SignalRing
+
+    eng = Engine(
+        num_speculative_steps=4,
+        draft_model_path=reference_head_path(),
+        prefill_chunk_size=16,
+        max_running_requests=4,
+        dtype=torch.bfloat16,
+    )
+    h = eng.head.config.hidden_size
+    ring = SignalRing.create("test_dc_ring", 1024, 5, 3 * h, h, 4)
+    reader = SignalRing.attach(ring.spec())
+    eng.record_sink = ring.write_many
+    tok = eng.tokenizer
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "ROMEO:\nBut soft, what light", "def add(a, b):\n"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=24))
+    records = reader.read(1024)
+    reader.close()
+    ring.close()
+    sequences = {o["meta_info"]["id"]: p + o["output_ids"] for p, o in zip(prompts, outs)}
+    return records, sequences, list(eng.target.aux_layer_ids)
+
+
+@pytest.fixture(scope="module")
+def recompute(engine_records):
+    """The float32 eager recompute the GPU check runs (our TargetModel), on CPU."""
+    from aurora_sgl.engine.target import TargetModel, load_hf_causal_lm
+
+    _, sequences, aux = engine_records
+    target = TargetModel(load_hf_causal_lm(reference_model_path()), 1, 128, aux)
+    return {rid: eager_states(target, seq) for rid, seq in sequences.items()}, target
+
+
+def test_ring_rows_equal_the_eager_recompute(engine_records, recompute):
+    records, sequences, aux = engine_records
+    states, _ = recompute
+    c = compare(records, sequences, states, len(aux))
+    assert c.ok(), c.summary()
+    assert c.prompt_rows > 0 and c.decode_rows > 0 and not c.missing_requests
+    # bf16 serving against a float32 recompute: well inside the tolerance, far from a wrong row
+    assert max(c.aux_err) < REL_TOL / 3 and c.final_err < REL_TOL / 3, c.summary()
+
+
+def test_the_comparison_catches_a_shifted_row_a_wrong_layer_and_a_lost_record(engine_records, recompute):
+    import dataclasses
+
+    records, sequences, aux = engine_records
+    states, target = recompute
+    shifted = [dataclasses.replace(r, position=r.position + 1) for r in records]
+    c = compare(shifted, sequences, states, len(aux))
+    assert not c.ok() and c.token_mismatches > 0 and "input token" in c.first_problem
+    # the capture reading other layers than the head's aux layers
+    target.aux_layer_ids = [0, 2, 5]
+    try:
+        wrong = {rid: eager_states(target, seq) for rid, seq in sequences.items()}
+    finally:
+        target.aux_layer_ids = aux
+    c = compare(records, sequences, wrong, len(aux))
+    assert not c.ok() and min(c.aux_err) > 0.1 and c.final_err < REL_TOL / 3
+    c = compare(records[:5] + records[6:], sequences, states, len(aux))  # one record lost
+    assert not c.ok() and c.uncovered > 0
+    first = next(iter(sequences))
+    c = compare(records, sequences, states, len(aux), starts={first: 3})  # a radix hit that did not show
+    assert not c.ok() and c.bad_start == 1
+
 
 # ---- plugin counters the check reads (swap facts) ------------------------------------------------------
 try:  # SGLang's real EAGLE-3 draft module on CPU (a fixture of the backend's tests)
