@@ -46,7 +46,8 @@ def eager_states(target: TargetModel, tokens: Sequence[int]) -> tuple[torch.Tens
     dev = target.device
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=dev)
     pos = torch.arange(len(tokens), device=dev).unsqueeze(0)
-    out = target.forward(ids, pos, torch.zeros(1, dtype=torch.long, device=dev), logits_rows=pos[:, -1])
+    last = torch.tensor([len(tokens) - 1], device=dev)  # the lm_head on one row only: it is not compared
+    out = target.forward(ids, pos, torch.zeros(1, dtype=torch.long, device=dev), logits_rows=last)
     return out.aux_hidden[0].float().cpu(), out.final_hidden[0].float().cpu()
 
 
