@@ -6,6 +6,11 @@ check from the next (a check that hangs, raises or dies is a FAIL row and the re
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,8 @@ import torch
 
 from aurora_sgl import reference_head_path, reference_model_path
 from aurora_sgl.engine.draft_head import Eagle3Head
+from aurora_sgl.sglang_backend import check_tools as ct
+from aurora_sgl.sglang_backend import device_check as dc
 from aurora_sgl.sglang_backend.recompute import REL_TOL, compare, eager_states
 from aurora_sgl.sglang_backend.swap_facts import (
     differences,
@@ -21,6 +28,22 @@ from aurora_sgl.sglang_backend.swap_facts import (
     row_fingerprint,
     sglang_layout,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- no GPU: one line, no traceback --------------------------------------------------------------------
+def test_sglang_mode_without_cuda_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = subprocess.run(
+        [str(ROOT / "launch" / "device_check.sh"), "--sglang"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in p.stderr and "Traceback" not in p.stderr
 
 
 # ---- ring rows against the eager recompute (records of the embedded engine) -----------------------------
@@ -247,3 +270,250 @@ def test_capture_counts_its_largest_verify_batch():
             )
         )
     assert st.max_batch == 5 and st.captured == 3
+
+
+# ---- command lines, batch sizes, environment ---------------------------------------------------------------
+def test_launch_command_lines_parse_as_sglang_reads_them():
+    """Every launch of the check, through SGLang's own `prepare_server_args`: the plugin-only ring
+    servers as our launcher would build them (EAGLE3, topk 1 / 4, no overlap, the graph and chunk
+    sizes), and our launcher's own command lines (TP 2, --no-online)."""
+    pytest.importorskip("sglang")
+    from sglang.srt.server_args import prepare_server_args
+
+    from aurora_sgl.launch_server import build_parser, resolve_defaults
+    from aurora_sgl.sglang_backend.launcher import build_server_args
+
+    model, head = reference_model_path(), reference_head_path()
+    graph = ["--cuda-graph-max-bs-decode", "16", "--chunked-prefill-size", "128"]
+    topk4 = ["--speculative-eagle-topk", "4", "--speculative-num-draft-tokens", "8"]
+    parsed = {}
+    for name, flags in (("topk1", []), ("topk4", topk4), ("no_overlap", ["--disable-overlap-schedule"])):
+        argv = ct.plugin_sglang_args(model, head, 31001, graph + flags)
+        assert ct.plugin_server_argv(argv)[1:3] == ["-m", "sglang.launch_server"]
+        parsed[name] = prepare_server_args(argv)
+    for sa in parsed.values():
+        assert (sa.speculative_algorithm, sa.speculative_num_steps, sa.dtype) == ("EAGLE3", 5, "bfloat16")
+        assert (sa.cuda_graph_max_bs_decode, sa.chunked_prefill_size, sa.port) == (16, 128, 31001)
+        assert sa.speculative_draft_model_path == head and not sa.disable_radix_cache
+    assert (parsed["topk1"].speculative_eagle_topk, parsed["topk1"].speculative_num_draft_tokens) == (1, 6)
+    assert (parsed["topk4"].speculative_eagle_topk, parsed["topk4"].speculative_num_draft_tokens) == (4, 8)
+    assert parsed["no_overlap"].disable_overlap_schedule and not parsed["topk1"].disable_overlap_schedule
+    captured, max_bs = ct.graph_batch_sizes(ct.plugin_sglang_args(model, head, 31001, graph))
+    assert captured == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16] and max_bs == 16
+    for extra, online, tp in (([], True, 1), (["--tp-size", "2"], True, 2), ([], False, 1)):
+        argv = ct.launcher_argv(model, 31002, extra, online=online)
+        assert argv[1:3] == ["-m", "aurora_sgl.launch_server"]
+        args, rest = build_parser().parse_known_args(argv[3:])
+        resolve_defaults(args)
+        sa = build_server_args(args, rest, head)
+        assert (args.backend, args.online, sa.tp_size, sa.port, sa.speculative_eagle_topk) == (
+            "sglang",
+            online,
+            tp,
+            31002,
+            1,
+        )
+
+
+def test_batch_plan_pads_and_overflows_the_captured_graphs():
+    assert ct.batch_plan([1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16], 16) == {
+        "batch 1": 1,
+        "padded graph batch": 9,
+        "above graph max batch": 19,
+    }
+    assert ct.batch_plan([1, 2, 4, 8], 8) == {"batch 1": 1, "padded graph batch": 3, "above graph max batch": 11}
+    assert "padded graph batch" not in ct.batch_plan(list(range(1, 9)), 8)  # every size has a graph
+
+
+def test_plugin_env_and_visible_gpus():
+    env = ct.plugin_env({"PATH": "/bin"}, "/tmp/h")
+    assert env == {"PATH": "/bin", "AURORA_SGL_HANDOFF_DIR": "/tmp/h"}
+    assert ct.plugin_env({"SGLANG_PLUGINS": "other"}, "/h")["SGLANG_PLUGINS"] == "other,aurora_sgl"
+    assert ct.plugin_env({"SGLANG_PLUGINS": "aurora_sgl, x"}, "/h")["SGLANG_PLUGINS"] == "aurora_sgl, x"
+    assert ct.visible_gpus(None, 3) == ["0", "1", "2"]
+    assert ct.visible_gpus("4, 6", 2) == ["4", "6"]
+    assert ct.visible_gpus("GPU-aa,GPU-bb", 1) == ["GPU-aa"]
+
+
+def test_scenario_facts_require_what_each_scenario_is_for():
+    def sc(name, seqs, starts, max_batch, counters):
+        return ct.Scenario(name, seqs, starts, [], dict({"captured": 10}, **counters), max_batch, 2.0)
+
+    nine = {f"r{i}": [1, 2, 3] for i in range(9)}
+    assert dc.scenario_facts(sc("padded graph batch", nine, {}, 9, {}), 16)[0]
+    assert not dc.scenario_facts(sc("padded graph batch", nine, {}, 7, {}), 16)[0]  # never ran 9 at once
+    assert not dc.scenario_facts(sc("above graph max batch", nine, {}, 16, {}), 16)[0]
+    assert dc.scenario_facts(sc("above graph max batch", nine, {}, 19, {}), 16)[0]
+    one = {"c": list(range(600))}
+    assert not dc.scenario_facts(sc("chunked prefill", one, {}, 1, {"prefill_captured": 1}), 16)[0]
+    ok, note = dc.scenario_facts(sc("chunked prefill", one, {}, 1, {"prefill_captured": 5}), 16)
+    assert ok and "5 prefill batches for 600 tokens" in note
+    assert not dc.scenario_facts(sc("radix hit", {"a": [1], "b": [1]}, {"a": 0, "b": 0}, 1, {}), 16)[0]
+    assert dc.scenario_facts(sc("radix hit", {"a": [1], "b": [1]}, {"a": 0, "b": 250}, 1, {}), 16)[0]
+    ok, note = dc.scenario_facts(sc("batch 1", {"a": [1]}, {}, 1, {"staging_drops": 2}), 16)
+    assert ok and "staging_drops" in note
+
+
+def test_token_prompts_are_distinct_and_start_with_bos():
+    src = ct.TokenSource(reference_model_path())
+    a, b = src.take(40), src.take(40)
+    assert len(a) == len(b) == 41 and a[0] == b[0] == 1 and a != b
+    assert len(src.take(16, bos=False)) == 16
+    assert len(set(ct.text_prompts(8))) == 8
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# ---- a server process, HTTP, the ring drain ----------------------------------------------------------------
+_FAKE_SERVER = textwrap.dedent("""
+    import json, subprocess, sys, time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    if sys.argv[2] == "die":
+        print("RuntimeError: CUDA out of memory (fake)", flush=True)
+        sys.exit(3)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(sys.argv[3], "w").write(str(child.pid))
+    time.sleep(1.0)
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def _send(self, code, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def do_GET(self):
+            self._send(200, {})
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ids = req["input_ids"]
+            self._send(200, {"output_ids": [7, 8], "meta_info": {"id": req["rid"], "cached_tokens": len(ids) // 2}})
+
+    HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+""")
+
+
+def test_server_ready_generate_stop_and_a_server_that_dies(tmp_path):
+    script = tmp_path / "fake_server.py"
+    script.write_text(_FAKE_SERVER)
+    port, pidfile = ct.free_port(), tmp_path / "child.pid"
+    s = ct.Server(
+        "fake", [sys.executable, str(script), str(port), "ok", str(pidfile)], dict(os.environ), str(tmp_path), port
+    )
+    try:
+        assert 0 < s.wait_ready(timeout=30) < 30
+        outs = s.generate_all([{"input_ids": [1, 2, 3, 4], "rid": f"x{i}"} for i in range(3)], 3)
+        assert [o["meta_info"]["id"] for o in outs] == ["x0", "x1", "x2"] and outs[0]["output_ids"] == [7, 8]
+    finally:
+        s.stop(timeout=5)
+    assert s.proc.returncode is not None and _gone(int(pidfile.read_text()))  # the server's children too
+    dead = ct.Server(
+        "dead", [sys.executable, str(script), str(port), "die", "-"], dict(os.environ), str(tmp_path), port
+    )
+    with pytest.raises(ct.CheckError, match=r"exited \(3\): RuntimeError: CUDA out of memory"):
+        dead.wait_ready(timeout=30)
+    dead.stop(timeout=5)
+
+
+def test_drain_reads_until_the_ring_is_quiet():
+    import threading
+
+    from aurora_sgl.records import StepRecord, chain_outcome
+    from aurora_sgl.transport.signal_ring import SignalRing
+
+    ring = SignalRing.create("test_dc_drain", 64, 3, 4, 2, 2)
+    reader = SignalRing.attach(ring.spec())
+
+    def rec(i):
+        return StepRecord(
+            request_id=f"r{i}",
+            position=i,
+            draft_tokens=torch.zeros(2, dtype=torch.long),
+            target_tokens=torch.zeros(2, dtype=torch.long),
+            outcome=chain_outcome(2, 1),
+            num_accepted=1,
+            committed=[],
+            input_tokens=torch.tensor([i, i]),
+            next_tokens=torch.tensor([i, i]),
+            aux_hidden=torch.zeros(2, 4),
+            final_hidden=torch.zeros(2, 2),
+            draft_version=1,
+        )
+
+    def writer():
+        for i in range(10):
+            ring.write_many([rec(i)])
+            time.sleep(0.1)
+
+    t = threading.Thread(target=writer)
+    try:
+        t.start()
+        got = ct.drain_ring(reader, quiet_s=0.6, timeout=20)
+        t.join()
+        assert [r.position for r in got] == list(range(10))
+    finally:
+        reader.close()
+        ring.close()
+
+
+# ---- one check cannot take the others down ---------------------------------------------------------------
+_GROUPS = textwrap.dedent("""
+    import os, subprocess, sys, time
+
+    def passes(ctx, out):
+        out.row("p1", "PASS", "fine")
+
+    def raises(ctx, out):
+        out.row("r1", "PASS", "first row done")
+        out.stage("the second row")
+        raise RuntimeError("boom\\nsecond line")
+
+    def hangs(ctx, out):
+        server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open(os.path.join(ctx["log_dir"], "server.pid"), "w").write(str(server.pid))
+        out.stage("waiting for a server that never answers")
+        time.sleep(600)
+
+    def dies(ctx, out):
+        print("Fatal Python error: Segmentation fault (fake)", flush=True)
+        os._exit(139)
+""")
+
+
+def test_a_check_that_raises_hangs_or_dies_is_a_fail_row_and_the_rest_go_on(tmp_path, monkeypatch):
+    (tmp_path / "fake_groups.py").write_text(_GROUPS)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    groups = [
+        dc.Group("hangs", "fake_groups:hangs", 15, ("h1",)),
+        dc.Group("raises", "fake_groups:raises", 60, ("r1", "r2")),
+        dc.Group("two", "fake_groups:passes", 60, ("t1",), min_gpus=2),
+        dc.Group("dies", "fake_groups:dies", 60, ("d1",)),
+        dc.Group("passes", "fake_groups:passes", 60, ("p1",)),
+    ]
+    ctx = {"log_dir": str(tmp_path / "logs"), "gpus": []}
+    t0 = time.monotonic()
+    rows = dc.run_groups(groups, ctx, 1, budget_s=600)
+    assert time.monotonic() - t0 < 120
+    by = {r[0]: r for r in rows}
+    assert [r[0] for r in rows] == ["h1", "r1", "r2", "t1", "d1", "p1"]
+    assert by["h1"][1] == "FAIL" and "timed out after 15 s (at: waiting for a server that never answers)" in by["h1"][2]
+    assert _gone(int((tmp_path / "logs" / "server.pid").read_text()))  # what the hung check started
+    assert by["r1"] == ("r1", "PASS", "first row done")
+    assert by["r2"][1] == "FAIL" and by["r2"][2].startswith("RuntimeError: boom (at: the second row)")
+    assert by["t1"] == ("t1", "skipped", "needs 2 GPUs, 1 visible")
+    assert by["d1"][1] == "FAIL" and "exited with code 139: Fatal Python error" in by["d1"][2]
+    assert by["p1"] == ("p1", "PASS", "fine")
+    table = dc.format_table(rows).splitlines()
+    assert table[0].split() == ["check", "result", "detail"] and len(table) == 7
+    late = dc.run_groups(groups[-1:], ctx, 1, budget_s=30)  # too little time left to start a check
+    assert late == [("p1", "FAIL", "not run: the time budget is spent")]
+    assert dc.took(65) == "took 1 min 5 s" and dc.took(7) == "took 7 s"
