@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "--sglang" ]]; then
     shift
-    # Nine server launches, each group of checks under its own limit: 90 min with every group at
-    # its limit (aurora_sgl/sglang_backend/device_check.py BUDGET_S), about 15 with the reference
-    # model. The script's own deadline sits 5 min above that, for the table and the clean-up.
+    # Eight server launches, each group of checks under its own time limit; 90 min if every group
+    # ran to its limit (BUDGET_S in aurora_sgl/sglang_backend/device_check.py), an estimated 15-20
+    # with the reference model. This deadline sits 5 min above that: the checks' own limits end
+    # the run first, and the table still prints.
     exec timeout 5700 python -m aurora_sgl.sglang_backend.device_check \
         --json "${AURORA_CHECK_JSON:-/tmp/aurora_sglang_check.json}" "$@"
 fi
