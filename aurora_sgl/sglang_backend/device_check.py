@@ -198,6 +198,7 @@ def group_running(pgid: int) -> bool:
 def run_group(group: Group, context_path: str, log_dir: str, limit: float) -> list:
     rows_path = os.path.join(log_dir, f"{group.name}.rows.jsonl")
     log_path = os.path.join(log_dir, f"{group.name}.log")
+    open(rows_path, "w").close()  # a rerun into the same --log-dir starts from no rows
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", THIS, "--group", group.target, "--context", context_path, "--rows", rows_path],
