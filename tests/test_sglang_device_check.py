@@ -413,6 +413,7 @@ def test_server_ready_generate_stop_and_a_server_that_dies(tmp_path):
         assert 0 < s.wait_ready(timeout=30) < 30
         outs = s.generate_all([{"input_ids": [1, 2, 3, 4], "rid": f"x{i}"} for i in range(3)], 3)
         assert [o["meta_info"]["id"] for o in outs] == ["x0", "x1", "x2"] and outs[0]["output_ids"] == [7, 8]
+        _scenario_through(s, tmp_path)
     finally:
         s.stop(timeout=5)
     assert s.proc.returncode is not None and _gone(int(pidfile.read_text()))  # the server's children too
@@ -422,6 +423,39 @@ def test_server_ready_generate_stop_and_a_server_that_dies(tmp_path):
     with pytest.raises(ct.CheckError, match=r"exited \(3\): RuntimeError: CUDA out of memory"):
         dead.wait_ready(timeout=30)
     dead.stop(timeout=5)
+
+
+def _scenario_through(server, tmp_path):
+    """A ring scenario's plumbing: each request's tokens are its prompt and SGLang's output ids, its
+    first position SGLang's cached prefix, the counters the plugin's deltas over the scenario."""
+    from aurora_sgl.transport.signal_ring import SignalRing
+
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    (handoff / "handoff.json").write_text("{}")
+    counters = handoff / "counters_rank0.json"
+    counters.write_text(json.dumps({"captured": 5, "prefill_captured": 1, "capture_max_batch": 1}))
+    server._handoff_dir = str(handoff)
+    ring = SignalRing.create("test_dc_scenario", 8, 2, 4, 2, 1)
+    reader = SignalRing.attach(ring.spec())
+
+    def plugin_exports():  # what the scheduler exports while the requests run
+        time.sleep(1.0)
+        counters.write_text(json.dumps({"captured": 9, "prefill_captured": 3, "capture_max_batch": 2}))
+
+    import threading
+
+    t = threading.Thread(target=plugin_exports)
+    t.start()
+    try:
+        sets = [[{"input_ids": [1, 5, 6, 7], "rid": "a"}], [{"input_ids": [1, 5, 9], "rid": "b"}]]
+        sc = ct.run_scenario(server, reader, "radix hit", sets, 1)
+    finally:
+        t.join()
+        reader.close()
+        ring.close()
+    assert sc.sequences == {"a": [1, 5, 6, 7, 7, 8], "b": [1, 5, 9, 7, 8]} and sc.starts == {"a": 2, "b": 1}
+    assert sc.counters["captured"] == 4 and sc.counters["prefill_captured"] == 2 and sc.max_batch == 2
 
 
 def test_drain_reads_until_the_ring_is_quiet():
