@@ -119,6 +119,7 @@ class CaptureStaging:
         self._next = 0  # slot the next capture writes
         self.sequencer = sequencer if sequencer is not None else Sequencer()
         self.captured = self.staging_drops = self.skipped = self.drained_records = 0
+        self.max_batch = 0  # the most requests one captured verify step had (the device check reads it)
 
     # ---- inside the step (forward stream, no host sync) ---------------------------------------
     @torch.no_grad()
@@ -170,6 +171,7 @@ class CaptureStaging:
         }
         slot.full = True
         self.captured += 1
+        self.max_batch = max(self.max_batch, bs)
         return True
 
     # ---- at the scheduler iteration -----------------------------------------------------------

@@ -85,6 +85,7 @@ from aurora_sgl.online.version_check import SUPERSEDED, refusal_reason
 from .capture import CaptureStaging, VerifyStep, drain_in_order
 from .prefill import PrefillStaging, PrefillStep
 from .replica import HANDOFF, Replica, create_capture, handoff_of
+from .swap_facts import SwapFacts
 
 log = logging.getLogger("aurora_sgl.sglang")
 
@@ -573,7 +574,7 @@ class Runtime:
         now = time.monotonic()
         if self.handoff_dir and now - self._last_export >= 1.0:
             self._last_export = now
-            self.export_counters()
+            self.export_counters(forward_stream)
 
     @torch.no_grad()
     def carry_out(self, op: SwapMarker, stream=None) -> None:
@@ -676,6 +677,7 @@ class Runtime:
                 captured=self.staging.captured,
                 staging_drops=self.staging.staging_drops,
                 capture_skipped=self.staging.skipped,
+                capture_max_batch=self.staging.max_batch,
             )
         if self.prefill is not None:
             out.update(
@@ -688,12 +690,29 @@ class Runtime:
             out.update({f"ring_{k}": v for k, v in self.ring.stats().items()})
         return out
 
-    def export_counters(self) -> None:
-        """counters_dp<D>_rank<T>.json in the handoff dir, replaced atomically; the launcher reads it."""
+    _swap_facts: SwapFacts | None = None
+
+    def swap_facts(self, stream=None) -> dict:
+        """What the live draft holds (swap_facts.py; the device check reads it), refreshed on the
+        forward `stream` when the served draft changed. An error here turns it off, never serving."""
+        if self._swap_facts is None:
+            self._swap_facts = SwapFacts()
+        if self._swap_facts.error:
+            return {"swap_facts_error": self._swap_facts.error}
+        try:
+            return self._swap_facts.observe(self, stream)
+        except Exception as e:
+            log.error("aurora_sgl: swap facts turned off after an error: %s", e)
+            self._swap_facts.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return {"swap_facts_error": self._swap_facts.error}
+
+    def export_counters(self, stream=None) -> None:
+        """counters_dp<D>_rank<T>.json in the handoff dir, replaced atomically; the launcher reads
+        it, and the device check its `swap_facts`."""
         path = os.path.join(self.handoff_dir, self.replica.counters_file)
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
-            json.dump(self.stats(), f)
+            json.dump(dict(self.stats(), **self.swap_facts(stream)), f)
         os.replace(tmp, path)
 
 
