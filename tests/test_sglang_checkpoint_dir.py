@@ -1,4 +1,5 @@
-"""`--checkpoint-dir` for the SGLang backend: created 0700 when missing, one-line error otherwise."""
+"""The SGLang launcher's edges: `--checkpoint-dir` (created 0700 when missing, one-line error otherwise),
+refusals before anything starts, and the end of serving (SGLang's processes killed)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,44 @@ def test_draft_dir_without_weights_is_refused_with_one_line_before_anything_star
     assert err.count("\n") == 1 and str(draft) in err and "pytorch_model.bin" in err and "CUDA" not in err
     (draft / "pytorch_model.bin").write_bytes(b"")  # a published head's layout passes this check
     assert launcher.draft_error(str(draft)) is None
+
+
+def test_serving_ends_with_sglangs_processes_killed(tmp_path):
+    """Ctrl-C (or a crash) while SGLang serves: like SGLang's own entry points, the launcher kills
+    every process SGLang started -- schedulers left behind would hold the GPUs. Run in a child
+    process: the cleanup kills every descendant of the process it runs in."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = f"""
+import subprocess, sys
+import sglang.launch_server
+from aurora_sgl.sglang_backend import launcher
+
+scheduler = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(120)"],
+    stdout=subprocess.DEVNULL,  # not this script's pipe: the test reads to its end
+    stderr=subprocess.DEVNULL,
+)
+print(scheduler.pid, flush=True)
+
+def run_server(server_args):
+    raise KeyboardInterrupt  # Ctrl-C while serving
+
+sglang.launch_server.run_server = run_server
+try:
+    launcher.serve(None, None, {str(tmp_path / "handoff")!r})
+except KeyboardInterrupt:
+    pass
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    pid = int(proc.stdout.split()[0])
+    try:
+        alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert not alive, "a process SGLang started outlived the launcher"
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)

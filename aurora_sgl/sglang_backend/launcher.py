@@ -358,8 +358,17 @@ def main(args, passthrough: list[str]) -> int:
     )
     if sidecar is not None:
         sidecar.start()
+    serve(server_args, sidecar, handoff_dir)
+    return 0
+
+
+def serve(server_args, sidecar: TrainerSidecar | None, handoff_dir: str) -> None:
+    """SGLang's server in this process until it stops; then the trainer, our files, and every
+    process SGLang started (schedulers, detokenizer), as SGLang's own entry points end: a Ctrl-C
+    or a crash must not leave schedulers holding the GPUs."""
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
+    from sglang.srt.utils import kill_process_tree
 
     load_plugins()
     try:
@@ -369,4 +378,4 @@ def main(args, passthrough: list[str]) -> int:
             sidecar.close()
         else:
             shutil.rmtree(handoff_dir, ignore_errors=True)
-    return 0
+        kill_process_tree(os.getpid(), include_parent=False)
