@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
         "batch from --speculative-adaptive-config (default off, as in SGLang)",
     )
     ap.add_argument(
+        "--speculative-explore-every",
+        type=int,
+        default=None,
+        help="embedded, adaptive: where drafting does not pay, a full chain still measures the head, at most "
+        "once every this many decode steps (default 32)",
+    )
+    ap.add_argument(
+        "--speculative-explore-share",
+        type=float,
+        default=None,
+        help="embedded, adaptive: the share of decode time those probes may cost (default 0.02)",
+    )
+    ap.add_argument(
         "--speculative-draft-model-path", default=None, help="EAGLE-3 checkpoint (default: random head, day-0)"
     )
     ap.add_argument(
@@ -137,6 +150,20 @@ def validate(args) -> str | None:
             return error
     if args.checkpoint_dir and not args.online:
         return "--checkpoint-dir is only used with --online"
+    explore = [
+        f
+        for f, v in (
+            ("--speculative-explore-every", args.speculative_explore_every),
+            ("--speculative-explore-share", args.speculative_explore_share),
+        )
+        if v is not None
+    ]
+    if explore and (args.backend == "sglang" or not args.speculative_adaptive):
+        return f"{explore[0]} tunes the embedded backend's adaptive K: it needs --backend embedded and adaptive on"
+    if args.speculative_explore_every is not None and args.speculative_explore_every < 1:
+        return "--speculative-explore-every must be at least 1"
+    if args.speculative_explore_share is not None and not 0 <= args.speculative_explore_share <= 100:
+        return "--speculative-explore-share must be between 0 and 100"
     if args.fallback_head and (args.backend == "sglang" or not args.online or not args.speculative_draft_model_path):
         return (
             "--fallback-head keeps the start head beside the live one: it needs the embedded backend, --online "
@@ -237,6 +264,14 @@ def main(argv=None) -> int:
             context_length=args.context_length,
             device=args.device,
             adaptive=args.speculative_adaptive,
+            **{
+                name: value
+                for name, value in (
+                    ("explore_every", args.speculative_explore_every),
+                    ("explore_share", args.speculative_explore_share),
+                )
+                if value is not None
+            },
         )
     except (OSError, ValueError) as e:
         print(f"error: could not load the model: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -371,6 +371,13 @@ def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
         (["--trainer-config", '{"no_such_setting": 1}'], "no_such_setting"),
         (["--no-online", "--trainer-config", "{}"], "--trainer-config is only used with --online"),
         (["--api-key", ""], "--api-key must not be empty"),
+        (["--speculative-explore-every", "0"], "--speculative-explore-every must be at least 1"),
+        (["--speculative-explore-share", "-1"], "--speculative-explore-share must be between 0 and 100"),
+        (
+            ["--no-speculative-adaptive", "--speculative-explore-share", "1"],
+            "it needs --backend embedded and adaptive on",
+        ),
+        (["--backend", "sglang", "--speculative-explore-every", "4"], "it needs --backend embedded and adaptive on"),
         (["--no-online", "--context-length", "4096"], "exceeds the model's 2048 positions"),
         (["--fallback-head"], "--fallback-head keeps the start head beside the live one"),  # no draft path
         (["--backend", "sglang", "--fallback-head"], "SGLang serves one draft model"),

@@ -38,6 +38,12 @@ def server():
         "--max-running-requests",
         "16",
         "--no-online",
+        # adaptive, probing every other step: tests that read a request's accept length must not
+        # depend on whether this machine's timings make drafting pay
+        "--speculative-explore-every",
+        "2",
+        "--speculative-explore-share",
+        "100",
     )
     yield s
     s.stop()
