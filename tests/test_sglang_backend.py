@@ -199,15 +199,20 @@ def test_capture_hook_writes_exactly_the_accepted_rows(topk):
         plugin.set_runtime(None)
         reader.close()
         ring.close()
+    _assert_accepted_chains(recs, expected, worker.speculative_num_steps, worker.speculative_num_steps)
+
+
+def _assert_accepted_chains(recs, expected, steps: int, k: int) -> None:
+    """Each record is its request's accepted chain in a step that drafted `steps` tokens, in a
+    ring of width `k`: exact rows, and outcome / target token per draft position."""
     assert [r.request_id for r in recs] == [e["id"] for e in expected]
     for r, e in zip(recs, expected):
         assert r.position == e["position"] and r.num_accepted == e["accepted"]
         assert torch.equal(r.next_tokens, e["next"]) and torch.equal(r.input_tokens, e["input"])
         assert torch.equal(r.aux_hidden, e["aux"]) and torch.equal(r.final_hidden, e["final"])
-        k = worker.speculative_num_steps
-        want = [1] * e["accepted"] + ([0] if e["accepted"] < k else [])
+        want = [1] * e["accepted"] + ([0] if e["accepted"] < steps else [])
         assert r.outcome.tolist() == want + [-1] * (k - len(want))
-        reached = e["next"][:k].tolist()  # the target's token at each draft position it verified
+        reached = e["next"][: len(want)].tolist()  # the target's token at each draft position it verified
         assert r.target_tokens.tolist() == reached + [-1] * (k - len(reached))
 
 
@@ -256,17 +261,10 @@ def test_capture_of_a_step_drafting_fewer_than_the_maximum(steps):
         plugin.set_runtime(None)
         reader.close()
         ring.close()
-    assert [r.request_id for r in recs] == [e["id"] for e in expected]
-    for r, e in zip(recs, expected):
-        assert r.num_accepted == e["accepted"] and torch.equal(r.next_tokens, e["next"])
-        assert torch.equal(r.input_tokens, e["input"]) and torch.equal(r.final_hidden, e["final"])
-        assert torch.equal(r.aux_hidden, e["aux"])
-        want = [1] * e["accepted"] + ([0] if e["accepted"] < steps else [])
-        assert r.outcome.tolist() == want + [-1] * (k_max - len(want))
+    _assert_accepted_chains(recs, expected, steps, k_max)
+    for r in recs:
         drafted = batch.spec_info.draft_token.view(3, steps + 1)[int(r.request_id[-1]), 1:].tolist()
         assert r.draft_tokens.tolist() == drafted + [-1] * (k_max - steps)
-        reached = e["next"][: len(want)].tolist()
-        assert r.target_tokens.tolist() == reached + [-1] * (k_max - len(reached))
 
 
 # ---- the real EAGLE-3 draft module on CPU -----------------------------------------------------------

@@ -7,17 +7,15 @@ decides, and its decision rides the request broadcast to every rank as a marker,
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from aurora_sgl.online.rollback import RollbackPolicy
 from aurora_sgl.sglang_backend import plugin
 from aurora_sgl.transport.weight_store import WeightStore
-from test_sglang_tp_agreement import LAYOUT, _Draft, _NoStreams, _state
+from test_sglang_tp_agreement import LAYOUT, _Draft, _NoStreams, _state, run_two_ranks
 
 K = 3
 _DECODE = SimpleNamespace(is_idle=lambda: False)
@@ -107,28 +105,10 @@ def _rank(rank: int, port: int, spec: dict, suspect_on_new_traffic: int, out) ->
 
 def _run(suspect_on_new_traffic: int) -> dict[int, dict]:
     store = WeightStore.create("test_sgl_rollback", LAYOUT)
-    store.publish(_state(1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, store.spec(), suspect_on_new_traffic, out)) for r in (0, 1)]
     try:
-        for p in procs:
-            p.start()
-        results = {}
-        for _ in procs:
-            rank, result = out.get(timeout=120)
-            assert "error" not in result, (rank, result["error"])
-            results[rank] = result
-        for p in procs:
-            p.join(30)
-        return results
+        store.publish(_state(1))
+        return run_two_ranks(_rank, store.spec(), suspect_on_new_traffic)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
         store.close()
 
 

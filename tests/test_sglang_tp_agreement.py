@@ -106,16 +106,15 @@ def _rank(rank: int, port: int, spec: dict, fault: str | None, out) -> None:
         dist.destroy_process_group()
 
 
-def _run(fault: str | None) -> dict[int, dict]:
-    store = WeightStore.create("test_tp_agree", LAYOUT)
-    store.publish(_state(1))
-    store.publish(_state(2))
+def run_two_ranks(target, spec: dict, arg) -> dict[int, dict]:
+    """`target(rank, port, spec, arg, out)` in two spawned processes joined in a gloo group; each
+    puts (rank, result) on `out`. Returns {rank: result}; a result with "error" fails at once."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, store.spec(), fault, out)) for r in (0, 1)]
+    procs = [ctx.Process(target=target, args=(r, port, spec, arg, out)) for r in (0, 1)]
     try:
         for p in procs:
             p.start()
@@ -123,7 +122,7 @@ def _run(fault: str | None) -> dict[int, dict]:
         for _ in procs:
             rank, result = out.get(timeout=120)  # a rank left in the all-reduce: Empty
             assert "error" not in result, (rank, result["error"])  # not worth waiting for its peer
-            results[rank] = {k: torch.from_numpy(v) if k in ("fc", "hot") else v for k, v in result.items()}
+            results[rank] = result
         for p in procs:
             p.join(30)
         return results
@@ -131,7 +130,20 @@ def _run(fault: str | None) -> dict[int, dict]:
         for p in procs:
             if p.is_alive():
                 p.kill()
+
+
+def _run(fault: str | None) -> dict[int, dict]:
+    store = WeightStore.create("test_tp_agree", LAYOUT)
+    try:
+        store.publish(_state(1))
+        store.publish(_state(2))
+        results = run_two_ranks(_rank, store.spec(), fault)
+    finally:
         store.close()
+    return {
+        rank: {k: torch.from_numpy(v) if k in ("fc", "hot") else v for k, v in result.items()}
+        for rank, result in results.items()
+    }
 
 
 def test_every_rank_swaps_when_every_copy_succeeds():

@@ -38,6 +38,7 @@ import traceback
 from dataclasses import dataclass
 
 from . import check_tools as ct
+from .launcher import preflight
 from .swap_facts import differences
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "skipped"
@@ -816,19 +817,6 @@ def group_main(target: str, context_path: str, rows_path: str) -> int:
     return 0
 
 
-def cuda_problem() -> str | None:
-    """One line when this machine cannot run the SGLang check, else None."""
-    try:
-        import torch
-    except ImportError:
-        return "launch/device_check.sh --sglang needs torch"
-    if not torch.cuda.is_available():
-        return "launch/device_check.sh --sglang needs a CUDA GPU and none is visible here"
-    from .launcher import preflight
-
-    return preflight()
-
-
 def default_draft(model_path: str, draft_path: str | None, log_dir: str) -> str:
     """The head the plugin-only servers serve: --draft-path, else the built-in reference head when
     the target is the reference model (it drafts well: the d2t check then sees acceptance), else a
@@ -862,7 +850,7 @@ def main(argv=None) -> int:
     args, extra = ap.parse_known_args(argv)
     if args.group:
         return group_main(args.group, args.context, args.rows)
-    problem = cuda_problem()
+    problem = preflight("launch/device_check.sh --sglang", instead="")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

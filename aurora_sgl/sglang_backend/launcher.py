@@ -124,20 +124,21 @@ def day0_head(model_path: str, out_dir: str, draft_vocab_size: int = 32000) -> s
     return out_dir
 
 
-def preflight() -> str | None:
-    """One-line reason the SGLang backend cannot run here, or None."""
+def preflight(who: str = "--backend sglang", instead: str = "; use --backend embedded") -> str | None:
+    """One-line reason the SGLang backend cannot run here, or None; `who` is what needs it (the
+    launcher's flag, or the device check), `instead` what to do without a GPU."""
     try:
         import torch
     except ImportError:
-        return "--backend sglang needs torch"
+        return f"{who} needs torch"
     if not torch.cuda.is_available():
-        return "--backend sglang needs a CUDA GPU and none is visible here; use --backend embedded"
+        return f"{who} needs a CUDA GPU and none is visible here{instead}"
     try:
         from importlib.metadata import entry_points
 
         import sglang  # noqa: F401
     except ImportError:
-        return "--backend sglang needs sglang==0.5.23 (pip install -e '.[sglang]')"
+        return f"{who} needs sglang==0.5.23 (pip install -e '.[sglang]')"
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="sglang.srt.plugins")):
         return (
             "SGLang cannot find the aurora_sgl plugin entry point; reinstall the package "

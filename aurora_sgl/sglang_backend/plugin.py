@@ -189,7 +189,7 @@ def _around_verify(original, worker, batch, *args, **kwargs):
         # The same result object reaches the output processor (`_after_accepted`) with the accept
         # lengths on the host, one iteration later under overlap: it carries who drafted them.
         result.aurora_drafted_by = (rt.draft_version, worker.speculative_num_steps)
-        rt.running = {r.rid for r in batch.reqs}
+        rt.recent_reqs = [batch.reqs]  # a reference: the ids are read only when a probe starts
     if rt is not None and rt.staging is not None:
         try:
             step = verify_step(worker, batch, result, rt.draft_version)
@@ -207,7 +207,7 @@ def _around_prefill(original, worker, batch, *args, **kwargs):
     rt = _RUNTIME
     before = None
     if rt is not None and rt.policy is not None and not batch.forward_mode.is_idle():
-        rt.running.update(r.rid for r in batch.reqs)
+        rt.recent_reqs.append(batch.reqs)
     if rt is not None and rt.prefill is not None and not batch.forward_mode.is_idle():
         before = (batch.input_ids, list(batch.reqs), list(batch.prefix_lens or []), list(batch.extend_lens or []))
     result = original(worker, batch, *args, **kwargs)
@@ -394,7 +394,8 @@ class Runtime:
         self._previous_hot = self._suspect_hot = None
         self.rollback = rollback and swapper is not None
         self.policy = policy if self.rollback else None
-        self.running: set = set()  # requests in the last verify batch and the prefills since (leader)
+        # Leader: the request lists of the last verify batch and of the prefills since (`running`).
+        self.recent_reqs: list = []
         if keep_previous is None:
             # With TP a failed swap must be undone on every rank (one hot map for all); alone, a
             # half-copied head only costs acceptance until the next marker, so no second copy --
@@ -533,6 +534,11 @@ class Runtime:
             return 0
         self.counters["markers"] += 1
         return version
+
+    @property
+    def running(self) -> set:
+        """Requests in flight: those of the last verify batch and of the prefills since."""
+        return {r.rid for reqs in self.recent_reqs for r in reqs}
 
     def decide(self) -> list[SwapMarker]:
         """Leader, once per iteration: the rollback policy's verdict on the serving version, then
