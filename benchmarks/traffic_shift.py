@@ -229,6 +229,7 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                     engine.output_text(req) if any(key in stream[i] for key in CONSTRAINTS) else None,
                 )
                 rows[i]["draft_head"] = meta["spec_draft_head"]
+                rows[i]["k_steps"] = meta["spec_k_steps"]  # decode steps per K chosen
                 bar.update(1)
         wall = time.perf_counter() - t_start
         extra = {"k_steps": k_steps, "adaptive": engine.adaptive.stats() if engine.adaptive else None}
@@ -356,6 +357,7 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                         resp.json().get("text"),
                     )
                     rows[item["index"]]["draft_head"] = meta.get("spec_draft_head")
+                    rows[item["index"]]["k_steps"] = meta.get("spec_k_steps")
                     bar.update(1)
 
             await asyncio.gather(*(one(item) for item in stream))
