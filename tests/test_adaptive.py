@@ -170,32 +170,6 @@ def test_probes_are_paid_from_a_share_of_the_serving_time(per_k, every):
     assert ch.stats()["explore_share"] == 0.02
 
 
-def test_the_heads_catch_up_stays_out_of_the_step_costs_and_is_charged_to_the_probe_that_paid_it():
-    # K = 0 costs 1 and K = 4 costs 2 when the head drafts every step (so the prior, E(4) = 1.94,
-    # chooses K = 0); a probe after a stretch at K = 0 first catches the head up over the
-    # positions it skipped (6 more). Each step earns its own cost in probing credit (share 1,
-    # capped at one K = 4 step).
-    costs = {(1, k): 1.0 if k == 0 else 1.9 + 0.025 * k for k in range(5)}
-
-    def probes(ch):
-        picks = []
-        for _ in range(12):
-            k = ch.choose(1, version=0)
-            picks.append(k)
-            ch.observe(1, k, 2.0 if k else 1.0, [0] if k else [], catch_up_seconds=6.0 if k else 0.0)
-        return [i + 1 for i, k in enumerate(picks) if k]
-
-    ch = _chooser(costs, explore_every=4, explore_share=1.0)
-    # The first probe spent 7 over the K = 0 step it replaced, not the table's 1: the next waits
-    # until its credit is earned back (6 steps), not the 4 steps explore_every allows.
-    assert probes(ch) == [4, 10]
-    assert ch.costs.cost(1, 4) == 2.0  # steady drafting's price, whatever the probes caught up
-    assert ch.stats()["catch_up_s"] == 12.0
-    # A first-step probe is paid in advance (its catch-up is the new prompts', which any drafting
-    # pays first): only the probes after it are settled.
-    assert probes(_chooser(costs, explore_every=4, explore_share=1.0, probe_first=True)) == [1, 5, 11]
-
-
 def test_the_first_step_probes_a_full_chain_paid_in_advance_then_the_budget_rules():
     # Drafting costs 4 K = 0 steps, so the prior (E(4) = 1.94) chooses K = 0: the head is measured
     # at the first step, not after explore_every steps and a slowly earned 2 % budget.

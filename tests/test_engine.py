@@ -3,12 +3,10 @@
 
 import itertools
 import math
-import types
 
 import pytest
 import torch
 
-from aurora_sgl.engine import engine as engine_module
 from aurora_sgl.engine.engine import Engine, PromptTooLong
 from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.records import Outcome
@@ -109,35 +107,6 @@ def test_greedy_stays_lossless_when_k_changes_between_steps(
     assert sum(stats["k_steps"].values()) == eng.adaptive.decode_steps
     if mode == "adaptive":  # every decode step's measured time fed the cost model
         assert eng.adaptive.costs.steps == eng.adaptive.decode_steps > 0
-
-
-def test_the_heads_catch_up_is_timed_apart_from_the_step(model, ref_tokenizer, trained_head_dir, monkeypatch):
-    # A clock that only the head's catch-up moves: every second the chooser hears of is catch-up,
-    # reported apart from the step's own time (which the cost table prices).
-    now = [0.0]
-    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    eng = _engine(model, ref_tokenizer, 4, max_running_requests=2, draft_model_path=trained_head_dir, adaptive=True)
-    eng.k_policy = _changing_k((0, 0, 4))
-    catch_up = eng._catch_up
-
-    def slow_catch_up(reqs):
-        pending = sum(len(r.head_pending) for r in reqs)
-        catch_up(reqs)
-        now[0] += 5.0 * bool(pending)
-
-    heard = []
-    observe = eng.adaptive.observe
-    monkeypatch.setattr(eng, "_catch_up", slow_catch_up)
-    monkeypatch.setattr(
-        eng.adaptive, "observe", lambda b, k, s, acc, **kw: heard.append((k, s, kw)) or observe(b, k, s, acc, **kw)
-    )
-    eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=12))
-    drafting = [(s, kw["catch_up_seconds"]) for k, s, kw in heard if k]
-    assert drafting and all(s == 0.0 for s, _ in drafting)
-    assert all(c == 5.0 for _, c in drafting)  # every drafting step here follows steps at K = 0
-    assert all(kw["catch_up_seconds"] == 0.0 for k, _, kw in heard if not k)
-    assert eng.adaptive.stats()["catch_up_s"] == 5.0 * len(drafting)
-    assert max(eng.adaptive.costs.costs_for(2, 4)) < 1e-3  # the table never saw the catch-up
 
 
 def test_requests_joining_mid_flight_stay_exact(model, ref_tokenizer, hf_greedy, trained_head_dir):

@@ -16,25 +16,17 @@ K = 0 (no drafting) wins when the head is poor or the verify width is dear.
 
 Learning must not starve at K = 0: now and then a step drafts where the choice does not, so the
 served head keeps being measured and can earn its way back. From K = 0 that step drafts K (a full
-chain measures every position at once: drafting at all has a fixed price -- a wider verify, the
-head's run -- so K = 1 can lose where K = 3 wins, and exploring one draft up from 0 would never
+chain measures every position at once: drafting at all has a fixed price -- the head's catch-up, a
+wider verify -- so K = 1 can lose where K = 3 wins, and exploring one draft up from 0 would never
 find it); from a choice above 0 it drafts one more, and every other time one fewer, so a K whose
 cost was once over-estimated is measured again rather than avoided for good. Exploring is paid
 from a budget in time, not in steps: each step earns `explore_share` of its own cost, and a probe
-(at least `explore_every` steps after the last) spends what it really cost over the choice, the
-head's catch-up included. Where drafting is dear (batch 8 on a CPU: a K = 4 probe after a stretch
-at K = 0 costs 3-5 K = 0 steps, half of it catching the head up) a probe every 32 steps would
-cost a fifth of the serving time; where it is cheap the probes come every 32 steps. There is no
-warm-up at K: the prior (0.5 at every position, E(4) = 1.94) drafts from the start where a draft
-is cheap, and where it is dear the first step probes, paid in advance, so the head is measured at
-once (one step, not a warm-up of many on a machine where each costs 3-5).
-
-The head's catch-up (its run over positions committed while it did not draft, and over new
-prompts) is timed apart from the step and kept out of the cost table, which prices a step of
-steady drafting -- what the choice compares. Folded in, a probe's catch-up over a stretch at
-K = 0 priced every K > 0 at two to three times its steady cost (a K = 4 step at batch 8 here:
-~130 ms right after 32 steps at K = 0, ~55 ms drafting every step), and a head drafting 3.3
-tokens per step was kept at K <= 2 through its own domain.
+(at least `explore_every` steps after the last) spends what it costs over the choice. Where
+drafting is dear (batch 8 on a CPU: a K = 4 step with the head's catch-up costs 3-5 K = 0 steps) a
+probe every 32 steps would cost a fifth of the serving time; where it is cheap the probes come
+every 32 steps. There is no warm-up at K: the prior (0.5 at every position, E(4) = 1.94) drafts from
+the start where a draft is cheap, and where it is dear the first step probes, paid in advance, so
+the head is measured at once (one step, not a warm-up of many on a machine where each costs 3-5).
 """
 
 from __future__ import annotations
@@ -278,18 +270,12 @@ class AdaptiveK:
             # worth): where the prior says K = 0, the head and the real price of drafting are
             # measured at once instead of after explore_every steps and a slowly earned budget.
             self.explore_credit, self.since_probe = math.inf, explore_every
-        # The first probe is paid in advance, not settled: its catch-up is every new prompt's,
-        # which any drafting pays first, and charging it would starve the probes that follow.
-        self._prepaid = probe_first
         self.warmup_steps = warmup_steps
         self.acceptance = AcceptanceWindow(k_max, window)
         self.version: int | None = None
         self.decode_steps = 0
         self.explored = 0
         self.k_counts = [0] * (k_max + 1)  # decode steps per chosen K, since start
-        # The probe in flight: (what its choice charged the budget, the cost of the K it replaced).
-        self._probe_charged: tuple[float, float] | None = None
-        self.catch_up_s = 0.0  # the head's catch-up, summed (kept out of the step costs)
 
     def choose(
         self,
@@ -335,10 +321,7 @@ class AdaptiveK:
         price = max(0.0, cost[probe] - cost[best])
         if price > self.explore_credit:
             return best
-        # Charged now at the table's price, settled at `observe` with what the step really cost.
         self.explore_credit -= price
-        self._probe_charged = None if self._prepaid else (price, cost[best])
-        self._prepaid = False
         self.since_probe = 0
         self.explored += 1
         return probe
@@ -350,16 +333,9 @@ class AdaptiveK:
         seconds: float,
         accepted: list[int],
         requests: list[RequestAcceptance] | None = None,
-        catch_up_seconds: float = 0.0,
     ) -> None:
-        """A decode step's time without the head's catch-up, the catch-up's time, and, per
-        request (in `requests`' order), its accepted drafts."""
+        """A decode step's time and, per request (in `requests`' order), its accepted drafts."""
         self.costs.observe(batch, k, seconds)
-        self.catch_up_s += catch_up_seconds
-        if self._probe_charged is not None:
-            charged, replaced = self._probe_charged
-            self._probe_charged = None
-            self.explore_credit += charged - max(0.0, seconds + catch_up_seconds - replaced)
         for a in accepted:
             self.acceptance.add(k, a)
         if requests and k:
@@ -374,7 +350,6 @@ class AdaptiveK:
             "explore_every": self.explore_every,
             "explore_share": self.explore_share,
             "explored_steps": self.explored,
-            "catch_up_s": round(self.catch_up_s, 3),
             "request_prior": self.request_prior,
             "request_decay": self.request_decay,
             "accept_rate_per_position": [round(a, 4) for a in rates],

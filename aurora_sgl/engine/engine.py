@@ -552,25 +552,18 @@ class Engine:
         for r in reqs:
             r.k_steps[k] += 1
         t0 = time.perf_counter()
-        catch_up = 0.0
         if k == 0:
             records = self._decode_plain(reqs)
         else:
-            # The head's deferred work (new prompts, positions committed at K = 0) is timed apart:
-            # the cost table prices steady drafting, and a probe pays for the catch-up from the
-            # exploration budget (engine/adaptive.py).
+            # The head's deferred work (new prompts, positions committed at K = 0) is timed with
+            # the step that needs it: it is what drafting costs over not drafting, and at high
+            # concurrency, with requests joining every few steps, it decides whether drafting pays.
             self._catch_up(reqs)
-            catch_up = time.perf_counter() - t0
             records = self._decode(reqs, k)
         if self.adaptive is not None:
             accepted = [r.num_accepted for r in records] if k else []
             self.adaptive.observe(
-                len(reqs),
-                k,
-                time.perf_counter() - t0 - catch_up,
-                accepted,
-                requests=[r.acceptance for r in reqs],
-                catch_up_seconds=catch_up,
+                len(reqs), k, time.perf_counter() - t0, accepted, requests=[r.acceptance for r in reqs]
             )
         return records
 
