@@ -862,3 +862,16 @@ def test_a_request_that_ends_after_its_prompt_still_trains_on_it():
     st.close_all()
     starts = sorted(int(s.tokens[0]) - 100 for s, _ in st.take())
     assert 4 in starts  # p's last 8 prompt positions (4..11) became a sequence
+
+
+def test_a_request_quiet_with_an_open_segment_and_held_undrafted_records_closes_once():
+    """Adaptive K: a request drafts (an open segment), then decodes at K = 0 (records without
+    drafts, held like prompt records), then ends. Going quiet flushes the held records into the
+    segment and closes it -- the quiet rule must not then close it a second time."""
+    st = Stitcher(max_tokens=64, prompt_tokens=6)
+    st.add([_rec(0, "p", 1, 10, 1, [1, 0, -1]), _prompt_rec(1, 12, 1), _prompt_rec(2, 13, 1)])
+    st.add([_rec(10 + i, "q", 7, 4 * i, 3, [1, 1, 1]) for i in range(8)])  # "p" goes quiet here
+    starts = sorted(int(s.tokens[0]) - 100 for s, _ in st.take())
+    assert starts == [10]
+    st.close_all()
+    assert sorted(int(s.tokens[0]) - 100 for s, _ in st.take()) == [0]

@@ -144,7 +144,9 @@ class Stitcher:
             limit = min(limit, 2 * max(self._gaps[src]) + 2)
         for key in [k for k in prompts if newest - self._prompt[k][-1].seq > limit]:
             self._flush_prompt(key)  # a request that ended right after its prompt
-        for key in [k for k in opened if newest - self._open[k].last_seq > limit]:
+        # Re-read _open: flushing a prompt closes the request's open segment too (a request that
+        # drafted, then decoded at K = 0 -- records without drafts are held like prompt records).
+        for key in [k for k, s in self._open.items() if s.source == src and newest - s.last_seq > limit]:
             self._close(key)
 
     def _buffer_prompt(self, key: int, rec: RingRecord) -> None:
