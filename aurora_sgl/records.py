@@ -100,8 +100,9 @@ def prompt_records(
 
 
 def is_prompt_record(rec) -> bool:
-    """Prompt positions carry no drafts (both backends write NO_TOKEN draft tokens for them)."""
-    return bool((rec.draft_tokens < 0).all())
+    """Prompt positions: the record's own flag (StepRecord.prefill, carried by the ring). Having no
+    drafts does not make a record a prompt record -- a decode step at K = 0 drafts nothing."""
+    return bool(rec.prefill)
 
 
 def first_rejection(outcome: torch.Tensor) -> int | None:

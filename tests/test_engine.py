@@ -10,6 +10,7 @@ import torch
 from aurora_sgl.engine.engine import Engine, PromptTooLong
 from aurora_sgl.engine.sampling import SamplingParams
 from aurora_sgl.records import Outcome
+from aurora_sgl.trainer.stitcher import Stitcher
 from helpers import MAX_NEW, PROMPTS, exact_two_token_dist  # noqa: E402
 
 
@@ -350,9 +351,20 @@ def test_records_cover_every_committed_position_when_k_changes(model, ref_tokeni
         writer.write_many(records)  # the ring takes every record as it is
         back = reader.read(len(records))
         assert [b.num_accepted for b in back] == [r.num_accepted for r in records]
+        assert [b.prefill for b in back] == [r.prefill for r in records]
     finally:
         reader.close()
         writer.close()
+    # The trainer's stitcher, keeping no prompt rows, trains on every generated position of each
+    # request, the K = 0 steps' included (they carry no drafts, yet are not prompt rows).
+    stitcher = Stitcher(max_tokens=512, prompt_tokens=0)
+    stitcher.add(back)
+    stitcher.close_all()
+    seqs = [s.tokens.tolist() for s, _ in stitcher.take()]
+    assert len(seqs) == len(outs)
+    for o in outs:  # a last step's rows past max_new_tokens are still the target's tokens: kept
+        out_ids = o["output_ids"]
+        assert any(s[: len(out_ids)] == out_ids and len(s) - len(out_ids) <= 4 for s in seqs), out_ids
 
 
 def test_records_keep_only_the_last_prompt_positions_when_asked(model, ref_tokenizer, trained_head_dir):

@@ -42,6 +42,7 @@ def _record(seq: int, accepted: int | None = None, fill: bool = False, aux_dim: 
         aux_hidden=aux,
         final_hidden=final,
         draft_version=seq // 5,
+        prefill=seq % 3 == 1,  # mixed within a batch: the flag is per record
     )
 
 
@@ -51,6 +52,7 @@ def _assert_same(got, rec: StepRecord, seq: int, max_tokens: int = T):
     assert got.request_id.encode() == rec.request_id.encode()[:32]
     assert got.request_hash == request_hash(rec.request_id)
     assert (got.position, got.num_accepted, got.draft_version) == (rec.position, rec.num_accepted, rec.draft_version)
+    assert got.prefill == rec.prefill
     for name in ("draft_tokens", "target_tokens", "outcome"):
         assert torch.equal(getattr(got, name), getattr(rec, name)), name
     for name in ("input_tokens", "next_tokens", "aux_hidden", "final_hidden"):
@@ -302,12 +304,13 @@ def _close(rings):
 def _same_read(a, b):
     assert [g.seq for g in a] == [g.seq for g in b]
     for x, y in zip(a, b):
-        assert (x.request_id, x.request_hash, x.position, x.num_accepted, x.draft_version) == (
+        assert (x.request_id, x.request_hash, x.position, x.num_accepted, x.draft_version, x.prefill) == (
             y.request_id,
             y.request_hash,
             y.position,
             y.num_accepted,
             y.draft_version,
+            y.prefill,
         )
         for name in ("draft_tokens", "target_tokens", "outcome", "input_tokens", "next_tokens", "aux_hidden"):
             u, v = getattr(x, name), getattr(y, name)

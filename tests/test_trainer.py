@@ -835,10 +835,16 @@ def test_sigterm_exits_zero_promptly(make_rig, tmp_path):
     assert not math.isnan(s["heartbeat"])
 
 
-def _prompt_rec(seq, position, rows, h=1):
+def _undrafted_rec(seq, position, rows, h=1, prefill=False):
+    """A record without drafts: prompt rows (`prefill`), or a decode step at K = 0."""
     rec = _rec(seq, "p", h, position, rows - 1, [-1, -1, -1])
     rec.draft_tokens = torch.full((K,), -1, dtype=torch.long)
+    rec.prefill = prefill
     return rec
+
+
+def _prompt_rec(seq, position, rows, h=1):
+    return _undrafted_rec(seq, position, rows, h, prefill=True)
 
 
 @pytest.mark.parametrize("prompt_tokens,first", [(-1, 0), (6, 12), (4, 16), (0, 20)])
@@ -864,10 +870,23 @@ def test_a_request_that_ends_after_its_prompt_still_trains_on_it():
     assert 4 in starts  # p's last 8 prompt positions (4..11) became a sequence
 
 
-def test_a_request_quiet_with_an_open_segment_and_held_undrafted_records_closes_once():
-    """Adaptive K: a request drafts (an open segment), then decodes at K = 0 (records without
-    drafts, held like prompt records), then ends. Going quiet flushes the held records into the
-    segment and closes it -- the quiet rule must not then close it a second time."""
+def test_decode_steps_at_k0_are_trained_on_like_any_generated_position():
+    """Adaptive K: decode steps at K = 0 carry no drafts but are generated positions, not prompt
+    rows -- none of them is trimmed away with the prompt's older positions."""
+    st = Stitcher(max_tokens=64, prompt_tokens=6)
+    st.add([_prompt_rec(i, 4 * i, 4) for i in range(5)])  # prompt 0..19
+    st.add([_undrafted_rec(5 + i, 20 + i, 1) for i in range(30)])  # 30 steps at K = 0: 20..49
+    st.add([_rec(35, "p", 1, 50, 2, [1, 1, 0])])  # then a drafting step: 50..52
+    st.add([_undrafted_rec(36 + i, 53 + i, 1) for i in range(5)])  # and K = 0 again: 53..57
+    st.close_all()
+    ((seq, _),) = st.take()
+    assert seq.tokens.tolist() == [_tok(p) for p in range(12, 59)]  # the prompt records holding its last 6, then all
+
+
+def test_a_request_quiet_with_an_open_segment_and_held_prompt_rows_closes_once():
+    """Prompt rows held for a request that already decoded (a request prefilled again after its
+    first decode steps) are flushed into its open segment when it goes quiet, closing it -- the
+    quiet rule must not then close it a second time."""
     st = Stitcher(max_tokens=64, prompt_tokens=6)
     st.add([_rec(0, "p", 1, 10, 1, [1, 0, -1]), _prompt_rec(1, 12, 1), _prompt_rec(2, 13, 1)])
     st.add([_rec(10 + i, "q", 7, 4 * i, 3, [1, 1, 1]) for i in range(8)])  # "p" goes quiet here

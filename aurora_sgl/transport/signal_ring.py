@@ -7,7 +7,7 @@ discovers what it missed itself, because the writer cannot know what was consume
 Segment layout (`/dev/shm/<prefix>_<pid>_<hex>`, mode 0600):
     header   16 int64: magic, sizes, write_seq, drops, truncated
     meta     capacity x 16 int64: seq_begin, request hash, position, num_accepted, n_rows,
-             draft_version, request id (32 bytes), seq_end
+             draft_version, request id (32 bytes), seq_end, flags (bit 0: prompt rows)
     payload  capacity x slot: input/next tokens [T], draft/target tokens [K], outcome [K] int8,
              aux_hidden [T, A] float32, final_hidden [T, H] float32 (fields 64-byte aligned)
 On CUDA the payload is a device tensor shared once through CUDA IPC; header and meta stay in the
@@ -53,6 +53,10 @@ _HEADER_WORDS = 16
 # meta words per slot; the request id occupies words 6..9
 _M_SEQ_BEGIN, _M_HASH, _M_POSITION, _M_ACCEPTED, _M_ROWS, _M_VERSION, _M_ID = range(7)
 _M_SEQ_END = _M_ID + ID_BYTES // 8
+# A record of prompt rows (prefill) is told apart by this flag, not by its lack of drafts: a decode
+# step at K = 0 (adaptive K), or a tree step that accepted nothing, drafts nothing either.
+_M_FLAGS = _M_SEQ_END + 1
+_FLAG_PREFILL = 1
 _META_WORDS = 16
 
 
@@ -79,6 +83,7 @@ class RingRecord:
     next_tokens: torch.Tensor  # [n] int64
     aux_hidden: torch.Tensor  # [n, A] float32
     final_hidden: torch.Tensor  # [n, H] float32
+    prefill: bool = False  # prompt rows (StepRecord.prefill)
     source: int = 0  # which ring of a `RingSet` it came from: sequence numbers are per ring
 
 
@@ -146,7 +151,7 @@ class RecordBatch:
     next_tokens: torch.Tensor  # [n, R]
     aux_hidden: torch.Tensor  # [n, R, A]
     final_hidden: torch.Tensor  # [n, R, H]
-    prefill: bool = False
+    prefill: bool | list[bool] = False  # per record, or one value for all
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -155,7 +160,7 @@ class RecordBatch:
         """The last m records (views)."""
         j = len(self) - m
         return RecordBatch(
-            prefill=self.prefill,
+            prefill=self.prefill if isinstance(self.prefill, bool) else self.prefill[j:],
             **{f.name: getattr(self, f.name)[j:] for f in dataclasses.fields(self) if f.name != "prefill"},
         )
 
@@ -169,6 +174,7 @@ class RecordBatch:
             zip(self.request_ids, self.positions, self.num_accepted, self.draft_versions)
         ):
             n = min(a + 1, r_max)
+            prefill = self.prefill if isinstance(self.prefill, bool) else bool(self.prefill[i])
             out.append(
                 StepRecord(
                     request_id=rid,
@@ -183,7 +189,7 @@ class RecordBatch:
                     aux_hidden=self.aux_hidden[i, :n],
                     final_hidden=self.final_hidden[i, :n],
                     draft_version=v,
-                    prefill=self.prefill,
+                    prefill=prefill,
                 )
             )
         return out
@@ -260,7 +266,7 @@ def stack_records(records: Sequence[StepRecord], max_rows: int | None = None) ->
         positions=[int(r.position) for r in records],
         num_accepted=acc,
         draft_versions=[int(r.draft_version) for r in records],
-        prefill=all(r.prefill for r in records),
+        prefill=[bool(r.prefill) for r in records],
         **out,
     )
 
@@ -414,7 +420,9 @@ class SignalRing(SharedSegment):
 
     def _check_batch(self, b: RecordBatch, rows: np.ndarray) -> None:
         m = len(b)
-        for name in ("positions", "num_accepted", "draft_versions"):
+        for name in ("positions", "num_accepted", "draft_versions") + (
+            () if isinstance(b.prefill, bool) else ("prefill",)
+        ):
             if len(getattr(b, name)) != m:
                 raise ValueError(f"batch has {m} request ids but {len(getattr(b, name))} {name}")
         for name in _FIXED_FIELDS:
@@ -458,6 +466,8 @@ class SignalRing(SharedSegment):
             ),
             axis=1,
         )
+        flags = np.asarray(b.prefill, dtype=bool).astype(np.int64) * _FLAG_PREFILL
+        meta[slots, _M_FLAGS] = np.broadcast_to(flags, (m,))
         ids = b"".join(x.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0") for x in b.request_ids)
         self._ids[slots] = np.frombuffer(ids, np.uint8).reshape(m, ID_BYTES)
         truncated = int((acc + 1 > self.max_tokens).sum())
@@ -511,6 +521,7 @@ class SignalRing(SharedSegment):
             rows = self.max_tokens
             self._header[_H_TRUNCATED] += 1
         meta[_M_HASH:_M_ID] = (request_hash(r.request_id), r.position, r.num_accepted, rows, r.draft_version)
+        meta[_M_FLAGS] = _FLAG_PREFILL if r.prefill else 0
         self._ids[i] = np.frombuffer(r.request_id.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0"), np.uint8)
         f = self._f
         for name in _FIXED_FIELDS:
@@ -563,6 +574,7 @@ class SignalRing(SharedSegment):
                     position=int(meta[_M_POSITION]),
                     num_accepted=int(meta[_M_ACCEPTED]),
                     draft_version=int(meta[_M_VERSION]),
+                    prefill=bool(meta[_M_FLAGS] & _FLAG_PREFILL),
                     **t,
                 )
             )
