@@ -144,8 +144,9 @@ class TrainerBudget:
         self.waited_s += time.monotonic() - t0
 
 
-def positions_ratio(trainer: dict, recorded: int) -> float | None:
-    return round((trainer.get("trained_positions") or 0) / recorded, 3) if recorded else None
+def positions_ratio(trainer: dict, recorded: int, counter: str = "trained_positions") -> float | None:
+    """`counter` (trained_positions, or fresh_positions: trained at least once) per recorded position."""
+    return round((trainer.get(counter) or 0) / recorded, 3) if recorded else None
 
 
 def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict:
@@ -239,6 +240,9 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                 "flywheel": online.flywheel.stats(),
                 "positions_per_recorded_position": positions_ratio(
                     online.trainer_state(), online.flywheel.recorded_positions
+                ),
+                "fresh_per_recorded_position": positions_ratio(
+                    online.trainer_state(), online.flywheel.recorded_positions, "fresh_positions"
                 ),
                 "budget_wait_s": round(budget.waited_s, 2) if budget else None,
                 "trainer_config": dict(args.trainer_config or {}, objective=args.objective),
@@ -363,6 +367,7 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
             await asyncio.gather(*(one(item) for item in stream))
             recorded, trainer = await server_counts()
             extra["positions_per_recorded_position"] = positions_ratio(trainer, recorded)
+            extra["fresh_per_recorded_position"] = positions_ratio(trainer, recorded, "fresh_positions")
         return time.perf_counter() - t_start
 
     extra = {"url": args.url}
@@ -458,6 +463,9 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
         "trainer_steps_per_request": {a: res.get("trainer_steps_per_request") for a, res in arms.items()},
         "positions_per_recorded_position": {
             a: res.get("positions_per_recorded_position") for a, res in arms.items() if a in ONLINE_ARMS or "url" in res
+        },
+        "fresh_per_recorded_position": {
+            a: res.get("fresh_per_recorded_position") for a, res in arms.items() if a in ONLINE_ARMS or "url" in res
         },
     }
     after = slice(1, None)
@@ -567,6 +575,7 @@ def print_table(summary: dict, arms: dict) -> None:
         "settle_requests",
         "return_retention",
         "positions_per_recorded_position",
+        "fresh_per_recorded_position",
     ):
         if key in summary:
             print(f"{key}: {json.dumps(summary[key])}")

@@ -180,6 +180,7 @@ def test_sigkilled_server_leftovers_are_swept_by_the_next_server():
         metrics = httpx.get(s.url + "/metrics", timeout=10).text
         assert "aurora_trainer_alive 1.0" in metrics and "aurora_trainer_restarts 0.0" in metrics
         assert "aurora_trainer_positions_per_recorded_position" in metrics
+        assert "aurora_trainer_fresh_positions_per_recorded_position" in metrics
         left = owned_leftovers(s.pid)
         assert len(left) == 4, left  # ring, weight store, trainer status, the trainer's spec directory
     finally:

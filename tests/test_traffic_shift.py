@@ -136,6 +136,9 @@ def test_trainer_budget_keeps_the_trainer_in_lockstep(tmp_path):
     assert 1.0 <= arm["positions_per_recorded_position"] <= 2.5, arm["positions_per_recorded_position"]
     assert arm["budget_wait_s"] > 0
     assert data["summary"]["positions_per_recorded_position"]["day0"] == arm["positions_per_recorded_position"]
+    # Each recorded position is learned from once, fresh; the rest of the budget replays them.
+    assert 0 < arm["fresh_per_recorded_position"] <= 1.0 < arm["positions_per_recorded_position"]
+    assert data["summary"]["fresh_per_recorded_position"]["day0"] == arm["fresh_per_recorded_position"]
 
 
 def test_drives_a_running_server(tmp_path):

@@ -600,6 +600,31 @@ def test_requests_shorter_than_the_unroll_never_stop_training(make_rig):
     assert s["trained_positions"] > 0 and s["recorded_positions"] >= s["records_read"] > 0
 
 
+def test_decode_steps_at_k0_reach_training_and_are_counted_fresh(make_rig):
+    """An engine drafting nothing (adaptive K at 0) still records every generated position, and the
+    trainer learns from each of them once (`fresh_positions`), though it keeps no prompt rows."""
+    rig = make_rig()
+    rig.engine.k_policy = lambda reqs: 0
+    decode_rows = []
+
+    def sink(records):
+        decode_rows.append(sum(r.input_tokens.numel() for r in records if not r.prefill))
+        rig.ring.write_many(records)
+
+    rig.engine.record_sink = sink
+    rig.start(rig.spec(tokens_per_step=64, prompt_tokens=0, segment_idle_s=0.2))
+    rig.engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
+    recorded = sum(decode_rows)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and rig.snap()["fresh_positions"] < 0.8 * recorded:
+        rig._check()
+        time.sleep(0.05)
+    s = rig.snap()
+    rig.finish()
+    # Every sequence's positions are in the loss but its last few (no target state yet): >= 80 %.
+    assert 0.8 * recorded <= s["fresh_positions"] <= min(recorded, s["trained_positions"]), (s, recorded)
+
+
 def test_trainer_reads_a_replica_ring_that_appears_after_it_started(make_rig, tmp_path):
     # Issue 13: with SGLang's --dp N every replica's leader writes its own ring; replica d >= 1
     # hands it over as ring_dp<d>.json in the handoff dir, possibly after the trainer started.

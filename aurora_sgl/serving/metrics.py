@@ -84,6 +84,12 @@ class Metrics:
             "whether the trainer keeps up with the traffic",
             registry=r,
         )
+        self.trainer_fresh_share = Gauge(
+            "aurora_trainer_fresh_positions_per_recorded_position",
+            "Positions the trainer has learned from at least once per position recorded: well below 1, "
+            "recorded positions are lost on their way to training",
+            registry=r,
+        )
         self.trainer_publishes = Gauge("aurora_trainer_publishes", "Draft versions the trainer published", registry=r)
         self.trainer_refused = Gauge("aurora_trainer_refused", "Candidates the trainer's guardrail refused", registry=r)
         self.ring_drops = Gauge("aurora_ring_drops", "Records overwritten before the trainer read them", registry=r)

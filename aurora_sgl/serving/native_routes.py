@@ -163,15 +163,17 @@ def render_metrics(ctx: ServingContext) -> bytes:
         metrics.trainer_last_step_age.set(now - ts["last_step_time"] if ts.get("last_step_time") else float("nan"))
         metrics.trainer_step_failures.set(ts.get("step_failures") or 0)
         metrics.trainer_positions_ratio.set(positions_ratio(ts))
+        metrics.trainer_fresh_share.set(positions_ratio(ts, "fresh_positions"))
         metrics.trainer_publishes.set(ts.get("publishes") or 0)
         metrics.trainer_refused.set(ts.get("refused") or 0)
     return metrics.render()
 
 
-def positions_ratio(trainer: dict) -> float:
-    """Trained positions per recorded position (NaN before anything was recorded)."""
+def positions_ratio(trainer: dict, counter: str = "trained_positions") -> float:
+    """Trained (or, with counter="fresh_positions", first-trained) positions per recorded position
+    (NaN before anything was recorded)."""
     recorded = trainer.get("recorded_positions") or 0
-    return (trainer.get("trained_positions") or 0) / recorded if recorded else float("nan")
+    return (trainer.get(counter) or 0) / recorded if recorded else float("nan")
 
 
 def training_health(trainer: dict | None, now: float) -> tuple[str, str | None]:

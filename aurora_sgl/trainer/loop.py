@@ -316,7 +316,7 @@ class Trainer:
         self.replay.extend(train)
         self._add_to_reservoir(train)
         self._replay_credit = self.cfg.replay_per_step  # replay fills idle time until the next fresh step
-        self._train_on(train)
+        self._train_on(train, fresh=True)
 
     def _add_to_reservoir(self, train: list[tuple[Sequence, torch.Tensor]]) -> None:
         for item in train:  # reservoir sampling: each sequence seen is kept with equal probability
@@ -344,7 +344,7 @@ class Trainer:
         self.counters["replay_steps"] += 1
         self._train_on(train)
 
-    def _train_on(self, train: list[tuple[Sequence, torch.Tensor]]) -> None:
+    def _train_on(self, train: list[tuple[Sequence, torch.Tensor]], fresh: bool = False) -> None:
         weights = [w for _, w in train] if self.cfg.objective == "kl_rejected" else None
         batch = HeadBatch.from_sequences([s for s, _ in train], weights)
         if self.device.type != "cpu":
@@ -356,8 +356,11 @@ class Trainer:
             )
         stats = train_step(self.head, self.opt, self.lm_w, batch, self.cfg.unroll, self.cfg.objective, self.cfg.clip)
         self.head.train()
+        positions = int(batch.mask.sum())
         self.counters["train_steps"] += 1
-        self.counters["trained_positions"] += int(batch.mask.sum())
+        self.counters["trained_positions"] += positions
+        if fresh:
+            self.counters["fresh_positions"] += positions
         self.last_step_time = time.time()
         self.loss = stats["loss"]
         self.losses.append(stats["loss"])

@@ -17,6 +17,8 @@ class TrainerStatus(SharedSegment):
     # Counters the trainer keeps. trained_positions counts a position once per optimizer step whose
     # loss includes it (fresh or replayed); recorded_positions counts the rows the engine recorded
     # and the trainer read: their ratio says whether the trainer keeps up with the traffic.
+    # fresh_positions counts a position once, in the first step that trains on it: the share of
+    # recorded positions that ever reach training (records lost on the way lower it).
     COUNTERS = (
         "train_steps",
         "publishes",
@@ -30,6 +32,7 @@ class TrainerStatus(SharedSegment):
         "step_failures",
         "trained_positions",
         "recorded_positions",
+        "fresh_positions",
     )
     _FLOAT_FIELDS = ("heartbeat", "last_step_time", "loss", "sim_tau_candidate", "sim_tau_served")
     FIELDS = _FLOAT_FIELDS + COUNTERS
