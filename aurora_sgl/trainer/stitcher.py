@@ -144,8 +144,8 @@ class Stitcher:
             limit = min(limit, 2 * max(self._gaps[src]) + 2)
         for key in [k for k in prompts if newest - self._prompt[k][-1].seq > limit]:
             self._flush_prompt(key)  # a request that ended right after its prompt
-        # Re-read _open: flushing a prompt closes the request's open segment too (a request that
-        # drafted, then decoded at K = 0 -- records without drafts are held like prompt records).
+        # Re-read _open: flushing held prompt rows closes the request's open segment too, when it
+        # has one (prompt rows arriving after the request decoded: it was prefilled again).
         for key in [k for k, s in self._open.items() if s.source == src and newest - s.last_seq > limit]:
             self._close(key)
 
