@@ -15,3 +15,8 @@ run checkb_after /work/wt/after --shift return --stream $S/chat_turn2.jsonl,$S/c
 run checkb_before /work/wt/before --shift return --stream $S/chat_turn2.jsonl,$S/code_heldout.jsonl
 run checka_before /work/wt/before --shift sharp --stream $S/prose_heldout.jsonl,$S/math_heldout.jsonl,$S/code_heldout.jsonl
 run checka_after /work/wt/after --shift sharp --stream $S/prose_heldout.jsonl,$S/math_heldout.jsonl,$S/code_heldout.jsonl
+# rep 2 (ref and check_b, order reversed):
+run ref_after_2 /work/wt/after --shift sharp
+run ref_before_2 /work/wt/before --shift sharp
+run checkb_before_2 /work/wt/before --shift return --stream $S/chat_turn2.jsonl,$S/code_heldout.jsonl
+run checkb_after_2 /work/wt/after --shift return --stream $S/chat_turn2.jsonl,$S/code_heldout.jsonl
