@@ -151,7 +151,11 @@ class RecordBatch:
     next_tokens: torch.Tensor  # [n, R]
     aux_hidden: torch.Tensor  # [n, R, A]
     final_hidden: torch.Tensor  # [n, R, H]
-    prefill: bool | list[bool] = False  # per record, or one value for all
+    prefill: bool | list[bool] = False  # per record; one bool is every record's
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prefill, bool):
+            self.prefill = [self.prefill] * len(self.request_ids)
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -160,8 +164,7 @@ class RecordBatch:
         """The last m records (views)."""
         j = len(self) - m
         return RecordBatch(
-            prefill=self.prefill if isinstance(self.prefill, bool) else self.prefill[j:],
-            **{f.name: getattr(self, f.name)[j:] for f in dataclasses.fields(self) if f.name != "prefill"},
+            **{f.name: getattr(self, f.name)[j:] for f in dataclasses.fields(self)},
         )
 
     def records(self) -> list[StepRecord]:
@@ -174,7 +177,6 @@ class RecordBatch:
             zip(self.request_ids, self.positions, self.num_accepted, self.draft_versions)
         ):
             n = min(a + 1, r_max)
-            prefill = self.prefill if isinstance(self.prefill, bool) else bool(self.prefill[i])
             out.append(
                 StepRecord(
                     request_id=rid,
@@ -189,7 +191,7 @@ class RecordBatch:
                     aux_hidden=self.aux_hidden[i, :n],
                     final_hidden=self.final_hidden[i, :n],
                     draft_version=v,
-                    prefill=prefill,
+                    prefill=bool(self.prefill[i]),
                 )
             )
         return out
@@ -420,9 +422,7 @@ class SignalRing(SharedSegment):
 
     def _check_batch(self, b: RecordBatch, rows: np.ndarray) -> None:
         m = len(b)
-        for name in ("positions", "num_accepted", "draft_versions") + (
-            () if isinstance(b.prefill, bool) else ("prefill",)
-        ):
+        for name in ("positions", "num_accepted", "draft_versions", "prefill"):
             if len(getattr(b, name)) != m:
                 raise ValueError(f"batch has {m} request ids but {len(getattr(b, name))} {name}")
         for name in _FIXED_FIELDS:
@@ -466,8 +466,7 @@ class SignalRing(SharedSegment):
             ),
             axis=1,
         )
-        flags = np.asarray(b.prefill, dtype=bool).astype(np.int64) * _FLAG_PREFILL
-        meta[slots, _M_FLAGS] = np.broadcast_to(flags, (m,))
+        meta[slots, _M_FLAGS] = np.asarray(b.prefill, dtype=bool) * _FLAG_PREFILL
         ids = b"".join(x.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0") for x in b.request_ids)
         self._ids[slots] = np.frombuffer(ids, np.uint8).reshape(m, ID_BYTES)
         truncated = int((acc + 1 > self.max_tokens).sum())
