@@ -428,6 +428,7 @@ def test_config_validation():
         ({"inject_hold_s": -1}, "inject_hold_s"),
         ({"inject_hold_s": float("inf")}, "inject_hold_s"),
         ({"keep_checkpoints": 0}, "keep_checkpoints"),
+        ({"replay_half_life": -1}, "replay_half_life"),
         ({"nope": 1}, "unknown trainer config keys"),
     ):
         with pytest.raises(ValueError, match=match):

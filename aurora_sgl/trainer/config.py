@@ -45,6 +45,11 @@ class TrainerConfig:
     # however fast this machine serves.
     position_budget: float = 0.0
     replay_sequences: int = 64
+    # Replay draws a recent sequence with weight 2^(-age / replay_half_life), age in sequences
+    # (trainer/replay.py): each is replayed about as often as before, but soon after it arrives,
+    # so after a shift replay trains on the new domain instead of the buffer's older traffic.
+    # 0: uniform over the buffer (the behaviour until 2026-12-08).
+    replay_half_life: float = 0.0
     # A uniform sample (reservoir) of every sequence trained on so far, this many; replay steps then
     # draw from it half the time, so a domain the traffic left is rehearsed and not forgotten
     # by the time it comes back. 0: replay the recent sequences only.
@@ -98,7 +103,14 @@ class TrainerConfig:
             or self.replay_reservoir < 0
         ):
             raise ValueError(f"replay_reservoir must be an integer >= 0, got {self.replay_reservoir!r}")
-        for name in ("weight_decay", "rejected_weight", "margin", "replay_per_step", "position_budget"):
+        for name in (
+            "weight_decay",
+            "rejected_weight",
+            "margin",
+            "replay_per_step",
+            "position_budget",
+            "replay_half_life",
+        ):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         for name in (

@@ -39,6 +39,7 @@ from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.trainer.checkpoints import save_checkpoint, served_dtype
 from aurora_sgl.trainer.faults import faulty_state, finite_state
 from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_sums
+from aurora_sgl.trainer.replay import recency_log_weights, weighted_order
 from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
 from aurora_sgl.training.batches import HeadBatch, Sequence, draft_vocab_from_counts, train_step
@@ -333,8 +334,13 @@ class Trainer:
         recent ones, or (every other step on average, a step often holding one sequence) from the
         reservoir of all history when there is one."""
         use_reservoir = bool(self.reservoir) and self.rng.random() < 0.5
-        pool = list(self.reservoir if use_reservoir else self.replay)
-        self.rng.shuffle(pool)
+        if use_reservoir:
+            pool = list(self.reservoir)
+            self.rng.shuffle(pool)
+        else:  # oldest first; weighted towards the newest (replay_half_life)
+            pool = list(self.replay)
+            order = weighted_order(recency_log_weights(len(pool), self.cfg.replay_half_life), self.rng)
+            pool = [pool[i] for i in order]
         train, tokens = [], 0
         for seq, w in pool:
             if tokens >= self.cfg.tokens_per_step:
