@@ -9,7 +9,12 @@ import pytest
 
 from aurora_sgl.trainer.loop import Trainer
 from aurora_sgl.trainer.replay import recency_log_weights, weighted_order
-from tests.test_trainer import _unattached_spec
+from aurora_sgl.trainer.spec import TrainerSpec
+
+
+def _unattached_spec(**config):
+    """A Trainer that is never set up: only its replay draw is used."""
+    return TrainerSpec(ring={"name": "u"}, store={"name": "u"}, model_path="u", aux_layer_ids=[0], config=config)
 
 
 def test_recency_weights_halve_every_half_life_and_are_uniform_at_zero():

@@ -54,6 +54,10 @@ class TrainerConfig:
     # draw from it half the time, so a domain the traffic left is rehearsed and not forgotten
     # by the time it comes back. 0: replay the recent sequences only.
     replay_reservoir: int = 0
+    # > 0: publish (and judge, and checkpoint) an exponential moving average of the training
+    # weights with this half-life in optimizer steps instead of the training weights themselves
+    # (training/averaging.py). 0: the training weights.
+    average_half_life: float = 0.0
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
     # Prompt positions kept per request: the last ones before the first generated token. The head
     # drafts generated tokens, and on a long prompt the prompt is most of a step's compute; keeping
@@ -110,6 +114,7 @@ class TrainerConfig:
             "replay_per_step",
             "position_budget",
             "replay_half_life",
+            "average_half_life",
         ):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")

@@ -42,6 +42,7 @@ from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_sums
 from aurora_sgl.trainer.replay import recency_log_weights, weighted_order
 from aurora_sgl.trainer.spec import TrainerSpec
 from aurora_sgl.trainer.stitcher import Stitcher
+from aurora_sgl.training.averaging import decay_for_half_life, update_average
 from aurora_sgl.training.batches import HeadBatch, Sequence, draft_vocab_from_counts, train_step
 from aurora_sgl.transport.handoff import read_handoff
 from aurora_sgl.transport.ring_set import RingSet
@@ -127,6 +128,12 @@ class Trainer:
             )
         self.head = head.train().requires_grad_(True)
         self.eval_head = Eagle3Head(head.config, self.embed).to(self.device).requires_grad_(False).eval()
+        # What is judged, published and checkpointed: the training head, or its moving average.
+        self.avg_head = None
+        if self.cfg.average_half_life:
+            self.avg_head = Eagle3Head(head.config, self.embed).to(self.device).requires_grad_(False).eval()
+            self.avg_head.load_serving_state(head.serving_state())
+            self.avg_decay = decay_for_half_life(self.cfg.average_half_life)
         self._eval_holds: dict | None = None  # the state dict eval_head was last loaded with
         self.lr = self.cfg.resolved_lr(spec.starts_pretrained)
         self.opt = self._new_optimizer()
@@ -362,6 +369,8 @@ class Trainer:
             )
         stats = train_step(self.head, self.opt, self.lm_w, batch, self.cfg.unroll, self.cfg.objective, self.cfg.clip)
         self.head.train()
+        if self.avg_head is not None:
+            update_average(self.avg_head, self.head, self.avg_decay)
         positions = int(batch.mask.sum())
         self.counters["train_steps"] += 1
         self.counters["trained_positions"] += positions
@@ -384,7 +393,7 @@ class Trainer:
         them: the training head a few steps before a publish stands for the candidate (prequential
         evaluation), and the guardrail always judges on the traffic of the last minutes."""
         entries = [(s, self._target_argmax(s)) for s in seqs]
-        mine = simulated_tau_sums(self.head, entries, self.cfg.unroll)
+        mine = simulated_tau_sums(self.candidate_head, entries, self.cfg.unroll)
         served = self._sim_tau_sums(self.served_state, entries)
         self.judged.extend(zip(entries, mine, served))
 
@@ -420,7 +429,7 @@ class Trainer:
             return False
         self.attempts += 1
         fault = self.inject.get(self.attempts)
-        state = faulty_state(self.head.serving_state(), fault, seed=self.cfg.seed + 7919 * self.attempts)
+        state = faulty_state(self.candidate_head.serving_state(), fault, seed=self.cfg.seed + 7919 * self.attempts)
         entry = {
             "attempt": self.attempts,
             "step": self.counters["train_steps"],
@@ -532,7 +541,15 @@ class Trainer:
 
     def _load_into_head(self, state: dict[str, torch.Tensor]) -> None:
         self.head.load_serving_state(state)
+        if self.avg_head is not None:  # the average of iterates that were rolled back means nothing
+            self.avg_head.load_serving_state(state)
         self.opt = self._new_optimizer()
+
+    @property
+    def candidate_head(self) -> Eagle3Head:
+        """The head a publish sends out: the moving average of the training weights when
+        `average_half_life` is set, else the training head itself."""
+        return self.avg_head if self.avg_head is not None else self.head
 
     # ---- rollback -------------------------------------------------------------------------
     def check_rollback(self) -> None:
@@ -582,12 +599,15 @@ class Trainer:
             if st and key in st:
                 st[key].copy_(remap(st[key]))
         self.head.set_draft_vocab(new)
+        if self.avg_head is not None:
+            self.avg_head.lm_head.weight.copy_(remap(self.avg_head.lm_head.weight))
+            self.avg_head.set_draft_vocab(new)
         log.info("draft vocabulary refreshed: %d of %d hot ids changed", changed, size)
         return True
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint(self) -> None:
-        if not finite_state(self.head.serving_state()):
+        if not finite_state(self.candidate_head.serving_state()):
             return
         state = {
             "steps": self.counters["train_steps"],
@@ -598,7 +618,7 @@ class Trainer:
         }
         try:
             path = save_checkpoint(
-                self.head, self.checkpoint_dir, self.counters["train_steps"], state, self.cfg.keep_checkpoints
+                self.candidate_head, self.checkpoint_dir, self.counters["train_steps"], state, self.cfg.keep_checkpoints
             )
             log.info("checkpoint %s", path)
         except Exception as e:  # unwritable or full disk: serving and training go on
