@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,13 +21,13 @@ import traffic_shift as ts  # noqa: E402
 
 
 def _mean(values):
-    return statistics.fmean(values) if values else None
+    return ts.known_mean(values) if values else None
 
 
 def figures(run: dict, fixed: dict) -> dict:
     """The issue's figures for the online arms of `run`, against the fixed arms of `fixed`."""
     n, per, w = len(run["stream"]), run["config"]["requests_per_phase"], run["config"]["window"]
-    taus = {a: [r["accept_length"] for r in res["requests"]] for a, res in {**fixed["arms"], **run["arms"]}.items()}
+    taus = {a: ts.head_taus(res["requests"]) for a, res in {**fixed["arms"], **run["arms"]}.items()}
     out = {"trainer_budget": run["config"].get("trainer_budget"), "trainer_config": run["config"]["trainer_config"]}
     if "online_static" in run["arms"] and "static" in taus:
         out["online_over_static_after_shift"] = round(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -221,6 +222,7 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
                     stream[i],
                     meta["spec_accept_length"] if meta["spec_verify_ct"] else 1.0,
                     meta["spec_accept_per_position"],
+                    head_accept_length(meta["spec_accept_per_position"], meta["spec_verify_ct"]),
                     meta["completion_tokens"],
                     meta["prompt_tokens"],
                     now - t0,
@@ -256,13 +258,27 @@ def run_arm_inprocess(arm: str, stream: list[dict], args, hf, tokenizer) -> dict
     return _arm_result(rows, wall, head, extra)
 
 
-def _row(item, tau, per_pos, completion, prompt, latency, version, steps, t, text) -> dict:
+def head_accept_length(per_position: list[float] | None, drafting_steps: int | None) -> float | None:
+    """The accept length a chain of every draft position would have had: 1 + the sum over positions
+    j of P(drafts 1..j accepted | the step drafted j). At a fixed K it is the request's accept
+    length; under adaptive K it does not depend on how many steps drafted how far (a request served
+    mostly at K = 0 has a served accept length near 1 whatever its head), so it measures the head.
+    None when the request never drafted (nothing measured); 1.0 without draft positions (K = 0)."""
+    if per_position is None:
+        return None
+    if not per_position:
+        return 1.0
+    return round(1.0 + sum(per_position), 4) if drafting_steps else None
+
+
+def _row(item, tau, per_pos, head_tau, completion, prompt, latency, version, steps, t, text) -> dict:
     constraint = next((key for key in CONSTRAINTS if key in item), None)
     return {
         "index": item["index"],
         "phase": item["phase"],
         "domain": item["domain"],
-        "accept_length": tau,
+        "accept_length": tau,  # as served: 1 + accepted drafts per drafting step (1.0 if none)
+        "head_accept_length": head_tau,
         "accept_per_position": per_pos,
         "completion_tokens": completion,
         "prompt_tokens": prompt,
@@ -348,10 +364,14 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                         raise RuntimeError(f"{args.url}/generate answered {resp.status_code}: {resp.text[:200]}")
                     meta = resp.json()["meta_info"]
                     tau = meta.get("spec_accept_length") or 1.0
+                    per_pos = meta.get("spec_accept_per_position")
+                    # SGLang's server reports no per-position acceptance: its accept length then (a fixed K).
+                    head_tau = head_accept_length(per_pos, meta.get("spec_verify_ct")) if per_pos is not None else tau
                     rows[item["index"]] = _row(
                         item,
                         tau,
-                        meta.get("spec_accept_per_position"),
+                        per_pos,
+                        head_tau,
                         meta.get("completion_tokens", 0),
                         meta.get("prompt_tokens", 0),
                         now - t0,
@@ -397,15 +417,30 @@ def _progress(total: int, arm: str):
 
 
 # ---- figures --------------------------------------------------------------------------------------
-def windowed(values: list[float], window: int) -> list[float]:
-    """Trailing mean over the last `window` values (fewer at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
+def known_mean(values: list[float | None]) -> float | None:
+    """Mean of the values that are known (a request that never drafted has no head figure)."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def head_taus(rows: list[dict]) -> list[float | None]:
+    """Per request, the head's accept length (`head_accept_length`). Rows written before it existed:
+    from their per-position acceptance and K counts where they have them, else their accept length
+    (older runs drafted a fixed K, where it is the same figure)."""
+    out = []
+    for r in rows:
+        if "head_accept_length" in r:
+            out.append(r["head_accept_length"])
+        elif r.get("k_steps") and r.get("accept_per_position") is not None:
+            out.append(head_accept_length(r["accept_per_position"], sum(r["k_steps"][1:])))
+        else:
+            out.append(r["accept_length"])
     return out
+
+
+def windowed(values: list[float | None], window: int) -> list[float | None]:
+    """Trailing mean over the known values among the last `window` (fewer at the start)."""
+    return [known_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def recovery_requests(
@@ -415,9 +450,12 @@ def recovery_requests(
     is back within `tolerance` of the last pre-shift window; None if not before `end`."""
     if shift_at < window:
         return None
-    before = statistics.fmean(taus[shift_at - window : shift_at])
+    before = known_mean(taus[shift_at - window : shift_at])
+    if before is None:
+        return None
     for i in range(shift_at + window - 1, end):
-        if statistics.fmean(taus[i - window + 1 : i + 1]) >= (1 - tolerance) * before:
+        now = known_mean(taus[i - window + 1 : i + 1])
+        if now is not None and now >= (1 - tolerance) * before:
             return i - shift_at + 1
     return None
 
@@ -443,10 +481,18 @@ def _ratio(a, b):
     return round(a / b, 4) if a is not None and b else None
 
 
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
 def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
+    """The issue's figures from each head's accept length (`head_taus`: at a fixed K the accept
+    length; under adaptive K the chain every draft position would have made, so they compare heads,
+    not the K each arm happened to choose); `served_phase_tau` is the accept length as served."""
     bounds = phase_bounds(stream)
-    taus = {a: [r["accept_length"] for r in res["requests"]] for a, res in arms.items()}
-    phase_tau = {a: [round(statistics.fmean(t[s:e]), 4) for s, e in bounds] for a, t in taus.items()}
+    taus = {a: head_taus(res["requests"]) for a, res in arms.items()}
+    phase_tau = {a: [_round(known_mean(t[s:e])) for s, e in bounds] for a, t in taus.items()}
+    served = {a: [r["accept_length"] for r in res["requests"]] for a, res in arms.items()}
     out: dict = {
         "window": window,
         "phases": [
@@ -454,6 +500,7 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
             for s, e in bounds
         ],
         "phase_tau": phase_tau,
+        "served_phase_tau": {a: [round(statistics.fmean(t[s:e]), 4) for s, e in bounds] for a, t in served.items()},
         "tokens_per_s": {a: res["tokens_per_s"] for a, res in arms.items()},
         "speedup_over_nospec": {
             a: _ratio(res["tokens_per_s"], arms["nospec"]["tokens_per_s"]) for a, res in arms.items()
@@ -471,13 +518,13 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
     after = slice(1, None)
 
     def mean_after(a):
-        return statistics.fmean(phase_tau[a][after]) if a in phase_tau and len(bounds) > 1 else None
+        return known_mean(phase_tau[a][after]) if a in phase_tau and len(bounds) > 1 else None
 
     out["online_over_static_after_shift"] = _ratio(mean_after("online_static"), mean_after("static"))
     n = len(stream)
     w = min(window, n)
-    last = {a: statistics.fmean(t[n - w :]) for a, t in taus.items()}
-    out["last_window_tau"] = {a: round(v, 4) for a, v in last.items()}
+    last = {a: known_mean(t[n - w :]) for a, t in taus.items()}
+    out["last_window_tau"] = {a: _round(v) for a, v in last.items()}
     # "offline": the head trained offline on the reference corpus; the static code-only head too.
     out["day0_over_offline"] = _ratio(last.get("day0"), last.get("offline"))
     out["day0_over_static"] = _ratio(last.get("day0"), last.get("static"))
@@ -495,15 +542,15 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
         for a, t in taus.items():
             if a == "nospec":
                 continue
-            settle = []
+            settle, wins = [], windowed(t, window)
             for s, e in zip(shifts, ends):
-                final = statistics.fmean(t[max(s, e - window) : e])
+                final = known_mean(t[max(s, e - window) : e])
                 settle.append(
                     next(
                         (
                             i - s + 1
                             for i in range(s + window - 1, e)
-                            if statistics.fmean(t[i - window + 1 : i + 1]) >= (1 - RECOVERY_TOLERANCE) * final
+                            if final is not None and wins[i] is not None and wins[i] >= (1 - RECOVERY_TOLERANCE) * final
                         ),
                         None,
                     )
@@ -512,7 +559,7 @@ def summarize(arms: dict, stream: list[dict], window: int, shift: str) -> dict:
     if shift == "return" and len(bounds) >= 2:
         (s1, e1), (sr, er) = bounds[0], bounds[-1]
         out["return_retention"] = {
-            a: _ratio(statistics.fmean(t[sr : min(er, sr + window)]), statistics.fmean(t[max(s1, e1 - window) : e1]))
+            a: _ratio(known_mean(t[sr : min(er, sr + window)]), known_mean(t[max(s1, e1 - window) : e1]))
             for a, t in taus.items()
             if a != "nospec"
         }
@@ -530,8 +577,9 @@ def plot(arms: dict, stream: list[dict], window: int, path: Path, title: str) ->
         return False
     fig, ax = plt.subplots(figsize=(10, 5))
     for arm, res in arms.items():
-        t = [r["accept_length"] for r in res["requests"]]
-        ax.plot(range(1, len(t) + 1), windowed(t, window), label=arm, linewidth=1.4)
+        t = head_taus(res["requests"])
+        w = [math.nan if v is None else v for v in windowed(t, window)]
+        ax.plot(range(1, len(t) + 1), w, label=arm, linewidth=1.4)
     for s, _ in phase_bounds(stream)[1:]:
         ax.axvline(s + 0.5, color="grey", linestyle=":", linewidth=1)
     for s, e in phase_bounds(stream):
@@ -564,7 +612,7 @@ def print_table(summary: dict, arms: dict) -> None:
         spr = summary["trainer_steps_per_request"].get(a)
         print(
             f"{a:>13} | "
-            + " | ".join(f"{t:>10.3f}" for t in taus)
+            + " | ".join(f"{t:>10.3f}" if t is not None else f"{'-':>10}" for t in taus)
             + f" | {arms[a]['tokens_per_s']:>6.1f} | {spr if spr is not None else '-':>9}"
         )
     for key in (

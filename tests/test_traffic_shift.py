@@ -73,9 +73,11 @@ def test_quick_run_through_every_arm(tmp_path):
         assert [r["index"] for r in rows] == list(range(n))
         assert all(r["completion_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
         if arm == "nospec":
-            assert all(r["accept_length"] == 1.0 for r in rows)
+            assert all(r["accept_length"] == r["head_accept_length"] == 1.0 for r in rows)
         else:
             assert all(1.0 <= r["accept_length"] <= 5.0 and len(r["accept_per_position"]) == 4 for r in rows)
+            # At a fixed K the head's figure is the accept length (per-position rates are rounded).
+            assert all(abs(r["head_accept_length"] - r["accept_length"]) < 5e-4 for r in rows)
     for arm in ("static", "offline"):  # trained heads get drafts accepted
         assert sum(r["accept_length"] for r in data["arms"][arm]["requests"]) / n > 1.5
     for arm in ts.ONLINE_ARMS:
@@ -107,7 +109,12 @@ def test_arms_choose_k_per_step_unless_fixed(tmp_path):
     per_step = [static["adaptive"]["k_steps"][str(k)] for k in range(5)]
     assert all(n >= m for n, m in zip(static["k_steps"], per_step)) and sum(per_step) > 0
     assert all(1.0 <= r["accept_length"] <= 5.0 for r in static["requests"])
+    for r in static["requests"]:  # the head's figure exists exactly where the request drafted
+        drafted = sum(r["k_steps"][1:]) > 0
+        assert (r["head_accept_length"] is not None) == drafted, r
+        assert not drafted or 1.0 <= r["head_accept_length"] <= 5.0
     assert data["summary"]["speedup_over_nospec"]["static"] > 0
+    assert len(data["summary"]["served_phase_tau"]["static"]) == len(data["summary"]["phase_tau"]["static"])
     # The math domain is constrained: every answer is the schema's JSON, the same with and without
     # speculation (greedy), and the unconstrained rows carry no text.
     texts = {arm: [r.get("text") for r in data["arms"][arm]["requests"]] for arm in ("nospec", "static")}
@@ -209,6 +216,39 @@ def test_bad_stream_row_is_one_line(tmp_path):
     bad.write_text('{"title": "no prompt here"}\n')
     res = _run("--stream", str(bad), "--arms", "nospec", "--out", str(tmp_path / "x.json"), timeout=60)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "bad.jsonl:1" in res.stderr
+
+
+def test_head_accept_length_is_the_chain_of_per_position_rates():
+    assert ts.head_accept_length([0.9, 0.6, 0.3, 0.1], 7) == 2.9
+    assert ts.head_accept_length([0.0, 0.0], 0) is None  # never drafted: nothing measured
+    assert ts.head_accept_length([], 0) == 1.0  # no draft positions: no speculation
+    assert ts.head_accept_length(None, 3) is None
+
+
+def _rows(taus, heads):
+    return [{"accept_length": t, "head_accept_length": h} for t, h in zip(taus, heads)]
+
+
+def test_summary_compares_heads_not_the_k_each_arm_chose():
+    """Under adaptive K an arm that drafts little serves an accept length near 1 whatever its head;
+    the issue's figures come from the heads' own figures, and requests that never drafted (None)
+    are left out rather than counted as 1."""
+    stream = [{"phase": p, "domain": d} for p, d in [(0, "a")] * 4 + [(1, "b")] * 4]
+    arms = {
+        # static: a good head kept at K = 0 for most of phase b (served 1.0, never drafted: None)
+        "static": {"tokens_per_s": 1.0, "requests": _rows([3, 3, 3, 3, 1, 1, 1, 2], [3, 3, 3, 3, None, None, None, 2])},
+        "online_static": {"tokens_per_s": 1.0, "requests": _rows([3] * 8, [3] * 8)},
+    }
+    s = ts.summarize(arms, stream, window=2, shift="sharp")
+    assert s["phase_tau"]["static"] == [3.0, 2.0] and s["served_phase_tau"]["static"] == [3.0, 1.25]
+    assert s["online_over_static_after_shift"] == 1.5  # 3 / 2, not 3 / 1.25
+    assert s["last_window_tau"]["static"] == 2.0  # the window's one known value
+    assert ts.windowed([1, None, 3, None, None], 2) == [1, 1, 3, 3, None]
+    assert ts.recovery_requests([3.0, 3.0, None, None, 3.0, 3.0], 2, 6, window=2) == 3
+    # Rows written before head_accept_length existed: from their per-position rates and K counts,
+    # else (older still, a fixed K) their accept length.
+    old = {"accept_length": 1.5, "accept_per_position": [0.5, 0.25], "k_steps": [9, 0, 1]}
+    assert ts.head_taus([old, dict(old, k_steps=[10, 0, 0]), {"accept_length": 2.5}]) == [1.75, None, 2.5]
 
 
 def test_recovery_and_windows_are_measured_from_the_series():

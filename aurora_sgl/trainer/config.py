@@ -48,7 +48,8 @@ class TrainerConfig:
     # Replay draws a recent sequence with weight 2^(-age / replay_half_life), age in sequences
     # (trainer/replay.py): each is replayed about as often as before, but soon after it arrives,
     # so after a shift replay trains on the new domain instead of the buffer's older traffic.
-    # 0: uniform over the buffer (the behaviour until 2026-12-08).
+    # 0: uniform over the buffer. Measured under a trainer budget, half-lives 8 and 16 gained
+    # nothing on the tuning streams (benchmarks/README.md, traffic shift), so it stays off.
     replay_half_life: float = 0.0
     # A uniform sample (reservoir) of every sequence trained on so far, this many; replay steps then
     # draw from it half the time, so a domain the traffic left is rehearsed and not forgotten
@@ -56,8 +57,10 @@ class TrainerConfig:
     replay_reservoir: int = 0
     # > 0: publish (and judge, and checkpoint) an exponential moving average of the training
     # weights with this half-life in optimizer steps instead of the training weights themselves
-    # (training/averaging.py). 0: the training weights.
-    average_half_life: float = 0.0
+    # (training/averaging.py). Chosen among 8 / 16 / 32 on the tuning streams under a trainer
+    # budget, checked on the check streams (benchmarks/README.md, traffic shift, "Serving the
+    # average"). 0: the training weights (the behaviour until 2026-12-08).
+    average_half_life: float = 8.0
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
     # Prompt positions kept per request: the last ones before the first generated token. The head
     # drafts generated tokens, and on a long prompt the prompt is most of a step's compute; keeping

@@ -389,9 +389,10 @@ class Trainer:
 
     # ---- publish with guardrail -----------------------------------------------------------
     def _judge_fresh(self, seqs: list[Sequence]) -> None:
-        """Score new sequences with the training head and the served head before a step learns from
-        them: the training head a few steps before a publish stands for the candidate (prequential
-        evaluation), and the guardrail always judges on the traffic of the last minutes."""
+        """Score new sequences with the candidate head (the training head, or its average) and the
+        served head before a step learns from them: the candidate a few steps before a publish stands
+        for the one published (prequential evaluation), and the guardrail always judges on the
+        traffic of the last minutes."""
         entries = [(s, self._target_argmax(s)) for s in seqs]
         mine = simulated_tau_sums(self.candidate_head, entries, self.cfg.unroll)
         served = self._sim_tau_sums(self.served_state, entries)
