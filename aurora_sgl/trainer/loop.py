@@ -84,6 +84,7 @@ class Trainer:
         self.reservoir: list[tuple[Sequence, torch.Tensor]] = []  # uniform over everything trained on
         self._reservoir_seen = 0
         self._replay_credit = 0.0
+        self.avg_head: Eagle3Head | None = None  # the moving average, when average_half_life is set (setup)
         self.loss = self.tau_candidate = self.tau_served = self.last_step_time = None
         self.losses: list[float] = []
         self.history: deque[dict] = deque(maxlen=1000)  # one entry per publish attempt
@@ -129,7 +130,6 @@ class Trainer:
         self.head = head.train().requires_grad_(True)
         self.eval_head = Eagle3Head(head.config, self.embed).to(self.device).requires_grad_(False).eval()
         # What is judged, published and checkpointed: the training head, or its moving average.
-        self.avg_head = None
         if self.cfg.average_half_life:
             self.avg_head = Eagle3Head(head.config, self.embed).to(self.device).requires_grad_(False).eval()
             self.avg_head.load_serving_state(head.serving_state())
