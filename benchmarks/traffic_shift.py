@@ -444,7 +444,7 @@ def windowed(values: list[float | None], window: int) -> list[float | None]:
 
 
 def recovery_requests(
-    taus: list[float], shift_at: int, end: int, window: int, tolerance: float = RECOVERY_TOLERANCE
+    taus: list[float | None], shift_at: int, end: int, window: int, tolerance: float = RECOVERY_TOLERANCE
 ) -> int | None:
     """Requests after the shift at `shift_at` until the trailing window (wholly after the shift)
     is back within `tolerance` of the last pre-shift window; None if not before `end`."""

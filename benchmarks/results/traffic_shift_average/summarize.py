@@ -66,13 +66,17 @@ def table(pattern: str, stream_of, base_of) -> None:
 
 
 def budget_stream(stem: str):
+    budget = "R = 4"
+    if stem.startswith(("r1_", "r16_")):
+        r, stem = stem.split("_", 1)
+        budget = f"R = {r[1:]}"
     stream, label = stem.split("_", 1)
     stream = stream.removeprefix("d0")
     label = label.removesuffix("_2").replace("hl0", "avg0")  # hl0 = neither change: the default before
-    return stream, label
+    return stream, f"{label}, {budget}"
 
 
-print("## Under a trainer budget (R = 4, 48 requests per phase, 48 tokens, window 16, c = 8, K = 4 fixed)")
+print("## Under a trainer budget (R = 1, 4, 16; 48 requests per phase, 48 tokens, window 16, c = 8, K = 4 fixed)")
 table("[rcd]*.json", budget_stream, lambda stream, run: json.loads(BASE[stream].read_text()))
 
 print("\n## Free-running (160 requests per phase, 64 tokens, window 32, c = 8, K = 4 fixed)")
