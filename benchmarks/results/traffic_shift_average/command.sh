@@ -36,9 +36,17 @@ run d0ref_avg0 "$Z" $B --shift sharp --arms day0
 run d0ref_avg8 "$A" $B --shift sharp --arms day0
 run d0checka_avg8 "$A" $B $CA --arms day0
 run d0checka_avg0 "$Z" $B $CA --arms day0
+# (after the free-running runs below and the R sweep: a second day-0 rep on check_a)
+run d0checka_avg8_2 "$A" $B $CA --arms day0
+run d0checka_avg0_2 "$Z" $B $CA --arms day0
 # Free-running (issue 14's settings), interleaved; the fixed arms once per stream.
 run free_ref_avg0 "$Z" $F --shift sharp --arms static,offline,day0,online_static
 run free_ref_avg8 "$A" $F --shift sharp --arms day0,online_static
 run free_checkb_avg8 "$A" $F $CB --arms static,offline,day0,online_static
 run free_checkb_avg0 "$Z" $F $CB --arms day0,online_static
+# R = 16 and R = 1 with the average (the R sweep of the round).
+run r16_checka_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 16} $CA --arms online_static
+run r16_ref_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 16} --shift sharp --arms online_static
+run r1_checkb_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 1} $CB --arms online_static
+run r1_ret_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 1} --shift return --arms online_static
 python benchmarks/results/traffic_shift_average/summarize.py
