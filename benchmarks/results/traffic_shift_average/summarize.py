@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent
 sys.path.insert(0, str(RESULTS.parent))
+import budget_summary  # noqa: E402
 import traffic_shift as ts  # noqa: E402
 
 # The fixed arms of each stream under a budget: the earlier deterministic runs (fixed K, greedy).
@@ -26,19 +27,20 @@ ROLE = {"ref": "tuning", "ret": "tuning", "checka": "check", "checkb": "check"}
 
 
 def figures(run: dict, fixed: dict, arm: str) -> dict:
-    per, w, n = run["config"]["requests_per_phase"], run["config"]["window"], len(run["stream"])
-    taus = {a: ts.head_taus(r["requests"]) for a, r in {**fixed["arms"], **run["arms"]}.items()}
-    mean = ts.known_mean
-    t = taus[arm]
-    out = {"phases": [mean(t[i * per : (i + 1) * per]) for i in range(n // per)]}
+    """budget_summary's figures for one online arm, and for a return stream the two windows its
+    retention divides (better learning in phase 1 lowers the ratio: the windows say why)."""
+    fig = budget_summary.figures(run, fixed)
+    out = {"phases": fig["phase_tau"][arm]}
     if arm == "online_static":
-        out["after shift"] = mean(t[per:]) / mean(taus["static"][per:])
-        if run["config"]["shift"] == "return":
-            out["retention"] = mean(t[n - per : n - per + w]) / mean(t[per - w : per])
-            out["phase 1 last window"] = mean(t[per - w : per])
-            out["return first window"] = mean(t[n - per : n - per + w])
+        out["after shift"] = fig["online_over_static_after_shift"]
+        if "return_retention" in fig:
+            per, w, n = run["config"]["requests_per_phase"], run["config"]["window"], len(run["stream"])
+            t = ts.head_taus(run["arms"][arm]["requests"])
+            out["retention"] = fig["return_retention"]
+            out["phase 1 last window"] = ts.known_mean(t[per - w : per])
+            out["return first window"] = ts.known_mean(t[n - per : n - per + w])
     else:
-        out["day0 over offline"] = mean(t[n - w :]) / mean(taus["offline"][n - w :])
+        out["day0 over offline"] = fig["day0_over_offline"]
     return out
 
 
