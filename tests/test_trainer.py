@@ -512,6 +512,12 @@ def test_checkpoints_are_atomic_private_pruned_and_corruption_is_skipped(tmp_pat
         save_checkpoint(heads[4], blocker, 20, {}, keep=2)
 
 
+def test_the_optimizer_takes_its_second_moment_decay_from_the_config():
+    tr = Trainer(_unattached_spec(lr=1e-3, adam_beta2=0.95))
+    tr.head, tr.lr = _small_head(0), 1e-3
+    assert tr._new_optimizer().param_groups[0]["betas"] == (0.9, 0.95)
+
+
 # ---- draft vocabulary refresh --------------------------------------------------------------------
 def test_vocab_refresh_remaps_lm_head_rows_and_optimizer_state():
     tr = Trainer(_unattached_spec(lr=1e-3))  # not set up: only the pieces refresh_vocab uses

@@ -29,6 +29,9 @@ class TrainerConfig:
     lr: float | None = None
     clip: float = 2.5  # gradient-norm clip
     weight_decay: float = 0.0  # AdamW
+    # AdamW's second-moment decay: its memory (~1 / (1 - beta2) steps) is how long the step sizes
+    # keep the scale of the gradients before a shift.
+    adam_beta2: float = 0.999
     unroll: int = 5  # TTT unroll steps (weights 0.8**k live in draft_loss); also the guardrail's K
     # Positions per optimizer step. Small steps learn more per trained position under a fixed
     # trainer budget (benchmarks/README.md, traffic shift under a trainer budget).
@@ -142,6 +145,8 @@ class TrainerConfig:
             raise ValueError(f"max_sequence_tokens must be at least {MIN_SEQUENCE_TOKENS}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not (_is_number(self.adam_beta2) and 0 < self.adam_beta2 < 1):
+            raise ValueError(f"adam_beta2 must be a number in (0, 1), got {self.adam_beta2!r}")
         for name in ("holdout_fraction", "vocab_change_threshold"):
             value = getattr(self, name)
             if not (_is_number(value) and 0 <= value < 1):

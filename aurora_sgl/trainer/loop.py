@@ -188,7 +188,9 @@ class Trainer:
             pass
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(
+            self.head.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, self.cfg.adam_beta2)
+        )
 
     # ---- status ---------------------------------------------------------------------------
     def beat(self) -> None:
