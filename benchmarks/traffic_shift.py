@@ -120,7 +120,8 @@ class TrainerStalled(RuntimeError):
 class TrainerBudget:
     """Lockstep with a modelled trainer device: `wait` returns once the trainer has trained at least
     `ratio` x `recorded` positions (a position counts once per optimizer step whose loss includes
-    it, fresh or replayed). Serving itself never waits for the trainer: only this driver does."""
+    it, fresh or replayed; context-only rows count too: device_positions). Serving itself never
+    waits for the trainer: only this driver does."""
 
     def __init__(self, ratio: float, stall_s: float):
         self.ratio, self.stall_s = ratio, stall_s
@@ -130,7 +131,7 @@ class TrainerBudget:
         t0 = time.monotonic()
         last_progress, last_trained = t0, None
         while True:
-            trained = trainer_state().get("trained_positions") or 0
+            trained = device_positions(trainer_state())
             if trained >= self.ratio * recorded:
                 break
             now = time.monotonic()
@@ -143,6 +144,12 @@ class TrainerBudget:
                 )
             time.sleep(0.01)
         self.waited_s += time.monotonic() - t0
+
+
+def device_positions(trainer: dict) -> int:
+    """What the modelled device has spent: positions trained, and rows run over as context only
+    (those before the new positions of a running request's cut, TrainerConfig.cut_open_positions)."""
+    return int((trainer.get("trained_positions") or 0) + (trainer.get("context_positions") or 0))
 
 
 def positions_ratio(trainer: dict, recorded: int, counter: str = "trained_positions") -> float | None:
@@ -333,7 +340,7 @@ def run_arm_url(arm: str, stream: list[dict], args) -> dict:
                 last, since = None, t0
                 while True:
                     recorded, trainer = await server_counts()
-                    trained = trainer.get("trained_positions") or 0
+                    trained = device_positions(trainer)
                     if trained >= args.trainer_budget * recorded:
                         break
                     if trained != last:

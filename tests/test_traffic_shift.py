@@ -127,12 +127,15 @@ def test_arms_choose_k_per_step_unless_fixed(tmp_path):
     assert all(texts["static"][i] is None for i in range(len(texts["static"])) if i not in constrained)
 
 
-def test_trainer_budget_keeps_the_trainer_in_lockstep(tmp_path):
+@pytest.mark.parametrize("cut", [0, 4])
+def test_trainer_budget_keeps_the_trainer_in_lockstep(tmp_path, cut):
     # A modelled trainer device: before each admission the driver waits for 2 x the recorded
-    # positions to be trained, and the trainer itself stops at that budget.
+    # positions to be trained, and the trainer itself stops at that budget. With cuts of running
+    # requests (cut_open_positions) the rows a cut runs over as context count against it too.
     stream, _ = _own_stream(tmp_path)
     out = tmp_path / "budget.json"
-    res = _run("--quick", "--arms", "day0", *stream, "--trainer-budget", "2", "--out", str(out), "--no-plot")
+    config = ["--trainer-config", json.dumps({"cut_open_positions": cut})] if cut else []
+    res = _run("--quick", "--arms", "day0", *stream, "--trainer-budget", "2", *config, "--out", str(out), "--no-plot")
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     arm = data["arms"]["day0"]
@@ -146,6 +149,8 @@ def test_trainer_budget_keeps_the_trainer_in_lockstep(tmp_path):
     # Each recorded position is learned from once, fresh; the rest of the budget replays them.
     assert 0 < arm["fresh_per_recorded_position"] <= 1.0 < arm["positions_per_recorded_position"]
     assert data["summary"]["fresh_per_recorded_position"]["day0"] == arm["fresh_per_recorded_position"]
+    # The driver's wait and the trainer's stop agree on what the device spent (no stall above).
+    assert (trainer["context_positions"] > 0) == bool(cut), trainer["context_positions"]
 
 
 def test_drives_a_running_server(tmp_path):

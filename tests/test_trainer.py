@@ -23,7 +23,7 @@ from aurora_sgl.trainer.config import TrainerConfig
 from aurora_sgl.trainer.guardrail import mean_of_sums, simulated_tau_sums
 from aurora_sgl.trainer.loop import Trainer
 from aurora_sgl.trainer.spec import TrainerSpec
-from aurora_sgl.trainer.stitcher import Stitcher
+from aurora_sgl.trainer.stitcher import CUT_CONTEXT, Stitcher
 from aurora_sgl.training.batches import HeadBatch, Sequence
 from aurora_sgl.training.offline import train_head_offline
 from aurora_sgl.transport.handoff import write_handoff
@@ -303,6 +303,51 @@ def test_stitching_joins_records_of_a_request_and_splits_at_gaps():
     assert batch.position_weight[0, :3].tolist() == [1.0, 3.0, 3.0]  # tokens 2, 3, 4
     assert batch.position_weight[1, :4].tolist() == [1.0, 1.0, 1.0, 1.0]
     assert batch.next_tokens[0, :4].tolist() == [_tok(p) for p in range(11, 15)]
+
+
+def _loss_rows(seqs_weights):
+    """{absolute position t: (aux row, next token, target row, weight)} over every loss position of
+    the sequences (a sequence's first token is at position tokens[0] - 100, as _rec makes them)."""
+    seqs, weights = zip(*seqs_weights)
+    batch = HeadBatch.from_sequences(list(seqs), list(weights))
+    out = {}
+    for i, s in enumerate(seqs):
+        start = int(s.tokens[0]) - 100
+        for t in batch.mask[i].nonzero().flatten().tolist():
+            assert start + t not in out, f"position {start + t} trained twice"
+            row = batch.aux[i, t], batch.next_tokens[i, t], batch.final_next[i, t], batch.position_weight[i, t]
+            out[start + t] = tuple(x.tolist() for x in row)
+    return out
+
+
+@pytest.mark.parametrize("cuts", [[12, 22], [60]])
+def test_cutting_a_running_request_trains_each_position_once_as_the_whole_would(cuts):
+    # One request, 80 rows in records of 2 (every other draft rejected); cut while it runs at the
+    # given row counts, then closed. Reference: the same records stitched whole.
+    recs = [_rec(i, "a", 7, 2 * i, 1, [1, 0, -1] if i % 2 else [1, 1, 1], rows=2) for i in range(40)]
+    whole = Stitcher(max_tokens=512)
+    whole.add(recs)
+    whole.close_all()
+    want = _loss_rows(whole.take())
+    assert sorted(want) == list(range(0, 79))
+
+    st = Stitcher(max_tokens=512)
+    got, fed = {}, 0
+    for rows in cuts:
+        st.add(recs[fed // 2 : rows // 2])
+        fed = rows
+        assert st.cut_open(5) == 1 and st.open_tokens == rows  # the request goes on
+        assert st.cut_open(5) == 0  # nothing new since
+        new = _loss_rows(st.take())
+        assert not new.keys() & got.keys()
+        got |= new
+    st.add(recs[fed // 2 :])
+    st.close_all()
+    (last,) = st.take()
+    assert len(last[0].tokens) <= 80 - cuts[-1] + 1 + CUT_CONTEXT + 1  # old rows kept as context only
+    new = _loss_rows([last])
+    assert not new.keys() & got.keys()
+    assert got | new == want
 
 
 def test_stitching_cuts_long_segments():

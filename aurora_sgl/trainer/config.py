@@ -65,6 +65,11 @@ class TrainerConfig:
     # average"). 0: the training weights (the behaviour until 2026-12-08).
     average_half_life: float = 8.0
     max_sequence_tokens: int = 512  # a request's stitched segment is cut at this length
+    # > 0: with nothing new closed to learn from, learn from requests still running -- their rows so
+    # far, once this many positions have not been trained on (Stitcher.cut_open) -- before replaying
+    # old ones. Right after a shift every request of the new domain is still running. 0: only
+    # finished requests' sequences (the behaviour until 2026-12-08).
+    cut_open_positions: int = 0
     # Prompt positions kept per request: the last ones before the first generated token. The head
     # drafts generated tokens, and on a long prompt the prompt is most of a step's compute; keeping
     # the last few lets the trainer keep up with the traffic (benchmarks/README.md, traffic shift).
@@ -139,6 +144,12 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if (
+            not isinstance(self.cut_open_positions, int)
+            or isinstance(self.cut_open_positions, bool)
+            or self.cut_open_positions < 0
+        ):
+            raise ValueError(f"cut_open_positions must be an integer >= 0, got {self.cut_open_positions!r}")
         if not isinstance(self.prompt_tokens, int) or isinstance(self.prompt_tokens, bool) or self.prompt_tokens < -1:
             raise ValueError(f"prompt_tokens must be an integer >= -1 (-1: all), got {self.prompt_tokens!r}")
         if self.max_sequence_tokens < MIN_SEQUENCE_TOKENS:

@@ -249,6 +249,10 @@ class Trainer:
                 self.ingest(records)
                 last_record = now
                 continue
+            if self._cut_open():
+                self._guarded(self.train_once)
+                self.beat()
+                continue
             if self._replay_credit >= 1 and self.replay:
                 self._replay_credit -= 1
                 self._guarded(self.replay_once)
@@ -273,9 +277,12 @@ class Trainer:
             self.ingest(records)
             return now
         budget = self.cfg.position_budget * self.counters["recorded_positions"]
-        if self.counters["trained_positions"] < budget:
-            if self.stitcher.closed_tokens >= self.cfg.tokens_per_step or (
-                self.stitcher.closed_tokens and now - last_record >= self.cfg.segment_idle_s
+        # A cut's context rows cost the device as much as trained ones: they count against it.
+        if self.counters["trained_positions"] + self.counters["context_positions"] < budget:
+            if (
+                self.stitcher.closed_tokens >= self.cfg.tokens_per_step
+                or (self.stitcher.closed_tokens and now - last_record >= self.cfg.segment_idle_s)
+                or self._cut_open()
             ):
                 self._guarded(self.train_once)
                 self.beat()
@@ -291,6 +298,10 @@ class Trainer:
             self.beat()
         time.sleep(self.cfg.idle_sleep_s)
         return last_record
+
+    def _cut_open(self) -> bool:
+        """Cut running requests' new rows into training sequences (cut_open_positions), when on."""
+        return bool(self.cfg.cut_open_positions) and self.stitcher.cut_open(self.cfg.cut_open_positions) > 0
 
     def _guarded(self, step) -> None:
         """Run one step; an error in it drops that step's batch and is counted, never the trainer:
@@ -376,6 +387,8 @@ class Trainer:
         positions = int(batch.mask.sum())
         self.counters["train_steps"] += 1
         self.counters["trained_positions"] += positions
+        # Rows the step ran over only as context (those before a cut's new positions).
+        self.counters["context_positions"] += sum(len(s.tokens) - 2 for s, _ in train) - positions
         if fresh:
             self.counters["fresh_positions"] += positions
         self.last_step_time = time.time()

@@ -12,6 +12,9 @@ from aurora_sgl.trainer.config import MIN_SEQUENCE_TOKENS
 from aurora_sgl.training.batches import Sequence
 from aurora_sgl.transport.signal_ring import RingRecord
 
+# Rows before a cut's first new position kept as the head's context (as a prompt's last rows are).
+CUT_CONTEXT = 32
+
 
 class _Segment:
     __slots__ = (
@@ -25,6 +28,7 @@ class _Segment:
         "length",
         "last_seq",
         "source",
+        "trained",
     )
 
     def __init__(self, rec: RingRecord):
@@ -35,6 +39,8 @@ class _Segment:
         self.next_position: int | None = None
         self.last_next = 0
         self.last_seq = rec.seq
+        # Loss positions 0..trained-1 went out already, in cuts of the open segment (cut()).
+        self.trained = 0
 
     def add(self, rec: RingRecord) -> None:
         rows = rec.input_tokens.numel()
@@ -52,11 +58,13 @@ class _Segment:
         complete = rows == rec.num_accepted + 1  # the ring truncates long records
         self.next_position = rec.position + rec.num_accepted + 1 if complete else None
 
-    def build(self, rejected_weight: float) -> tuple[Sequence, torch.Tensor] | None:
+    def build(self, rejected_weight: float, context: int = CUT_CONTEXT) -> tuple[Sequence, torch.Tensor] | None:
         """Sequence of length L+1 (L recorded rows plus the final next token). The final token has
-        no hidden state yet: its aux/final rows are zeros, used only at a position HeadBatch masks."""
+        no hidden state yet: its aux/final rows are zeros, used only at a position HeadBatch masks.
+        Loss positions t = 0..L-2 (row t predicts token t + 2); after a cut only those from
+        `trained` on, with at most `context` rows before them (as a prompt's rows are kept)."""
         n = self.length + 1
-        if n < MIN_SEQUENCE_TOKENS:
+        if n < MIN_SEQUENCE_TOKENS or self.length - 1 <= self.trained:
             return None
         tokens = torch.cat(self.inputs + [torch.tensor([self.last_next], dtype=torch.long)])
         aux = torch.cat(self.aux + [self.aux[0].new_zeros(1, self.aux[0].shape[-1])])
@@ -65,7 +73,20 @@ class _Segment:
         for idx in self.rejected:
             if 0 <= idx < n:
                 weights[idx] = 1.0 + rejected_weight
-        return Sequence(tokens=tokens, aux=aux, final=final, first_generated=0), weights
+        if not self.trained:
+            return Sequence(tokens=tokens, aux=aux, final=final, first_generated=0), weights
+        start = max(0, self.trained - context)
+        # HeadBatch trains position t when t + 2 >= first_generated.
+        seq = Sequence(tokens[start:], aux[start:], final[start:], first_generated=self.trained - start + 2)
+        return seq, weights[start:]
+
+    def cut(self, rejected_weight: float) -> tuple[Sequence, torch.Tensor] | None:
+        """The segment so far as a training sequence (its positions not yet handed out), while the
+        request goes on: its newest row predicts a token not recorded yet, so it waits for the next."""
+        built = self.build(rejected_weight)
+        if built is not None:
+            self.trained = self.length - 1
+        return built
 
 
 class Stitcher:
@@ -177,11 +198,26 @@ class Stitcher:
         seg.add(rec)
 
     def _close(self, key: int) -> None:
-        seg = self._open.pop(key)
-        built = seg.build(self.rejected_weight)
+        self._keep(self._open.pop(key).build(self.rejected_weight))
+
+    def _keep(self, built: tuple[Sequence, torch.Tensor] | None) -> None:
         if built is not None:
             self._done.append(built)
-            self._done_tokens += seg.length
+            self._done_tokens += len(built[0].tokens) - 1
+
+    def cut_open(self, min_new: int) -> int:
+        """Hand out the open segments holding at least `min_new` positions not trained on yet, as
+        sequences of their rows so far (the request is still running; its later rows follow in
+        the next cut or when it closes). A trainer with nothing new to learn from otherwise waits
+        for requests to finish, and right after a shift every request of the new domain is still
+        running. Returns the number of sequences cut."""
+        cut = 0
+        for seg in self._open.values():
+            if seg.length - 1 - seg.trained >= min_new:
+                built = seg.cut(self.rejected_weight)
+                self._keep(built)
+                cut += built is not None
+        return cut
 
     def close_all(self) -> None:
         for key in list(self._prompt):

@@ -19,6 +19,8 @@ class TrainerStatus(SharedSegment):
     # and the trainer read: their ratio says whether the trainer keeps up with the traffic.
     # fresh_positions counts a position once, in the first step that trains on it: the share of
     # recorded positions that ever reach training (records lost on the way lower it).
+    # context_positions counts rows a step ran over outside its loss (the context before a running
+    # request's cut, TrainerConfig.cut_open_positions): a trainer device's budget spends them too.
     COUNTERS = (
         "train_steps",
         "publishes",
@@ -33,6 +35,7 @@ class TrainerStatus(SharedSegment):
         "trained_positions",
         "recorded_positions",
         "fresh_positions",
+        "context_positions",
     )
     _FLOAT_FIELDS = ("heartbeat", "last_step_time", "loss", "sim_tau_candidate", "sim_tau_served")
     FIELDS = _FLOAT_FIELDS + COUNTERS
