@@ -369,6 +369,7 @@ def test_api_key_guards_every_route_and_the_default_bind_is_loopback():
         (["--trainer-config", "[1, 2]"], "--trainer-config must be a JSON object"),
         (["--trainer-config", '{"checkpoint_every": 0}'], "checkpoint_every must be a positive integer"),
         (["--trainer-config", '{"adam_beta2": 1.0}'], "adam_beta2 must be a number in (0, 1)"),
+        (["--trainer-config", '{"nice": 20}'], "nice must be an integer in [0, 19]"),
         (["--trainer-config", '{"no_such_setting": 1}'], "no_such_setting"),
         (["--no-online", "--trainer-config", "{}"], "--trainer-config is only used with --online"),
         (["--api-key", ""], "--api-key must not be empty"),

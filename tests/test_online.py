@@ -9,6 +9,7 @@ import stat
 import time
 
 import httpx
+import psutil
 
 from aurora_sgl import reference_head_path, reference_model_path
 from aurora_sgl.engine.engine import Engine
@@ -51,11 +52,13 @@ def test_day0_learns_stays_exact_and_survives_trainer_sigkill(ref_tokenizer, tmp
             "publish_every": 2,
             "checkpoint_every": 1,
             "position_budget": 2,  # the trainer stops at 2 x the recorded positions ...
+            "nice": 3,
         },
     )
     online.start()
     try:
         assert online.wait_for_trainer(120)
+        assert psutil.Process(online.trainer_pid).nice() == os.getpriority(os.PRIO_PROCESS, 0) + 3
         # Lockstep, as traffic_shift.py's --trainer-budget: how much the head learns per request does
         # not depend on how busy the machine is (the suite runs two workers on two cores).
         budget = TrainerBudget(2, stall_s=120)

@@ -97,6 +97,9 @@ class TrainerConfig:
     segment_idle_s: float = 1.0  # ring empty this long: close every open segment (requests done)
     heartbeat_s: float = 0.25  # status heartbeat while idle
     seed: int = 0
+    # CPU niceness the trainer process takes (0-19; a process of its own only). Where the trainer
+    # shares a machine's cores with serving, as in a CPU demo, serving's threads then come first.
+    nice: int = 0
     inject: list[str] = field(default_factory=list)  # faults (trainer/faults.py): ["nan@2", "corrupt@4"]
     inject_bypass_guardrail: bool = False  # injected faults skip the guardrail (engine-side tests)
     # After a published fault, no new version goes out until the serving side has answered it (its
@@ -154,6 +157,8 @@ class TrainerConfig:
             raise ValueError(f"prompt_tokens must be an integer >= -1 (-1: all), got {self.prompt_tokens!r}")
         if self.max_sequence_tokens < MIN_SEQUENCE_TOKENS:
             raise ValueError(f"max_sequence_tokens must be at least {MIN_SEQUENCE_TOKENS}")
+        if not isinstance(self.nice, int) or isinstance(self.nice, bool) or not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be an integer in [0, 19], got {self.nice!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not (_is_number(self.adam_beta2) and 0 < self.adam_beta2 < 1):

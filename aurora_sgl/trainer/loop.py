@@ -681,6 +681,9 @@ def main(argv=None) -> int:
     parent = os.getppid()
     try:
         spec = TrainerSpec.from_dict(read_handoff(args.spec))  # JSON, plus CUDA IPC handles beside it
+        nice = spec.trainer_config.nice
+        if nice:
+            os.nice(nice)
         run_trainer(spec, stop, parent_pid=spec.parent_pid if spec.parent_pid is not None else parent)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
