@@ -8,12 +8,10 @@ import pytest
 from aurora_sgl.engine.adaptive import (
     AcceptanceWindow,
     AdaptiveK,
-    CatchUpCost,
     RequestAcceptance,
     StepCosts,
     bucket_of,
     calibrate,
-    catch_up_per_k,
     chain_accept_length,
     expected_tokens,
     expected_tokens_per_k,
@@ -305,54 +303,6 @@ def test_each_request_drafts_by_its_own_outcomes_not_the_batch_average():
     per = [good.rates(0, glob), bad.rates(0, glob)]
     want = max(range(5), key=lambda k: (sum(_naive_expected(r, k) for r in per) / costs[(2, k)], -k))
     assert ch.choose(2, version=0, requests=[good, bad]) == want
-
-
-def test_catch_up_is_paid_at_once_and_charged_to_the_steps_it_enables():
-    tokens = [[1.0, 2.0, 2.5], [1.0, 1.5, 1.6], [1.0, 1.9, 2.7]]
-    amortised, paid = catch_up_per_k([100, 0, 40], [20, 50, 300], tokens, per_row=0.01)
-    # Naive: request i pays pending * per_row once, over remaining / E_i(k) steps (at least one).
-    want = [0.0]
-    for k in (1, 2):
-        total = 0.0
-        for n, left, t in zip([100, 0, 40], [20, 50, 300], tokens):
-            steps = max(1.0, left / t[k])
-            total += n * 0.01 / steps
-        want.append(total)
-    assert amortised == pytest.approx(want) and paid == pytest.approx([0.0, 1.4, 1.4])
-    # A request about to finish pays its whole catch-up in the one step it has left.
-    assert catch_up_per_k([10], [1], [[1.0, 3.0]], 0.5)[0] == pytest.approx([0.0, 5.0])
-    cost = CatchUpCost(per_row=0.2)
-    assert cost.per_row() == 0.2  # the calibration until a catch-up is measured
-    cost.observe(0, 5.0)  # no rows: no evidence
-    cost.observe(100, 1.0)
-    cost.observe(10, 0.5)  # a small one's fixed overhead weighs by its rows
-    assert cost.per_row() == pytest.approx(1.5 / 110)
-
-
-def test_a_long_context_to_catch_up_holds_drafting_back_and_prices_the_probe():
-    # Drafting pays in steady state (every draft accepted: 5 tokens for 1.4 of a K = 0 step) ...
-    ch = AdaptiveK(4, StepCosts(_flat(4, 0.1)), explore_every=10**6, probe_first=False)
-    ch.catch_up = CatchUpCost(per_row=0.01)
-    for _ in range(400):
-        ch.observe(1, 4, 1.4, [4])
-    q = [RequestAcceptance(4)]
-    assert ch.choose(1, version=0, requests=q, pending=[0], remaining=[100]) == 4
-    # ... but not when the head must first run over 2000 rows for a request with 8 tokens to go
-    # (20 of a step's cost, over the 1.6 steps left), and it still does with 800 tokens to go.
-    assert ch.choose(1, version=0, requests=q, pending=[2000], remaining=[8]) == 0
-    assert ch.choose(1, version=0, requests=q, pending=[2000], remaining=[800]) == 4
-    # A probe from K = 0 spends the catch-up in full: 2 % of steps costing 1 buys it after 1000
-    # steps with 2000 rows pending (20 + 1.4 - 1 over 0.02), after 20 with none.
-    bad = AdaptiveK(4, StepCosts(_flat(4, 0.1)), explore_every=1, explore_share=0.02, probe_first=False)
-    bad.catch_up = CatchUpCost(per_row=0.01)
-    for _ in range(400):
-        bad.observe(1, 4, 1.4, [0])
-    picks = [bad.choose(1, version=0, requests=q, pending=[2000], remaining=[10**6]) for _ in range(1100)]
-    probes = [i + 1 for i, k in enumerate(picks) if k]
-    assert len(probes) == 1 and 1019 <= probes[0] <= 1021, probes  # 1020, give or take float sums
-    bad.explore_credit, bad.since_probe = 0.0, 0
-    picks = [bad.choose(1, version=0, requests=q, pending=[0], remaining=[10**6]) for _ in range(40)]
-    assert [i + 1 for i, k in enumerate(picks) if k] == [20, 40]
 
 
 def test_calibrate_times_every_bucket_and_k():

@@ -13,14 +13,6 @@ A step of k drafts at batch b costs cost(b, k) seconds: calibrated once at start
 forwards, then scaled by the median measured/calibrated ratio of recent steps (a loaded machine, a
 long context). The choice is argmax_k (sum over the batch's requests of E_i(k)) / cost(b, k), so
 K = 0 (no drafting) wins when the head is poor or the verify width is dear.
-The head's work is lazy: a request served at K = 0 (and every new prompt) leaves rows the head must
-run over before its next draft. That catch-up is timed apart from the step (CatchUpCost, seconds per
-row) and priced per request: a step at k > 0 is charged each request's catch-up divided by the
-steps at k it has left to spread it over (its remaining tokens / E_i(k)), so going on drafting is
-cheap and starting again after a long stretch at K = 0 -- or for a long prompt with few tokens to
-go -- is dear (catch_up_per_k). The table itself then prices steady drafting; before, catch-ups of
-hundreds of rows were samples of it, and priced a K = 4 step at batch 8 at up to twice its steady
-cost.
 
 Learning must not starve at K = 0: now and then a step drafts where the choice does not, so the
 served head keeps being measured and can earn its way back. From K = 0 that step drafts K (a full
@@ -32,10 +24,9 @@ from a budget in time, not in steps: each step earns `explore_share` of its own 
 (at least `explore_every` steps after the last) spends what it costs over the choice. Where
 drafting is dear (batch 8 on a CPU: a K = 4 step with the head's catch-up costs 3-5 K = 0 steps) a
 probe every 32 steps would cost a fifth of the serving time; where it is cheap the probes come
-every 32 steps. A probe's price includes the catch-up it pays in full. There is no warm-up at K:
-the prior (0.5 at every position, E(4) = 1.94) drafts from the start where a draft is cheap, and
-where it is dear the first step probes, paid in advance, so the head is measured at once (one step,
-not a warm-up of many on a machine where each costs 3-5).
+every 32 steps. There is no warm-up at K: the prior (0.5 at every position, E(4) = 1.94) drafts from
+the start where a draft is cheap, and where it is dear the first step probes, paid in advance, so
+the head is measured at once (one step, not a warm-up of many on a machine where each costs 3-5).
 A probe also measures what was skipped: it catches the head up over the positions a greedy request
 committed at K = 0, and the head's prediction at each is the first draft a step there would have
 made, accepted exactly when it is the token the target committed next (`first_draft_outcomes`).
@@ -282,43 +273,6 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
-class CatchUpCost:
-    """Seconds per row of the head's catch-up: the run over the positions a request committed
-    without drafting (its prompt, its steps at K = 0) that must precede its next draft. The ratio
-    of sums over the recent catch-ups (the large ones, which matter, weigh most), the startup
-    calibration until there is one."""
-
-    def __init__(self, per_row: float, samples: int = 16):
-        self.calibrated = per_row
-        self.samples: deque[tuple[int, float]] = deque(maxlen=samples)
-
-    def per_row(self) -> float:
-        rows = sum(r for r, _ in self.samples)
-        return sum(s for _, s in self.samples) / rows if rows else self.calibrated
-
-    def observe(self, rows: int, seconds: float) -> None:
-        if rows > 0:
-            self.samples.append((rows, seconds))
-
-
-def catch_up_per_k(
-    pending: list[int], remaining: list[int], tokens: list[list[float]], per_row: float
-) -> tuple[list[float], list[float]]:
-    """(amortised, paid) seconds of catch-up a step at each k in 0..k_max adds, for a batch whose
-    request i has pending[i] rows to catch up, at most remaining[i] tokens left and tokens[i][k]
-    expected committed tokens per step at k. Drafting at all pays the catch-up now (`paid`, what a
-    probe really spends); a request that goes on drafting pays it once for its remaining steps at k,
-    about remaining / tokens[k] of them, so the choice charges each step that share (`amortised`):
-    a long prompt or a long stretch at K = 0 makes starting to draft dearer than going on."""
-    k_max = len(tokens[0]) - 1 if tokens else 0
-    paid = [0.0] + [per_row * sum(pending)] * k_max
-    amortised = [0.0] + [
-        sum(per_row * n / max(1.0, left / t[k]) for n, left, t in zip(pending, remaining, tokens) if n)
-        for k in range(1, k_max + 1)
-    ]
-    return amortised, paid
-
-
 class AdaptiveK:
     """The per-step choice of K (0..k_max) for the embedded engine."""
 
@@ -333,10 +287,8 @@ class AdaptiveK:
         request_decay: float = REQUEST_DECAY,
         explore_share: float = EXPLORE_SHARE,
         probe_first: bool = True,
-        catch_up: CatchUpCost | None = None,
     ):
         self.k_max = k_max
-        self.catch_up = catch_up  # None: catch-up is not priced (it then shows in the step times)
         self.request_prior, self.request_decay = request_prior, request_decay
         self.costs = costs
         self.explore_every = explore_every
@@ -361,13 +313,10 @@ class AdaptiveK:
         version: int,
         pinned: int | None = None,
         requests: list[RequestAcceptance] | None = None,
-        pending: list[int] | None = None,
-        remaining: list[int] | None = None,
     ) -> int:
         """K for the next step at this batch size; `pinned` overrides the choice (still counted).
         `requests`: the batch's requests' own outcomes (without them, every request drafts at the
-        global rates); `pending` / `remaining`: per request, the rows its head must catch up over
-        before drafting and the tokens it may still generate (priced with `catch_up`)."""
+        global rates)."""
         if version != self.version:
             if self.version is not None:
                 self.acceptance.new_version()
@@ -381,23 +330,15 @@ class AdaptiveK:
         else:
             rates = self.acceptance.rates()
             per_request = [q.rates(version, rates, self.request_prior) for q in requests] if requests else [rates]
-            step = self.costs.costs_for(batch, self.k_max)
-            per_k = [expected_tokens_per_k(r, self.k_max) for r in per_request]
-            tokens = [sum(col) for col in zip(*per_k)]
-            cost, spend = step, step
-            if self.catch_up is not None and requests and pending and remaining:
-                amortised, paid = catch_up_per_k(pending, remaining, per_k, self.catch_up.per_row())
-                cost = [c + a for c, a in zip(step, amortised)]
-                spend = [c + p for c, p in zip(step, paid)]
+            cost = self.costs.costs_for(batch, self.k_max)
+            tokens = [sum(col) for col in zip(*(expected_tokens_per_k(r, self.k_max) for r in per_request))]
             best = max(range(self.k_max + 1), key=lambda k: (tokens[k] / cost[k], -k))
-            best = self._probe(best, spend)
+            best = self._probe(best, cost)
         self.k_counts[best] += 1
         return best
 
     def _probe(self, best: int, cost: list[float]) -> int:
-        """`best`, or the K to measure instead when the exploration budget allows it. `cost[k]`:
-        what a step at k would spend now, catch-up included (a probe after a stretch at K = 0 pays
-        the head's run over all of it)."""
+        """`best`, or the K to measure instead when the exploration budget allows it."""
         # Earned per step, capped so that a long stretch without probes does not buy a burst of them.
         self.explore_credit = min(self.explore_credit + self.explore_share * cost[best], cost[self.k_max])
         self.since_probe += 1
@@ -422,14 +363,9 @@ class AdaptiveK:
         seconds: float,
         accepted: list[int],
         requests: list[RequestAcceptance] | None = None,
-        catch_up: tuple[int, float] | None = None,
     ) -> None:
-        """A decode step's time and, per request (in `requests`' order), its accepted drafts;
-        `catch_up`: (rows, seconds) of the head's catch-up before it, when timed apart (`seconds`
-        then excludes it)."""
+        """A decode step's time and, per request (in `requests`' order), its accepted drafts."""
         self.costs.observe(batch, k, seconds)
-        if catch_up is not None and self.catch_up is not None:
-            self.catch_up.observe(*catch_up)
         for a in accepted:
             self.acceptance.add(k, a)
         if requests and k:
@@ -449,7 +385,6 @@ class AdaptiveK:
             "accept_rate_per_position": [round(a, 4) for a in rates],
             "expected_tokens_per_k": [round(e, 4) for e in expected_tokens_per_k(rates, self.k_max)],
             "step_cost": self.costs.table(),
-            "catch_up_ms_per_row": round(self.catch_up.per_row() * 1e3, 4) if self.catch_up else None,
         }
 
 

@@ -42,7 +42,6 @@ import torch
 from aurora_sgl.engine.adaptive import (
     EXPLORE_SHARE,
     AdaptiveK,
-    CatchUpCost,
     RequestAcceptance,
     StepCosts,
     calibrate,
@@ -285,8 +284,7 @@ class Engine:
         self.adaptive: AdaptiveK | None = None
         if adaptive and self.k:
             costs = StepCosts(calibrate(self._synthetic_step, self.k, max_running_requests))
-            catch_up = CatchUpCost(self._calibrate_catch_up())
-            self.adaptive = AdaptiveK(self.k, costs, explore_every, explore_share=explore_share, catch_up=catch_up)
+            self.adaptive = AdaptiveK(self.k, costs, explore_every, explore_share=explore_share)
 
     def add_fallback_head(self) -> Eagle3Head:
         """Keep a frozen copy of the head served now (weights and draft vocabulary) as a fallback:
@@ -553,12 +551,7 @@ class Engine:
         # would make the same seed give different text. A seeded sampling request pins K instead.
         seeded = any(r.params.seed is not None and not r.params.greedy for r in reqs)
         return self.adaptive.choose(
-            len(reqs),
-            self.draft_version,
-            pinned=self.k if seeded else None,
-            requests=[r.acceptance for r in reqs],
-            pending=[sum(a.shape[0] for a, _, _ in r.head_pending) for r in reqs],
-            remaining=[max(1, r.params.max_new_tokens - len(r.output_ids)) for r in reqs],
+            len(reqs), self.draft_version, pinned=self.k if seeded else None, requests=[r.acceptance for r in reqs]
         )
 
     def _decode_step(self, reqs: list[Request]) -> list[StepRecord]:
@@ -566,27 +559,18 @@ class Engine:
         for r in reqs:
             r.k_steps[k] += 1
         t0 = time.perf_counter()
-        catch_up = None
         if k == 0:
             records = self._decode_plain(reqs)
         else:
-            # The head's deferred work (new prompts, positions committed at K = 0) is timed apart:
-            # its size is known before the step (the rows pending), so the chooser prices it per
-            # request (adaptive.catch_up_per_k) and the step-cost table keeps steady drafting.
-            rows = sum(a.shape[0] for r in reqs for a, _, _ in r.head_pending)
+            # The head's deferred work (new prompts, positions committed at K = 0) is timed with
+            # the step that needs it: it is what drafting costs over not drafting, and at high
+            # concurrency, with requests joining every few steps, it decides whether drafting pays.
             self._catch_up(reqs)
-            t1 = time.perf_counter()
-            catch_up, t0 = (rows, t1 - t0), t1
             records = self._decode(reqs, k)
         if self.adaptive is not None:
             accepted = [r.num_accepted for r in records] if k else []
             self.adaptive.observe(
-                len(reqs),
-                k,
-                time.perf_counter() - t0,
-                accepted,
-                requests=[r.acceptance for r in reqs],
-                catch_up=catch_up,
+                len(reqs), k, time.perf_counter() - t0, accepted, requests=[r.acceptance for r in reqs]
             )
         return records
 
@@ -652,22 +636,6 @@ class Engine:
         rate: greedy and unconstrained (a grammar masks drafts, so the head's plain argmax is not
         what it would have drafted)."""
         return r.acceptance is not None and self.adaptive is not None and r.params.greedy and r.grammar is None
-
-    def _calibrate_catch_up(self, rows: int = 128, reps: int = 2) -> float:
-        """Seconds per row of the head's run over a request's context (one request, `rows` rows
-        from position 0 on cache row 0; the fastest of `reps` after a warm-up)."""
-        rows = max(1, min(rows, self.chunk, self.context_length))
-        aux = torch.zeros(1, rows, self.head.fc.in_features, dtype=self.head_k.dtype, device=self.device)
-        tokens = torch.ones(1, rows, dtype=torch.long, device=self.device)
-        positions = torch.arange(rows, device=self.device).unsqueeze(0)
-        slots = torch.zeros(1, dtype=torch.long, device=self.device)
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            hidden = self.head.forward_cached(aux, tokens, positions, self.head_k, self.head_v, slots)
-            self.head.logits(hidden[:, -1]).tolist()
-            times.append(time.perf_counter() - t0)
-        return max(min(times[1:]), 1e-7) / rows
 
     def _synthetic_step(self, b: int, k: int) -> None:
         """A decode step's forwards at batch b and K = k on cache rows 0..b-1, for the adaptive
