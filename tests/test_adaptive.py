@@ -15,7 +15,6 @@ from aurora_sgl.engine.adaptive import (
     chain_accept_length,
     expected_tokens,
     expected_tokens_per_k,
-    first_draft_outcomes,
 )
 
 
@@ -245,36 +244,6 @@ def test_request_acceptance_decays_old_steps_and_shrinks_to_the_global_rates():
     assert q.rates(1, glob) == glob
     q.add(1, 2, 0)
     assert q.reached == [1.0, 0.0, 0.0] and q.accepted == [0.0, 0.0, 0.0]
-
-
-def test_first_draft_outcomes_compare_each_prediction_with_the_next_rows_token():
-    # Rows hold the tokens 10, 11, 12, ... after them; row t's prediction is of row t + 1's.
-    following = [10, 11, 12, 13, 14]
-    predicted = [11, 99, 13, 0, 77]  # right, wrong, right, wrong; the newest row's is unknown
-    assert first_draft_outcomes(predicted, following) == [True, False, True, False]
-    assert first_draft_outcomes(predicted, following, first_row=2) == [True, False]
-    assert first_draft_outcomes(predicted, following, first_row=-3) == [True, False, True, False]
-    assert first_draft_outcomes([5], [6]) == []
-
-
-def test_first_draft_outcomes_feed_the_first_position_only_with_the_step_decay():
-    q = RequestAcceptance(3)
-    q.add(0, 3, 1, decay=0.5)  # reached 1, 1, 0; accepted 1, 0, 0
-    q.add_first_outcomes(0, [True, False, True], decay=0.5)
-    # Naive: the step's own first-position outcome, then each row's, every one fading the older.
-    reached, hit = 1.0, 1.0
-    for ok in (True, False, True):
-        reached, hit = reached * 0.5 + 1, hit * 0.5 + ok
-    assert q.reached == pytest.approx([reached, 1.0, 0.0]) and q.accepted == pytest.approx([hit, 0.0, 0.0])
-    # A head that drafts the first token well, measured at 20 skipped positions, lifts the request
-    # over a window that says it drafts nothing: its first-position rate goes from the window's to ~1.
-    glob = [0.1, 0.5, 0.5]
-    fresh = RequestAcceptance(3)
-    assert fresh.rates(0, glob)[0] == pytest.approx(0.1)
-    fresh.add_first_outcomes(0, [True] * 20)
-    assert fresh.rates(0, glob)[0] > 0.7 and fresh.rates(0, glob)[1:] == glob[1:]
-    fresh.add_first_outcomes(1, [False])  # another version: the old head's outcomes go
-    assert fresh.reached == [1.0, 0.0, 0.0] and fresh.accepted == [0.0, 0.0, 0.0]
 
 
 def test_each_request_drafts_by_its_own_outcomes_not_the_batch_average():

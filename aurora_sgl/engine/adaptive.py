@@ -27,12 +27,6 @@ probe every 32 steps would cost a fifth of the serving time; where it is cheap t
 every 32 steps. There is no warm-up at K: the prior (0.5 at every position, E(4) = 1.94) drafts from
 the start where a draft is cheap, and where it is dear the first step probes, paid in advance, so
 the head is measured at once (one step, not a warm-up of many on a machine where each costs 3-5).
-A probe also measures what was skipped: it catches the head up over the positions a greedy request
-committed at K = 0, and the head's prediction at each is the first draft a step there would have
-made, accepted exactly when it is the token the target committed next (`first_draft_outcomes`).
-One probe then tells a request's first-draft rate over its whole stretch at K = 0, where its own
-step alone (one outcome, against a prior of REQUEST_PRIOR steps at the window's rates, which a
-domain the head drafts badly filled) could not move the choice.
 """
 
 from __future__ import annotations
@@ -85,16 +79,6 @@ def chain_accept_length(steps: list[tuple[int, int]], k: int) -> float | None:
         return None
     rates = [accepted[j] / reached[j] if reached[j] else 0.0 for j in range(k)]
     return expected_tokens(rates, k)
-
-
-def first_draft_outcomes(predicted: list[int], following: list[int], first_row: int = 0) -> list[bool]:
-    """What the first draft would have scored at rows a greedy request committed without drafting.
-    Row t holds the target's state at position p + t and the token after it; the head's greedy
-    prediction from it (`predicted[t]`) is the first draft a step starting there would have made,
-    of the token the next row holds (`following[t + 1]`), and a greedy verify accepts it exactly
-    when the two agree. Rows from `first_row` on (earlier rows predict prompt tokens, which read
-    unlike the answer); the newest row's draft is not known yet."""
-    return [predicted[t] == following[t + 1] for t in range(max(0, first_row), len(predicted) - 1)]
 
 
 class AcceptanceWindow:
@@ -151,20 +135,6 @@ class RequestAcceptance:
         for j in range(min(drafted, accepted + 1, len(self.reached))):
             self.reached[j] += 1
             self.accepted[j] += j < accepted
-
-    def add_first_outcomes(self, version: int, outcomes: list[bool], decay: float = REQUEST_DECAY) -> None:
-        """Outcomes of the first draft at positions the head caught up over without drafting
-        (first_draft_outcomes), oldest first: each fades the older first-position outcomes as a
-        step drafting one token would; the deeper positions keep theirs."""
-        if version != self.version:
-            self.version = version
-            self.reached = [0.0] * len(self.reached)
-            self.accepted = [0.0] * len(self.accepted)
-        if not self.reached:
-            return
-        for ok in outcomes:
-            self.reached[0] = self.reached[0] * decay + 1.0
-            self.accepted[0] = self.accepted[0] * decay + ok
 
     def rates(self, version: int, global_rates: list[float], prior: float = REQUEST_PRIOR) -> list[float]:
         if version != self.version:

@@ -39,14 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aurora_sgl.engine.adaptive import (
-    EXPLORE_SHARE,
-    AdaptiveK,
-    RequestAcceptance,
-    StepCosts,
-    calibrate,
-    first_draft_outcomes,
-)
+from aurora_sgl.engine.adaptive import EXPLORE_SHARE, AdaptiveK, RequestAcceptance, StepCosts, calibrate
 from aurora_sgl.engine.draft_head import Eagle3Config, Eagle3Head
 from aurora_sgl.engine.grammar import GrammarCompiler, RequestGrammar
 from aurora_sgl.engine.head_choice import (
@@ -591,11 +584,6 @@ class Engine:
 
     def _catch_up_with(self, head: Eagle3Head, todo: list) -> None:
         done = 0
-        # Greedy requests learn from the rows they committed without drafting what their first
-        # draft would have scored there (adaptive.first_draft_outcomes): one probe after a stretch
-        # at K = 0 then measures every skipped position, not only the probe's own step.
-        first_row = {id(r): len(r.prompt_ids) - 1 - start for r, _, _, start in todo if self._learns_first_drafts(r)}
-        predicted: dict[int, list[torch.Tensor]] = {key: [] for key in first_row}
         while todo:
             width = min(self.chunk, max(a.shape[0] - done for _, a, _, _ in todo))
             b = len(todo)
@@ -611,11 +599,6 @@ class Engine:
                 lens.append(n)
             slots = torch.tensor([r.slot for r, _, _, _ in todo], device=self.device)
             hidden = head.forward_cached(aux, tokens, positions.to(self.device), self.head_k, self.head_v, slots)
-            for i, (entry, n) in enumerate(zip(todo, lens)):
-                key = id(entry[0])
-                if key in predicted and done + n > first_row[key]:
-                    skip = max(0, first_row[key] - done)
-                    predicted[key].append(head.hot_ids[head.logits(hidden[i, skip:n]).argmax(-1)])
             left = []
             for i, (entry, n) in enumerate(zip(todo, lens)):
                 if entry[1].shape[0] - done > n:
@@ -624,18 +607,7 @@ class Engine:
                     r = entry[0]
                     r.head_hidden = hidden[i, n - 1]
                     r.head_logits = head.logits(r.head_hidden)
-                    if predicted.get(id(r)):
-                        rows = max(0, first_row[id(r)])
-                        outcomes = first_draft_outcomes(torch.cat(predicted[id(r)]).tolist(), entry[2][rows:].tolist())
-                        # the version the chooser keys its rates by (set when it chose this step's K)
-                        r.acceptance.add_first_outcomes(self.adaptive.version, outcomes, self.adaptive.request_decay)
             todo, done = left, done + width
-
-    def _learns_first_drafts(self, r: Request) -> bool:
-        """Whether the rows a request committed without drafting tell adaptive K its first-draft
-        rate: greedy and unconstrained (a grammar masks drafts, so the head's plain argmax is not
-        what it would have drafted)."""
-        return r.acceptance is not None and self.adaptive is not None and r.params.greedy and r.grammar is None
 
     def _synthetic_step(self, b: int, k: int) -> None:
         """A decode step's forwards at batch b and K = k on cache rows 0..b-1, for the adaptive
