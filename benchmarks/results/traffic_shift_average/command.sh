@@ -49,4 +49,24 @@ run r16_checka_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 16} $CA --arms 
 run r16_ref_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 16} --shift sharp --arms online_static
 run r1_checkb_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 1} $CB --arms online_static
 run r1_ret_avg8 "$A" ${B/--trainer-budget 4/--trainer-budget 1} --shift return --arms online_static
+# Later the same day, at f2a6cb1 (lr) and 039ecbd / 326ff16 (cut_open_positions, adam_beta2; defaults otherwise).
+for lr in 2e-3 4e-3; do
+  run ref_lr${lr/-/} "{\"lr\": $lr}" $B --shift sharp --arms online_static
+  run ret_lr${lr/-/} "{\"lr\": $lr}" $B --shift return --arms online_static
+  run d0ref_lr${lr/-/} "{\"lr\": $lr}" $B --shift sharp --arms day0
+done
+run ref_lr2e3_2 '{"lr": 2e-3}' $B --shift sharp --arms online_static
+for c in 16 8; do
+  run ref_cut$c "{\"cut_open_positions\": $c}" $B --shift sharp --arms online_static
+  run ret_cut$c "{\"cut_open_positions\": $c}" $B --shift return --arms online_static
+  run d0ref_cut$c "{\"cut_open_positions\": $c}" $B --shift sharp --arms day0
+done
+C8='{"cut_open_positions": 8}'
+run ret_cut8_2 "$C8" $B --shift return --arms online_static
+run ref_cut8_2 "$C8" $B --shift sharp --arms online_static
+run checka_cut8 "$C8" $B $CA --arms online_static
+run checkb_cut8 "$C8" $B $CB --arms online_static
+run ref_b0.99 '{"adam_beta2": 0.99}' $B --shift sharp --arms online_static
+run ret_b0.99 '{"adam_beta2": 0.99}' $B --shift return --arms online_static
+run d0ref_b0.99 '{"adam_beta2": 0.99}' $B --shift sharp --arms day0
 python benchmarks/results/traffic_shift_average/summarize.py
