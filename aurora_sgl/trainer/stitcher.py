@@ -12,8 +12,11 @@ from aurora_sgl.trainer.config import MIN_SEQUENCE_TOKENS
 from aurora_sgl.training.batches import Sequence
 from aurora_sgl.transport.signal_ring import RingRecord
 
-# Rows before a cut's first new position kept as the head's context (as a prompt's last rows are).
-CUT_CONTEXT = 32
+# Rows before a cut's first new position kept as the head's context. Under a trainer budget they
+# cost as much as trained rows: with cuts of 8 new positions, 32 rows of context took half the
+# budget, 8 about a fifth, and learned more (benchmarks/README.md, traffic shift, "Tried after the
+# average").
+CUT_CONTEXT = 8
 
 
 class _Segment:
