@@ -69,4 +69,11 @@ run checkb_cut8 "$C8" $B $CB --arms online_static
 run ref_b0.99 '{"adam_beta2": 0.99}' $B --shift sharp --arms online_static
 run ret_b0.99 '{"adam_beta2": 0.99}' $B --shift return --arms online_static
 run d0ref_b0.99 '{"adam_beta2": 0.99}' $B --shift sharp --arms day0
+# Cuts of 8 with 8 rows of context (a worktree of 205d833 with CUT_CONTEXT = 8, the value of 661dde9 on).
+run ref_cut8c8 "$C8" $B --shift sharp --arms online_static
+run ret_cut8c8 "$C8" $B --shift return --arms online_static
+run checka_cut8c8 "$C8" $B $CA --arms online_static
+run d0ref_cut8c8 "$C8" $B --shift sharp --arms day0
+run checkb_cut8c8 "$C8" $B $CB --arms online_static
+run ref_cut8c8_2 "$C8" $B --shift sharp --arms online_static
 python benchmarks/results/traffic_shift_average/summarize.py

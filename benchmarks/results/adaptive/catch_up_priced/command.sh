@@ -20,3 +20,13 @@ for rep in 1 2 3; do
   for v in $order; do run ref_${v}_$rep $v $REF; done
   for v in $order; do run checka_${v}_$rep $v $CA; done
 done
+# The first batch (reps "a1".."a3", before the one above): base and ev only, in the same way, the order
+# alternating per rep (rep 1 and 3: base first; rep 2: ev first). checkb_base_a1 started while another
+# benchmark was finishing on this machine.
+for rep in 1 2 3; do
+  if [ $((rep % 2)) = 1 ]; then order="base ev"; else order="ev base"; fi
+  for v in $order; do run checkb_${v}_a$rep $v $CB; done
+  for v in $order; do run ref_${v}_a$rep $v $REF; done
+  for v in $order; do run checka_${v}_a$rep $v $CA; done
+done
+python benchmarks/results/adaptive/catch_up_priced/summarize.py
