@@ -76,4 +76,7 @@ run checka_cut8c8 "$C8" $B $CA --arms online_static
 run d0ref_cut8c8 "$C8" $B --shift sharp --arms day0
 run checkb_cut8c8 "$C8" $B $CB --arms online_static
 run ref_cut8c8_2 "$C8" $B --shift sharp --arms online_static
+# (at c88c576, CUT_CONTEXT = 8 in the code)
+run d0ref_cut8c8_2 "$C8" $B --shift sharp --arms day0
+run ret_cut8c8_2 "$C8" $B --shift return --arms online_static
 python benchmarks/results/traffic_shift_average/summarize.py
