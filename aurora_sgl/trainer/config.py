@@ -115,12 +115,10 @@ class TrainerConfig:
         for name in ("clip", "idle_sleep_s", "segment_idle_s", "heartbeat_s"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        if (
-            not isinstance(self.replay_reservoir, int)
-            or isinstance(self.replay_reservoir, bool)
-            or self.replay_reservoir < 0
-        ):
-            raise ValueError(f"replay_reservoir must be an integer >= 0, got {self.replay_reservoir!r}")
+        for name in ("replay_reservoir", "cut_open_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         for name in (
             "weight_decay",
             "rejected_weight",
@@ -147,12 +145,6 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if (
-            not isinstance(self.cut_open_positions, int)
-            or isinstance(self.cut_open_positions, bool)
-            or self.cut_open_positions < 0
-        ):
-            raise ValueError(f"cut_open_positions must be an integer >= 0, got {self.cut_open_positions!r}")
         if not isinstance(self.prompt_tokens, int) or isinstance(self.prompt_tokens, bool) or self.prompt_tokens < -1:
             raise ValueError(f"prompt_tokens must be an integer >= -1 (-1: all), got {self.prompt_tokens!r}")
         if self.max_sequence_tokens < MIN_SEQUENCE_TOKENS:
